@@ -1,0 +1,831 @@
+"""Multiscale Vision Transformers: MViT v1 and MViTv2, for images and video, in one implementation.
+
+Papers:
+    Fan et al., "Multiscale Vision Transformers", ICCV 2021 (MViT v1).
+    Li et al., "MViTv2: Improved Multiscale Vision Transformers for Classification and Detection",
+    CVPR 2022 (MViTv2).
+
+Every layer works on tokens laid out on a grid: (H, W) for images, (T, H, W) for video. The rank of
+the grid comes from the config (the length of its patch kernel), so 2D and 3D models are the same code.
+Tokens are (B, P + N, C): P prefix tokens (the class token, when used) and N = prod(grid) grid tokens.
+
+The state-dict layout is timm's `mvitv2` layout (`patch_embed.proj`, `stages.i.blocks.j.attn.qkv`,
+`attn.pool_q`, `attn.rel_pos_h`, `norm`, `head.fc`), extended for video with `attn.rel_pos_t` and, for
+MViT v1, `pos_embed_spatial` / `pos_embed_temporal` / `pos_embed_class`.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, Mlp, trunc_normal_tf_
+from timm.models._features import feature_take_indices
+
+Grid = tuple[int, ...]
+
+__all__ = ["MViTCfg", "MViT", "MODEL_CFGS", "make_cfg"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MViTCfg:
+    """Architecture of one MViT variant. Per-axis sizes are (H, W) for images and (T, H, W) for video."""
+
+    depths: tuple[int, ...] = (1, 2, 5, 2)
+    embed_dim: tuple[int, ...] = (96, 192, 384, 768)  # channels of each stage
+    num_heads: tuple[int, ...] = (1, 2, 4, 8)  # heads of each stage
+    img_size: Grid = (224, 224)  # build size; other sizes work at run time
+    patch_kernel: Grid = (7, 7)
+    patch_stride: Grid = (4, 4)
+    patch_padding: Grid = (3, 3)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pool_mode: str = "conv"  # how Q, K, V are pooled: conv | avg | max
+    kernel_qkv: Optional[Grid] = (3, 3)  # None: stride + 1 on strided axes, 1 elsewhere (SlowFast default)
+    stride_q: Grid = (2, 2)  # Q stride at every stage transition
+    stride_kv_adaptive: Grid = (4, 4)  # KV stride in stage 0, divided by stride_q at each transition
+    pool_q_all_blocks: bool = True  # v2: stride-1 Q pooling in every block; v1: at stage starts only
+    expand_attn: bool = True  # channels grow in the attention of a stage's first block (v2), else in
+    #                           the MLP of the previous stage's last block (v1, MViTv2-L)
+    residual_pooling: bool = True  # v2: add the pooled Q to the attention output
+    residual_pool_cls: bool = True  # residual pooling adds to the class token too (timm, mvit) or not (SlowFast)
+    rel_pos: bool = True  # v2: decomposed relative position along H and W
+    rel_pos_temporal: bool = False  # v2 video: decomposed relative position along T as well
+    abs_pos: str = "none"  # none | joint (one table) | separable (space + time + class tables, v1)
+    use_cls_token: bool = False
+    norm_eps: float = 1e-6
+    pool_norm_eps: Optional[float] = None  # eps of the Q/K/V pooling norms; None: norm_eps (pytorchvideo: 1e-5)
+    drop_rate: float = 0.0  # dropout before the classifier
+
+    def __post_init__(self) -> None:
+        nd = len(self.patch_kernel)
+        for name in ("img_size", "patch_stride", "patch_padding", "stride_q", "stride_kv_adaptive"):
+            if len(getattr(self, name)) != nd:
+                raise ValueError(f"MViTCfg.{name} needs {nd} entries (one per grid axis), got {getattr(self, name)}")
+        if self.kernel_qkv is not None and len(self.kernel_qkv) != nd:
+            raise ValueError(f"MViTCfg.kernel_qkv needs {nd} entries, got {self.kernel_qkv}")
+        if not len(self.depths) == len(self.embed_dim) == len(self.num_heads):
+            raise ValueError("MViTCfg.depths, embed_dim and num_heads need one entry per stage")
+        if self.pool_mode not in ("conv", "avg", "max"):
+            raise ValueError(f"MViTCfg.pool_mode must be conv, avg or max, got {self.pool_mode!r}")
+        if self.abs_pos not in ("none", "joint", "separable"):
+            raise ValueError(f"MViTCfg.abs_pos must be none, joint or separable, got {self.abs_pos!r}")
+        if self.rel_pos_temporal and nd != 3:
+            raise ValueError("MViTCfg.rel_pos_temporal needs a video (3D) config")
+        for d, h in zip(self.embed_dim, self.num_heads):
+            if d % h:
+                raise ValueError(f"MViTCfg: embed_dim {d} is not divisible by num_heads {h}")
+
+    @property
+    def ndim(self) -> int:
+        """Number of grid axes: 2 for images, 3 for video."""
+        return len(self.patch_kernel)
+
+
+def _per_stage(value: Union[int, Sequence[int]], num_stages: int) -> tuple[int, ...]:
+    """An int means 'stage-0 value, doubled at every stage'."""
+    if isinstance(value, int):
+        return tuple(value * 2**i for i in range(num_stages))
+    return tuple(int(v) for v in value)
+
+
+def make_cfg(base: MViTCfg, **overrides: Any) -> MViTCfg:
+    """`base` with fields replaced. Accepts the shorthands of the model constructors:
+    `embed_dim=96` / `num_heads=1` (doubled per stage), `img_size=224` (square; for video the
+    frame count of `base` is kept), `num_frames=T` (video).
+    """
+    if not overrides:
+        return base
+    overrides = dict(overrides)
+    num_frames = overrides.pop("num_frames", None)
+    unknown = set(overrides) - {f.name for f in fields(MViTCfg)}
+    if unknown:
+        raise TypeError(f"unknown MViT config field(s): {sorted(unknown)}")
+    depths = tuple(overrides.get("depths", base.depths))
+    for name in ("embed_dim", "num_heads"):
+        if name in overrides:
+            overrides[name] = _per_stage(overrides[name], len(depths))
+    if "depths" in overrides:
+        overrides["depths"] = depths
+    img_size = overrides.get("img_size", base.img_size)
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    img_size = tuple(int(s) for s in img_size)
+    if base.ndim == 3 and len(img_size) == 2:
+        img_size = (base.img_size[0],) + img_size
+    if num_frames is not None:
+        if base.ndim != 3:
+            raise TypeError("num_frames is only for video models")
+        img_size = (int(num_frames),) + img_size[1:]
+    overrides["img_size"] = img_size
+    return replace(base, **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-grid helpers
+# --------------------------------------------------------------------------------------------------
+
+def _prod(values: Sequence[int]) -> int:
+    return math.prod(values)
+
+
+def _channels_last(nd: int) -> torch.memory_format:
+    return torch.channels_last if nd == 2 else torch.channels_last_3d
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def pool_tokens(
+        x: Tensor,
+        grid: Grid,
+        pool: nn.Module,
+        num_prefix: int,
+        heads: int = 1,
+) -> tuple[Tensor, Grid]:
+    """Pool tokens (B, P + N, C) on their grid; the P prefix tokens pass through unchanged.
+
+    `pool` is a max/avg pool, or a depthwise conv over one head's channels (C / heads) that is shared
+    by all heads: heads stay folded in the channels and the conv runs once, channels-last, with its
+    kernel repeated per head. Returns (B, P + N', C) and the pooled grid.
+    """
+    prefix, x = x[:, :num_prefix], x[:, num_prefix:]
+    B, _, C = x.shape
+    nd = len(grid)
+    x = x.reshape((B,) + tuple(grid) + (C,)).movedim(-1, 1).contiguous(memory_format=_channels_last(nd))
+    if isinstance(pool, nn.modules.conv._ConvNd):
+        weight = pool.weight.repeat((heads,) + (1,) * (pool.weight.ndim - 1))
+        x = _CONV[nd](x, weight, None, pool.stride, pool.padding, 1, C)
+    else:
+        x = pool(x)
+    grid = tuple(x.shape[2:])
+    x = x.movedim(1, -1).reshape(B, -1, C)
+    if num_prefix:
+        x = torch.cat((prefix, x), dim=1)
+    return x, grid
+
+
+def _pool_module(mode: str, nd: int, channels: int, kernel: Grid, stride: Grid) -> nn.Module:
+    padding = tuple(k // 2 for k in kernel)
+    if mode == "conv":
+        conv = (nn.Conv2d if nd == 2 else nn.Conv3d)
+        return conv(channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False)
+    pool = {("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
+    return pool[mode, nd](kernel, stride, padding)
+
+
+def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
+    """Relative-position embeddings (q_size, k_size, C) for one axis, from a (L, C) table.
+
+    Query and key positions are scaled to the finer of the two grids (MViTv2 eq. 4); the table is
+    linearly interpolated to 2 * max(q_size, k_size) - 1 entries when it was built for another size.
+    """
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = (
+        torch.arange(q_size, device=table.device).unsqueeze(-1) * q_ratio
+        - torch.arange(k_size, device=table.device).unsqueeze(0) * k_ratio
+    )
+    dist += (k_size - 1) * k_ratio
+    return table[dist.long()]
+
+
+_AXES = "thw"
+
+
+def rel_pos_bias(
+        q: Tensor,
+        q_grid: Grid,
+        k_grid: Grid,
+        tables: Sequence[Optional[Tensor]],
+        num_prefix: int,
+) -> Tensor:
+    """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
+
+    q: (B, heads, P + Nq, d). `tables` has one (L, d) table or None per grid axis. The bias of a
+    query/key pair is the sum over axes of q . R_axis[q_pos, k_pos]; prefix rows and columns are 0.
+    """
+    B, H, _, d = q.shape
+    nd = len(q_grid)
+    letters = _AXES[-nd:]
+    n_q, n_k = _prod(q_grid), _prod(k_grid)
+    r_q = q[:, :, num_prefix:].reshape((B, H) + tuple(q_grid) + (d,))
+    bias: Optional[Tensor] = None
+    for axis, table in enumerate(tables):
+        if table is None:
+            continue
+        r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
+        rel = torch.einsum(f"bn{letters}c,{letters[axis]}kc->bn{letters}k", r_q, r)
+        rel = rel.reshape((B, H, n_q) + tuple(k if a == axis else 1 for a, k in enumerate(k_grid)))
+        bias = rel if bias is None else bias + rel
+    assert bias is not None
+    bias = bias.expand((B, H, n_q) + tuple(k_grid)).reshape(B, H, n_q, n_k)
+    if num_prefix:
+        bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
+    return bias
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Patchify with a strided conv: (B, C, *size) -> tokens (B, N, D) and their grid."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: Grid, stride: Grid, padding: Grid) -> None:
+        super().__init__()
+        conv = nn.Conv2d if len(kernel) == 2 else nn.Conv3d
+        self.proj = conv(in_chans, dim, kernel_size=kernel, stride=stride, padding=padding)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of the network, as derived from an MViTCfg."""
+
+    dim: int
+    dim_out: int
+    num_heads: int
+    grid: Grid  # input grid at the build size (floor division, as the reference implementations)
+    kernel_q: Optional[Grid]  # None: no Q pooling
+    stride_q: Grid
+    kernel_kv: Optional[Grid]  # None: no K/V pooling
+    stride_kv: Grid
+
+
+def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
+    """The blocks of each stage: channels, heads, pooling kernels and strides (MViT tables 1-3)."""
+    nd, n_stages = cfg.ndim, len(cfg.depths)
+    ones = (1,) * nd
+
+    def kernel_for(stride: Grid) -> Optional[Grid]:
+        kernel = cfg.kernel_qkv or tuple(s + 1 if s > 1 else s for s in stride)
+        return None if _prod(kernel) == 1 and _prod(stride) == 1 else tuple(kernel)
+
+    grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
+    stride_kv = tuple(cfg.stride_kv_adaptive)
+    dim = cfg.embed_dim[0]
+    stages = []
+    for i, depth in enumerate(cfg.depths):
+        stage_stride_q = ones if i == 0 else tuple(cfg.stride_q)
+        stride_kv = tuple(max(s // q, 1) for s, q in zip(stride_kv, stage_stride_q))
+        stage_dim = cfg.embed_dim[i] if cfg.expand_attn else cfg.embed_dim[min(i + 1, n_stages - 1)]
+        blocks = []
+        for j in range(depth):
+            dim_out = stage_dim if (cfg.expand_attn or j == depth - 1) else dim
+            stride_q = stage_stride_q if j == 0 else ones
+            kernel_q = kernel_for(stride_q) if (cfg.pool_q_all_blocks or _prod(stride_q) > 1) else None
+            blocks.append(BlockSpec(
+                dim=dim, dim_out=dim_out, num_heads=cfg.num_heads[i], grid=grid,
+                kernel_q=kernel_q, stride_q=stride_q, kernel_kv=kernel_for(stride_kv), stride_kv=stride_kv,
+            ))
+            dim = dim_out
+            if j == 0:
+                grid = tuple(g // s for g, s in zip(grid, stride_q))
+        stages.append(blocks)
+    return stages
+
+
+class MultiScaleAttention(nn.Module):
+    """Pooling attention (MViT sec. 3.1, MViTv2 sec. 4.1).
+
+    Q, K and V are pooled on the token grid before attention: Q by the stage stride (so the block
+    downsamples), K and V by a larger stride (cheaper attention). Decomposed relative positions and
+    residual pooling are the MViTv2 additions. Attention runs through
+    `F.scaled_dot_product_attention` with the relative-position bias as an additive mask, unless
+    `fused_attn` is False (the explicit softmax(QK^T + bias) V path).
+    """
+
+    def __init__(self, spec: BlockSpec, cfg: MViTCfg, dim_out: int, norm_layer: type[nn.Module]) -> None:
+        super().__init__()
+        nd = cfg.ndim
+        self.num_heads = spec.num_heads
+        self.dim_out = dim_out
+        self.head_dim = dim_out // spec.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.num_prefix = 1 if cfg.use_cls_token else 0
+        self.residual_pooling = cfg.residual_pooling
+        self.residual_pool_cls = cfg.residual_pool_cls
+        self.fused_attn = True
+
+        self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+        pool_norm = norm_layer if cfg.pool_norm_eps is None else _layer_norm(cfg.pool_norm_eps)
+
+        def pool(kernel: Optional[Grid], stride: Grid) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+            if kernel is None:
+                return None, None
+            module = _pool_module(cfg.pool_mode, nd, self.head_dim, kernel, stride)
+            return module, (pool_norm(self.head_dim) if cfg.pool_mode == "conv" else None)
+
+        self.pool_q, self.norm_q = pool(spec.kernel_q, spec.stride_q)
+        self.pool_k, self.norm_k = pool(spec.kernel_kv, spec.stride_kv)
+        self.pool_v, self.norm_v = pool(spec.kernel_kv, spec.stride_kv)
+
+        self.rel_pos_h: Optional[nn.Parameter] = None
+        self.rel_pos_w: Optional[nn.Parameter] = None
+        self.rel_pos_t: Optional[nn.Parameter] = None
+        if cfg.rel_pos:
+            # table lengths as in the reference code: from the build grid, by floor division
+            def length(axis: int) -> int:
+                size = spec.grid[axis]
+                return 2 * max(size // spec.stride_q[axis], size // spec.stride_kv[axis]) - 1
+
+            self.rel_pos_h = nn.Parameter(torch.zeros(length(nd - 2), self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(length(nd - 1), self.head_dim))
+            trunc_normal_tf_(self.rel_pos_h, std=0.02)
+            trunc_normal_tf_(self.rel_pos_w, std=0.02)
+            if cfg.rel_pos_temporal:
+                self.rel_pos_t = nn.Parameter(torch.zeros(2 * spec.grid[0] - 1, self.head_dim))
+                trunc_normal_tf_(self.rel_pos_t, std=0.02)
+
+    def _pool(self, x: Tensor, grid: Grid, pool: Optional[nn.Module], norm: Optional[nn.Module]) -> tuple[Tensor, Grid]:
+        """(B, P + N, C) -> pooled and normalised per head, (B, P + N', C)."""
+        if pool is None:
+            return x, grid
+        x, grid = pool_tokens(x, grid, pool, self.num_prefix, self.num_heads)
+        if norm is not None:
+            B, L, C = x.shape
+            x = norm(x.view(B, L, self.num_heads, self.head_dim)).view(B, L, C)
+        return x, grid
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, L, C) -> (B, heads, L, head_dim), a view."""
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+        """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
+        B = x.shape[0]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, q_grid = self._pool(q, grid, self.pool_q, self.norm_q)
+        k, k_grid = self._pool(k, grid, self.pool_k, self.norm_k)
+        v, _ = self._pool(v, grid, self.pool_v, self.norm_v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+
+        bias = None
+        if self.rel_pos_h is not None:
+            tables = ([self.rel_pos_t] if len(grid) == 3 else []) + [self.rel_pos_h, self.rel_pos_w]
+            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix).to(q.dtype)
+
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            out = attn.softmax(dim=-1) @ v
+
+        if self.residual_pooling:
+            p = self.num_prefix
+            if p == 0 or self.residual_pool_cls:
+                out = out + q
+            else:
+                out = torch.cat((out[:, :, :p], out[:, :, p:] + q[:, :, p:]), dim=2)
+
+        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
+        return self.proj(out), q_grid
+
+
+class MultiScaleBlock(nn.Module):
+    """Pooling attention and MLP, each with a residual; the attention shortcut is max-pooled by the
+    Q stride, and a linear projection on it changes channels where the block does."""
+
+    def __init__(self, spec: BlockSpec, cfg: MViTCfg, drop_path: float, norm_layer: type[nn.Module]) -> None:
+        super().__init__()
+        nd = cfg.ndim
+        dim, dim_out = spec.dim, spec.dim_out
+        attn_dim = dim_out if cfg.expand_attn else dim
+        self.num_prefix = 1 if cfg.use_cls_token else 0
+
+        self.norm1 = norm_layer(dim)
+        self.shortcut_proj_attn = nn.Linear(dim, dim_out) if cfg.expand_attn and dim != dim_out else None
+        self.shortcut_pool_attn: Optional[nn.Module] = None
+        if _prod(spec.stride_q) > 1:
+            kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
+            self.shortcut_pool_attn = _pool_module("max", nd, dim, kernel, spec.stride_q)
+        self.attn = MultiScaleAttention(spec, cfg, attn_dim, norm_layer)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+        self.norm2 = norm_layer(attn_dim)
+        self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
+        self.mlp = Mlp(in_features=attn_dim, hidden_features=int(attn_dim * cfg.mlp_ratio), out_features=dim_out)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+        x_norm = self.norm1(x)
+        # as in the reference: the shortcut is the un-normalised input, unless it is projected
+        shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
+        if self.shortcut_pool_attn is not None:
+            shortcut, _ = pool_tokens(shortcut, grid, self.shortcut_pool_attn, self.num_prefix)
+        x, grid = self.attn(x_norm, grid)
+        x = shortcut + self.drop_path1(x)
+
+        x_norm = self.norm2(x)
+        shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
+        return shortcut + self.drop_path2(self.mlp(x_norm)), grid
+
+
+class MultiScaleStage(nn.Module):
+    """The blocks of one scale; the first block pools Q (halving H and W) except in stage 0."""
+
+    def __init__(self, specs: list[BlockSpec], cfg: MViTCfg, drop_path: list[float], norm_layer: type[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [MultiScaleBlock(spec, cfg, dp, norm_layer) for spec, dp in zip(specs, drop_path)]
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, grid = checkpoint(block, x, grid, use_reentrant=False)
+            else:
+                x, grid = block(x, grid)
+        return x, grid
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+class MViT(nn.Module):
+    """Multiscale Vision Transformer for images (B, C, H, W) or video (B, C, T, H, W).
+
+    A four-stage pyramid at strides 4, 8, 16, 32 (space; time keeps the patch stride), a final
+    LayerNorm, and a linear classifier on the class token ('token') or the mean of the grid tokens
+    ('avg').
+    """
+
+    def __init__(
+            self,
+            cfg: MViTCfg,
+            img_size: Optional[Union[int, Sequence[int]]] = None,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: Optional[str] = None,
+            drop_rate: Optional[float] = None,
+            drop_path_rate: float = 0.0,
+            **cfg_overrides: Any,
+    ) -> None:
+        super().__init__()
+        if img_size is not None:
+            cfg_overrides["img_size"] = img_size
+        cfg = make_cfg(cfg, **cfg_overrides)
+        if global_pool is None:
+            global_pool = "token" if cfg.use_cls_token else "avg"
+        self._check_global_pool(global_pool, cfg.use_cls_token)
+        self.cfg = cfg
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
+        self.img_size = cfg.img_size
+        self.is_video = cfg.ndim == 3
+        self.num_prefix_tokens = 1 if cfg.use_cls_token else 0
+        norm_layer = _layer_norm(cfg.norm_eps)
+        dim0 = cfg.embed_dim[0]
+
+        self.patch_embed = PatchEmbed(in_chans, dim0, cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding)
+        self.patch_grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim0)) if cfg.use_cls_token else None
+        self.pos_embed: Optional[nn.Parameter] = None
+        self.pos_embed_spatial: Optional[nn.Parameter] = None
+        self.pos_embed_temporal: Optional[nn.Parameter] = None
+        self.pos_embed_class: Optional[nn.Parameter] = None
+        if cfg.abs_pos == "joint":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + _prod(self.patch_grid), dim0))
+        elif cfg.abs_pos == "separable":
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, _prod(self.patch_grid[-2:]), dim0))
+            if self.is_video:
+                self.pos_embed_temporal = nn.Parameter(torch.zeros(1, self.patch_grid[0], dim0))
+            if cfg.use_cls_token:
+                self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim0))
+
+        specs = block_specs(cfg)
+        n_blocks = sum(cfg.depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        stride = list(cfg.patch_stride)
+        for i, stage_specs in enumerate(specs):
+            start = sum(cfg.depths[:i])
+            self.stages.append(MultiScaleStage(stage_specs, cfg, dpr[start:start + len(stage_specs)], norm_layer))
+            stride = [s * q for s, q in zip(stride, stage_specs[0].stride_q)]
+            info = dict(num_chs=stage_specs[-1].dim_out, reduction=stride[-1], module=f"stages.{i}")
+            if self.is_video:
+                info["stride"] = tuple(stride)
+            self.feature_info.append(info)
+        self.num_features = self.head_hidden_size = specs[-1][-1].dim_out
+        self.norm = norm_layer(self.num_features)
+        self.head = self._make_head(num_classes)
+        self._init_weights()
+
+    # -- construction helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _check_global_pool(global_pool: str, has_cls: bool) -> None:
+        if global_pool not in ("", "avg", "token"):
+            raise ValueError(f"global_pool must be 'avg', 'token' or '' (none), got {global_pool!r}")
+        if global_pool == "token" and not has_cls:
+            raise ValueError("global_pool='token' needs a class token; this model has none (use 'avg')")
+
+    def _make_head(self, num_classes: int) -> nn.Sequential:
+        return nn.Sequential(OrderedDict([
+            ("drop", nn.Dropout(self.drop_rate)),
+            ("fc", nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()),
+        ]))
+
+    def _init_weights(self) -> None:
+        for p in (self.cls_token, self.pos_embed, self.pos_embed_spatial, self.pos_embed_temporal,
+                  self.pos_embed_class):
+            if p is not None:
+                trunc_normal_tf_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_tf_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- timm model API ---------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if any(k in n for k in ("pos_embed", "rel_pos", "cls_token"))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay: the stem, then each block (or stage)."""
+        blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)"
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(blocks, None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Use `scaled_dot_product_attention` (default) or the explicit softmax(QK^T + bias) V path."""
+        for m in self.modules():
+            if isinstance(m, MultiScaleAttention):
+                m.fused_attn = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self._check_global_pool(global_pool, self.cls_token is not None)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        self.head = self._make_head(num_classes).to(device=ref.device, dtype=ref.dtype)
+        if isinstance(self.head.fc, nn.Linear):
+            trunc_normal_tf_(self.head.fc.weight, std=0.02)
+            nn.init.zeros_(self.head.fc.bias)
+        self.head.train(self.training)
+
+    # -- input checks ------------------------------------------------------------------------------
+
+    @property
+    def min_input_size(self) -> Grid:
+        """Smallest accepted input per axis: one output token per axis at every stage (time: the patch
+        stride; space: the total stride, 32)."""
+        total = list(self.cfg.patch_stride)
+        for _ in self.cfg.depths[1:]:
+            total = [t * q for t, q in zip(total, self.cfg.stride_q)]
+        return tuple(total)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a ValueError/TypeError that names the problem and the fix for a malformed input."""
+        nd = self.cfg.ndim
+        layout = "(B, C, T, H, W)" if nd == 3 else "(B, C, H, W)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor {layout}, got {type(x).__name__}")
+        if x.ndim != nd + 2:
+            if nd == 3 and x.ndim == 4:
+                raise ValueError(
+                    f"this is a video model and expects {layout}; got a 4-D tensor {tuple(x.shape)}. For a "
+                    f"single image add a time axis (x.unsqueeze(2)); the model was built for "
+                    f"{self.img_size[0]} frames")
+            if nd == 2 and x.ndim == 5:
+                raise ValueError(
+                    f"this is an image model and expects {layout}; got a 5-D video tensor {tuple(x.shape)}. "
+                    f"Use a video model (e.g. mvit_v2_s_16x4) or fold time into the batch")
+            raise ValueError(f"expected a {nd + 2}-D input {layout}, got {x.ndim}-D {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point input, got {x.dtype}; convert and normalise it first, e.g. "
+                f"x.float() / 255 then (x - mean) / std with the model's pretrained_cfg mean/std")
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (batch size 0); pass at least one sample")
+        if x.shape[1] != self.in_chans:
+            hint = " (video may be (B, T, C, H, W): permute to (B, C, T, H, W))" if nd == 3 else ""
+            raise ValueError(
+                f"expected {self.in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
+                f"create the model with in_chans={x.shape[1]} to use other channel counts")
+        small = [
+            (name, size, low) for name, size, low in zip(("T", "H", "W")[-nd:], x.shape[2:], self.min_input_size)
+            if size < low
+        ]
+        if small:
+            what = ", ".join(f"{n}={s} (min {m})" for n, s, m in small)
+            raise ValueError(
+                f"input too small for the pooling stack: {what}; each axis needs at least its total stride "
+                f"{self.min_input_size} so every stage keeps one token. Resize or pad the input")
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _pos_embed(self, grid: Grid) -> Optional[Tensor]:
+        """Absolute position embedding (1, P + N, C) for `grid`, interpolated from the build grid."""
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if grid != self.patch_grid:
+                prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
+                pos = _resize_grid(pos, self.patch_grid, grid)
+                pos = torch.cat((prefix, pos), dim=1)
+            return pos
+        if self.pos_embed_spatial is None:
+            return None
+        space = _resize_grid(self.pos_embed_spatial, self.patch_grid[-2:], grid[-2:])
+        if self.pos_embed_temporal is not None:
+            time = self.pos_embed_temporal
+            if time.shape[1] != grid[0]:
+                time = F.interpolate(time.transpose(1, 2), size=grid[0], mode="linear").transpose(1, 2)
+            pos = space.repeat(1, grid[0], 1) + time.repeat_interleave(space.shape[1], dim=1)
+        else:
+            pos = space
+        if self.pos_embed_class is not None:
+            pos = torch.cat((self.pos_embed_class, pos), dim=1)
+        return pos
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Grid]:
+        """Input -> tokens (B, P + N, C) with class token and absolute positions, and their grid."""
+        self.check_input(x)
+        x, grid = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        pos = self._pos_embed(grid)
+        if pos is not None:
+            x = x + pos
+        return x, grid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Input -> normalised tokens (B, P + N, C) of the last stage."""
+        x, grid = self.embed(x)
+        for stage in self.stages:
+            x, grid = stage(x, grid)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens (B, P + N, C) -> logits (B, num_classes), or pooled features if pre_logits."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _to_map(self, x: Tensor, grid: Grid) -> Tensor:
+        """Tokens (B, P + N, C) -> map (B, C, *grid), prefix tokens dropped."""
+        B, _, C = x.shape
+        return x[:, self.num_prefix_tokens:].reshape((B,) + tuple(grid) + (C,)).movedim(-1, 1)
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, list[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """The output of each selected stage (default: all four).
+
+        output_fmt 'NCHW' gives maps (B, C, H, W) for images and (B, C, T, H, W) for video ('NCTHW' is
+        accepted too), class token dropped; 'NLC' gives the tokens (B, P + N, C) as they are.
+        `norm` applies the final norm to the last stage's output.
+        """
+        if output_fmt not in ("NCHW", "NCTHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' (maps) or 'NLC' (tokens), got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x, grid = self.embed(x)
+        feat_idx = -1
+        for feat_idx, stage in enumerate(stages):
+            x, grid = stage(x, grid)
+            if feat_idx in take_indices:
+                x_inter = self.norm(x) if (norm and feat_idx == last) else x
+                intermediates.append(x_inter if output_fmt == "NLC" else self._to_map(x_inter, grid))
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, list[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages (and norm/head) that the selected intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _layer_norm(eps: float) -> type[nn.Module]:
+    class LayerNorm(nn.LayerNorm):
+        def __init__(self, dim: int) -> None:
+            super().__init__(dim, eps=eps)
+
+    return LayerNorm
+
+
+def _resize_grid(tokens: Tensor, src: Grid, dst: Grid) -> Tensor:
+    """Interpolate (1, prod(src), C) grid embeddings to (1, prod(dst), C): bicubic in 2D, trilinear in 3D."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return tokens
+    C = tokens.shape[-1]
+    x = tokens.reshape((1,) + src + (C,)).movedim(-1, 1)
+    mode = "bicubic" if len(src) == 2 else "trilinear"
+    x = F.interpolate(x, size=dst, mode=mode, align_corners=False)
+    return x.movedim(1, -1).reshape(1, -1, C)
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+
+def _v2_image(depths: tuple[int, ...], dim: int, heads: int, **kw: Any) -> MViTCfg:
+    """MViTv2 for ImageNet (timm `mvitv2_*`)."""
+    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), **kw)
+
+
+_VIDEO = dict(
+    patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), kernel_qkv=(3, 3, 3),
+    stride_q=(1, 2, 2), stride_kv_adaptive=(1, 8, 8), use_cls_token=True, drop_rate=0.5,
+)
+_V1 = dict(
+    pool_q_all_blocks=False, expand_attn=False, residual_pooling=False, rel_pos=False,
+    abs_pos="separable", use_cls_token=True,
+)
+_V2_VIDEO = dict(_VIDEO, rel_pos_temporal=True, residual_pool_cls=False)
+
+
+def _video(depths: tuple[int, ...], dim: int, heads: int, size: Grid, **kw: Any) -> MViTCfg:
+    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), img_size=size, **kw)
+
+
+MODEL_CFGS: dict[str, MViTCfg] = {
+    # 2D MViTv2, ImageNet
+    "mvit_tiny": _v2_image((1, 2, 5, 2), 96, 1),
+    "mvit_small": _v2_image((1, 2, 11, 2), 96, 1),
+    "mvit_base": _v2_image((2, 3, 16, 3), 96, 1),
+    "mvit_large": _v2_image((2, 6, 36, 4), 144, 2, expand_attn=False),
+    "mvit_small_cls": _v2_image((1, 2, 11, 2), 96, 1, use_cls_token=True),
+    "mvit_base_cls": _v2_image((2, 3, 16, 3), 96, 1, use_cls_token=True),
+    "mvit_large_cls": _v2_image((2, 6, 36, 4), 144, 2, use_cls_token=True),
+    "mvit_huge_cls": _v2_image((4, 8, 60, 8), 192, 3, use_cls_token=True),
+    # 2D MViT v1, ImageNet (SlowFast ImageNet/MVIT_B_16_CONV, pytorchvideo mvit_base_16)
+    "mvit_v1_b_16": MViTCfg(depths=(1, 2, 11, 2), **_V1),
+    # 3D MViT v1, Kinetics
+    "mvit_b_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **{**_VIDEO, **_V1}),
+    "mvit_b_32x3": _video((1, 2, 11, 2), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1}),
+    "mvit_b24_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1, "kernel_qkv": None}),
+    # 3D MViTv2, Kinetics / Something-Something v2
+    "mvit_v2_s_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **_V2_VIDEO),
+    "mvit_v2_b_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **_V2_VIDEO),
+    "mvit_v2_l_40x3": _video((2, 6, 36, 4), 144, 2, (40, 312, 312), **_V2_VIDEO),
+}
