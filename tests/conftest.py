@@ -1,0 +1,42 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# Offline Hugging Face Hub double (see tests/hub_server.py)
+# In-process tests: `with hub_endpoint(hub.url, cache_dir=tmp_path): hf_hub_download(...)`.
+# Subprocesses:     `run_py(code, hf_env)` or `subprocess.run(..., env=hf_env)`.
+# ---------------------------------------------------------------------------------------------
+if str(Path(__file__).parent) not in sys.path:  # also works with --import-mode=importlib
+    sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import HubServer, make_hf_env  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[HubServer]:
+    """One local fake Hub for the whole session; prefer the per-test `hub` fixture."""
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server: HubServer) -> Iterator[HubServer]:
+    """The session's fake Hub, running, with no repos and an empty request log."""
+    hub_server.start()  # a previous test may have stopped it
+    hub_server.clear()
+    yield hub_server
+    hub_server.start()
+    hub_server.clear()
+
+
+@pytest.fixture
+def hf_env(tmp_path: Path, hub: HubServer) -> dict[str, str]:
+    """Full environment for a subprocess using the fake Hub, with HF_HOME/HF_HUB_CACHE under tmp_path and no token."""
+    return make_hf_env(hub.url, tmp_path)
