@@ -1,4 +1,18 @@
-"""mvit-zoo: Multiscale Vision Transformers (MViT v1, MViTv2) for images and video."""
+"""mvit-zoo: Multiscale Vision Transformers (MViT v1, MViTv2) for images and video.
+
+`import mvit_zoo` registers every model with timm: `timm.create_model('mvit_v2_s_16x4.fb_k400')`.
+"""
+from .convert import CheckpointMismatchError, convert_state_dict, detect_layout
+from .hub import (CorruptCheckpointError, HashMismatchError, UnsafeCheckpointError, WeightsUnavailableError,
+                  read_checkpoint, save_safetensors)
 from .mvit import MODEL_CFGS, MViT, MViTCfg, make_cfg
+from .zoo import MViTPretrainedCfg, create_model, list_models, list_pretrained
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MViT", "MViTCfg", "MODEL_CFGS", "make_cfg", "create_model", "list_models", "list_pretrained",
+    "convert_state_dict", "detect_layout", "read_checkpoint", "save_safetensors", "MViTPretrainedCfg",
+    "CheckpointMismatchError", "CorruptCheckpointError", "HashMismatchError", "UnsafeCheckpointError",
+    "WeightsUnavailableError",
+]

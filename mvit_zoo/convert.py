@@ -153,6 +153,12 @@ def _fit(key: str, value: Tensor, target: Tensor, model: nn.Module, inflate: str
                                                    "pos_embed_temporal"):
         return value.reshape(target.shape)
     name = key.rsplit(".", 1)[-1]
+    if key == "patch_embed.proj.weight" and value.shape[1] != target.shape[1] and value.ndim == target.ndim:
+        from timm.models._manipulate import adapt_input_conv  # other input channels: timm's rule
+
+        flat = value.reshape(value.shape[:3] + (-1,))  # (O, I, k0, rest): adapt_input_conv takes 4-D kernels
+        adapted = adapt_input_conv(target.shape[1], flat).reshape((value.shape[0], target.shape[1]) + value.shape[2:])
+        return _fit(key, adapted, target, model, inflate)
     if name.startswith("rel_pos_") and value.ndim == 2 and value.shape[1] == target.shape[1]:
         return _interp_1d(value, target.shape[0])
     if key in ("pos_embed_spatial", "pos_embed_temporal", "pos_embed") and value.shape[-1] == target.shape[-1]:

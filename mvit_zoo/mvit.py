@@ -596,7 +596,7 @@ class MViT(nn.Module):
             self._check_global_pool(global_pool, self.cls_token is not None)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.norm.weight
+        ref = self.patch_embed.proj.weight
         self.head = self._make_head(num_classes).to(device=ref.device, dtype=ref.dtype)
         if isinstance(self.head.fc, nn.Linear):
             trunc_normal_tf_(self.head.fc.weight, std=0.02)

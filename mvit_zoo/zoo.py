@@ -1,0 +1,205 @@
+"""The registered models: timm entrypoints, pretrained tags and their weight sources.
+
+Importing `mvit_zoo` imports this module, which registers every model with timm, so that
+`timm.create_model('mvit_v2_s_16x4.fb_k400', pretrained=True)` works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._pretrained import PretrainedCfg
+
+from . import hub
+from .mvit import MODEL_CFGS, MViT, MViTCfg, make_cfg
+
+__all__ = ["MViTPretrainedCfg", "create_model", "list_models", "list_pretrained", "default_cfgs"]
+
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+PAPER_V1 = "Multiscale Vision Transformers (Fan et al., ICCV 2021)"
+PAPER_V2 = "MViTv2: Improved Multiscale Vision Transformers for Classification and Detection (Li et al., CVPR 2022)"
+_MVIT_REPO = "https://dl.fbaipublicfiles.com/mvit/mvitv2_models/"
+_SLOWFAST_V2 = "https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/mvitv2/pysf_video_models/"
+_SLOWFAST_V1 = "https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/mvit/"
+_PYTORCHVIDEO = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/"
+_CFG_FIELDS = {f.name for f in fields(MViTCfg)} | {"num_frames"}
+
+
+@dataclass
+class MViTPretrainedCfg(PretrainedCfg):
+    """timm's PretrainedCfg plus what video models and upstream checkpoints need."""
+
+    num_frames: Optional[int] = None  # video: frames per clip (T)
+    sampling_rate: Optional[int] = None  # video: stride between sampled frames (tau)
+    channel_order: str = "RGB"  # 'BGR' for SlowFast's SSv2 checkpoints
+    test_views: Optional[tuple[int, int]] = None  # (temporal clips, spatial crops) of the published accuracy
+    label_set: Optional[str] = None  # imagenet-1k | imagenet-21k-winter | kinetics-400 | kinetics-600 | ssv2
+    top1: Optional[float] = None  # published accuracy of these weights (%)
+    top5: Optional[float] = None
+    file_sha256: Optional[str] = None  # SHA-256 (or prefix) of the official file, where published
+    arch: Optional[dict] = None  # architecture fields these weights need (e.g. pytorchvideo's pooling-norm eps)
+
+
+def _image_cfg(**kw: Any) -> MViTPretrainedCfg:
+    return MViTPretrainedCfg(**{
+        "input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": 1000,
+        "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_name": PAPER_V2, "paper_ids": "arXiv:2112.01526", "label_set": "imagenet-1k", **kw,
+    })
+
+
+def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretrainedCfg:
+    return MViTPretrainedCfg(**{
+        "input_size": (3, size, size), "num_frames": frames, "sampling_rate": rate, "crop_pct": size / 256 if
+        size == 224 else 1.0, "interpolation": "bilinear", "mean": KINETICS_MEAN, "std": KINETICS_STD,
+        "num_classes": 400, "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "apache-2.0",
+        "label_set": "kinetics-400", "test_views": (5, 1), "paper_name": PAPER_V2, "paper_ids": "arXiv:2112.01526",
+        **kw,
+    })
+
+
+def _ours(name: str) -> str:
+    """This project's Hub repository for a converted checkpoint."""
+    return f"{hub.hub_org()}/{name}"
+
+
+_PV = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
+_V1 = dict(paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
+_SSV2 = dict(num_classes=174, label_set="ssv2", channel_order="BGR", test_views=(1, 3))
+
+default_cfgs = generate_default_cfgs({
+    # 2D MViTv2: timm's Hub files load as they are; the mvit repo's .pyth files are the fallback
+    "mvit_tiny.fb_in1k": _image_cfg(hf_hub_id="timm/mvitv2_tiny.fb_in1k", url=_MVIT_REPO + "MViTv2_T_in1k.pyth",
+                                    top1=82.3),
+    "mvit_small.fb_in1k": _image_cfg(hf_hub_id="timm/mvitv2_small.fb_in1k", url=_MVIT_REPO + "MViTv2_S_in1k.pyth",
+                                     top1=83.6),
+    "mvit_base.fb_in1k": _image_cfg(hf_hub_id="timm/mvitv2_base.fb_in1k", url=_MVIT_REPO + "MViTv2_B_in1k.pyth",
+                                    top1=84.4),
+    "mvit_large.fb_in1k": _image_cfg(hf_hub_id="timm/mvitv2_large.fb_in1k", url=_MVIT_REPO + "MViTv2_L_in1k.pyth",
+                                     top1=85.3),
+    "mvit_small_cls": _image_cfg(),
+    "mvit_base_cls.fb_inw21k": _image_cfg(hf_hub_id="timm/mvitv2_base_cls.fb_inw21k",
+                                          url=_MVIT_REPO + "MViTv2_B_in21k.pyth", num_classes=19168,
+                                          label_set="imagenet-21k-winter"),
+    "mvit_large_cls.fb_inw21k": _image_cfg(hf_hub_id="timm/mvitv2_large_cls.fb_inw21k",
+                                           url=_MVIT_REPO + "MViTv2_L_in21k.pyth", num_classes=19168,
+                                           label_set="imagenet-21k-winter"),
+    "mvit_huge_cls.fb_inw21k": _image_cfg(hf_hub_id="timm/mvitv2_huge_cls.fb_inw21k",
+                                          url=_MVIT_REPO + "MViTv2_H_in21k.pyth", num_classes=19168,
+                                          label_set="imagenet-21k-winter"),
+    # 2D MViT v1
+    "mvit_v1_b_16.pv_in1k": _image_cfg(hf_hub_id=_ours("mvit_v1_b_16.pv_in1k"),
+                                       url=_PYTORCHVIDEO + "imagenet/MVIT_B_16_f292487636.pyth", top1=82.9, **_PV),
+    # 3D MViT v1, Kinetics-400
+    "mvit_b_16x4.tv_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_b_16x4.tv_k400"),
+                                      url="https://download.pytorch.org/models/mvit_v1_b-dbeb1030.pth",
+                                      top1=78.477, top5=93.582, license="bsd-3-clause", **_V1),
+    "mvit_b_16x4.pv_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_b_16x4.pv_k400"),
+                                      url=_PYTORCHVIDEO + "kinetics/MVIT_B_16x4.pyth", top1=78.85, top5=93.85, **_PV),
+    "mvit_b_32x3.pv_k400": _video_cfg(32, 3, hf_hub_id=_ours("mvit_b_32x3.pv_k400"),
+                                      url=_PYTORCHVIDEO + "kinetics/MVIT_B_32x3_f294077834.pyth", top1=80.30,
+                                      top5=94.69, **_PV),
+    "mvit_b24_32x3.fb_k400": _video_cfg(32, 3, hf_hub_id=_ours("mvit_b24_32x3.fb_k400"),
+                                        url=_SLOWFAST_V1 + "k400.pyth", top1=80.4, top5=94.8, **_V1),
+    "mvit_b24_32x3.fb_k600": _video_cfg(32, 3, hf_hub_id=_ours("mvit_b24_32x3.fb_k600"),
+                                        url=_SLOWFAST_V1 + "k600.pyth", num_classes=600, label_set="kinetics-600",
+                                        top1=83.9, top5=96.5, **_V1),
+    # 3D MViTv2
+    "mvit_v2_s_16x4.fb_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.fb_k400"),
+                                         url=_SLOWFAST_V2 + "MViTv2_S_16x4_k400_f302660347.pyth", top1=81.0,
+                                         top5=94.6),
+    "mvit_v2_s_16x4.tv_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.tv_k400"),
+                                         url="https://download.pytorch.org/models/mvit_v2_s-ae3be167.pth",
+                                         top1=80.757, top5=94.665, license="bsd-3-clause"),
+    "mvit_v2_s_16x4.fb_ssv2": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.fb_ssv2"),
+                                         url=_SLOWFAST_V2 + "MViTv2_S_16x4_ssv2_f308341823.pyth", top1=68.2,
+                                         top5=91.4, **_SSV2),
+    "mvit_v2_b_32x3.fb_k400": _video_cfg(32, 3, hf_hub_id=_ours("mvit_v2_b_32x3.fb_k400"),
+                                         url=_SLOWFAST_V2 + "MViTv2_B_32x3_k400_f304025456.pyth", top1=82.9,
+                                         top5=95.7),
+    "mvit_v2_b_32x3.fb_ssv2": _video_cfg(32, 3, hf_hub_id=_ours("mvit_v2_b_32x3.fb_ssv2"),
+                                         url=_SLOWFAST_V2 + "MViTv2_B_32x3_ssv2_f305803282.pyth", top1=70.5,
+                                         top5=92.7, **_SSV2),
+    "mvit_v2_l_40x3.fb_k400": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_k400"),
+                                         url=_SLOWFAST_V2 + "MViTv2_L_40x3_k400_f306903192.pyth", top1=86.1,
+                                         top5=97.0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                                         test_views=(5, 3)),
+    "mvit_v2_l_40x3.fb_ssv2": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_ssv2"),
+                                         url=_SLOWFAST_V2 + "MViTv2_L_40x3_ssv2_f309603968.pyth", top1=73.3,
+                                         top5=94.1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, **_SSV2),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
+    """Build `variant`: architecture overrides come from kwargs (and from the tag, where its weights
+    need them); weights from `mvit_zoo.hub`; `features_only=True` wraps the model for its pyramid."""
+    pcfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None),
+                                  kwargs.pop("pretrained_cfg_overlay", None))
+    if not isinstance(pcfg, MViTPretrainedCfg):  # a plain dict/cfg given by the caller
+        pcfg = MViTPretrainedCfg(**{f.name: getattr(pcfg, f.name) for f in fields(PretrainedCfg)})
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    feature_cls = kwargs.pop("feature_cls", "getter")
+    arch = dict(pcfg.arch or {})
+    arch.update({k: kwargs.pop(k) for k in list(kwargs) if k in _CFG_FIELDS})
+    model_cfg = make_cfg(MODEL_CFGS[variant], **arch)
+    kwargs.setdefault("num_classes", pcfg.num_classes)
+    model = build_model_with_cfg(MViT, variant, pretrained=False, pretrained_cfg=pcfg, model_cfg=model_cfg, **kwargs)
+    if pretrained:
+        hub.load_pretrained(model, pcfg)
+    if features_only:
+        if feature_cls not in ("getter", FeatureGetterNet):
+            raise ValueError(f"features_only for MViT supports feature_cls='getter', got {feature_cls!r}")
+        pretrained_cfg = model.pretrained_cfg
+        model = FeatureGetterNet(model, out_indices=out_indices)
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg
+    return model
+
+
+def _entrypoint(name: str) -> None:
+    def fn(pretrained: bool = False, **kwargs: Any) -> MViT:
+        return _create(name, pretrained=pretrained, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = f"MViT variant `{name}`; see mvit_zoo.mvit.MODEL_CFGS['{name}']."
+    globals()[name] = register_model(fn)
+
+
+for _name in MODEL_CFGS:
+    _entrypoint(_name)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of the registered mvit-zoo architectures (fnmatch `pattern`)."""
+    import fnmatch
+
+    return [n for n in MODEL_CFGS if fnmatch.fnmatch(n, pattern or "*")]
+
+
+def list_pretrained(pattern: str = "") -> list[str]:
+    """`arch.tag` names that have published weights."""
+    return [n for n in timm.list_pretrained(pattern or "mvit_*") if n.split(".")[0] in MODEL_CFGS]
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
+    """`timm.create_model` for mvit-zoo names (`arch` or `arch.tag`), with a clear error for unknown ones."""
+    arch, _, tag = name.partition(".")
+    if arch not in MODEL_CFGS:
+        import difflib
+
+        close = difflib.get_close_matches(arch, list(MODEL_CFGS), n=3)
+        raise ValueError(f"unknown mvit-zoo model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + f" Known: {', '.join(MODEL_CFGS)}")
+    if tag:
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; available: {', '.join(tags) or 'none'}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
