@@ -37,7 +37,9 @@ class MViTPretrainedCfg(PretrainedCfg):
 
     num_frames: Optional[int] = None  # video: frames per clip (T)
     sampling_rate: Optional[int] = None  # video: stride between sampled frames (tau)
-    channel_order: str = "RGB"  # 'BGR' for SlowFast's SSv2 checkpoints
+    frame_sampling: Optional[str] = None  # video: 'stride' (T frames, tau apart) or 'segment' (middle frame of T
+    #                                       equal segments of the whole video, SlowFast's SSv2 test protocol)
+    channel_order: str = "RGB"  # channel order the model sees (SlowFast's SSv2 loader reads BGR and flips to RGB)
     test_views: Optional[tuple[int, int]] = None  # (temporal clips, spatial crops) of the published accuracy
     label_set: Optional[str] = None  # imagenet-1k | imagenet-21k-winter | kinetics-400 | kinetics-600 | ssv2
     top1: Optional[float] = None  # published accuracy of these weights (%)
@@ -57,7 +59,7 @@ def _image_cfg(**kw: Any) -> MViTPretrainedCfg:
 
 def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretrainedCfg:
     return MViTPretrainedCfg(**{
-        "input_size": (3, size, size), "num_frames": frames, "sampling_rate": rate, "crop_pct": size / 256 if
+        "input_size": (3, size, size), "num_frames": frames, "sampling_rate": rate, "frame_sampling": "stride", "crop_pct": size / 256 if
         size == 224 else 1.0, "interpolation": "bilinear", "mean": KINETICS_MEAN, "std": KINETICS_STD,
         "num_classes": 400, "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "apache-2.0",
         "label_set": "kinetics-400", "test_views": (5, 1), "paper_name": PAPER_V2, "paper_ids": "arXiv:2112.01526",
@@ -72,7 +74,14 @@ def _ours(name: str) -> str:
 
 _PV = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 _V1 = dict(paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
-_SSV2 = dict(num_classes=174, label_set="ssv2", channel_order="BGR", test_views=(1, 3))
+# SSv2: 174 classes, 1 clip x 3 crops with the short side resized to the crop, segment sampling.
+_SSV2 = dict(num_classes=174, label_set="ssv2", test_views=(1, 3), frame_sampling="segment", sampling_rate=None,
+             crop_pct=1.0)
+# SlowFast normalised SSv2 frames in BGR order before flipping them to RGB, so in RGB order ImageNet's
+# mean/std are reversed for the L 40x3 SSv2 checkpoint.
+_BGR_IMAGENET = dict(mean=IMAGENET_DEFAULT_MEAN[::-1], std=IMAGENET_DEFAULT_STD[::-1])
+# SlowFast's code ran the Q/K/V pooling norms with eps 1e-5 until mid-2022, when the MViT v1 files were trained.
+_SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
 default_cfgs = generate_default_cfgs({
     # 2D MViTv2: timm's Hub files load as they are; the mvit repo's .pyth files are the fallback
@@ -107,10 +116,10 @@ default_cfgs = generate_default_cfgs({
                                       url=_PYTORCHVIDEO + "kinetics/MVIT_B_32x3_f294077834.pyth", top1=80.30,
                                       top5=94.69, **_PV),
     "mvit_b24_32x3.fb_k400": _video_cfg(32, 3, hf_hub_id=_ours("mvit_b24_32x3.fb_k400"),
-                                        url=_SLOWFAST_V1 + "k400.pyth", top1=80.4, top5=94.8, **_V1),
+                                        url=_SLOWFAST_V1 + "k400.pyth", top1=80.4, top5=94.8, **_SF_2021),
     "mvit_b24_32x3.fb_k600": _video_cfg(32, 3, hf_hub_id=_ours("mvit_b24_32x3.fb_k600"),
                                         url=_SLOWFAST_V1 + "k600.pyth", num_classes=600, label_set="kinetics-600",
-                                        top1=83.9, top5=96.5, **_V1),
+                                        top1=83.9, top5=96.5, **_SF_2021),
     # 3D MViTv2
     "mvit_v2_s_16x4.fb_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.fb_k400"),
                                          url=_SLOWFAST_V2 + "MViTv2_S_16x4_k400_f302660347.pyth", top1=81.0,
@@ -130,10 +139,10 @@ default_cfgs = generate_default_cfgs({
     "mvit_v2_l_40x3.fb_k400": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_k400"),
                                          url=_SLOWFAST_V2 + "MViTv2_L_40x3_k400_f306903192.pyth", top1=86.1,
                                          top5=97.0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                                         test_views=(5, 3)),
+                                         test_views=(5, 3), crop_pct=1.0),
     "mvit_v2_l_40x3.fb_ssv2": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_ssv2"),
                                          url=_SLOWFAST_V2 + "MViTv2_L_40x3_ssv2_f309603968.pyth", top1=73.3,
-                                         top5=94.1, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, **_SSV2),
+                                         top5=94.1, **_SSV2, **_BGR_IMAGENET),
 })
 
 

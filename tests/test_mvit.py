@@ -1,0 +1,222 @@
+"""The model against the reference implementations' own outputs, on the references' own weights.
+
+timm `mvitv2_*` (2D MViTv2), torchvision `mvit_v1_b` / `mvit_v2_s` (3D), pytorchvideo MViT-B
+(2D and 3D v1). Each reference is randomly initialised, its state dict loaded into ours (as is for
+timm, converted for the others), and logits compared on random input.
+"""
+from __future__ import annotations
+
+import dataclasses
+from unittest import mock
+
+import pytest
+import timm
+import torch
+import torchvision.models.video.mvit as tv_mvit
+from timm.models import mvitv2 as timm_mvitv2
+
+import mvit_zoo
+from mvit_zoo.convert import convert_state_dict
+from mvit_zoo.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
+
+ATOL = 1e-4
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def _check_both_paths(ours: MViT, ref_logits: torch.Tensor, x: torch.Tensor,
+                      ref_features: torch.Tensor | None = None) -> None:
+    """Fused (SDPA) and explicit attention paths both match the reference's logits (and features)."""
+    with torch.no_grad():
+        for fused in (True, False):
+            ours.set_fused_attn(fused)
+            features = ours.forward_features(x)
+            logits = ours.forward_head(features)
+            assert _max_diff(logits, ref_logits) < ATOL, f"fused={fused}: {_max_diff(logits, ref_logits)}"
+            if ref_features is not None:
+                assert _max_diff(features, ref_features) < ATOL, f"fused={fused}: features"
+    ours.set_fused_attn(True)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm (2D MViTv2)
+# ------------------------------------------------------------------------------------------------
+
+def _timm_pair(name: str, img_size: int = 224, depths: tuple[int, ...] | None = None) -> tuple[torch.nn.Module, MViT]:
+    """A random timm model and ours with its state dict loaded strictly, same (possibly reduced) config."""
+    timm_name = name.replace("mvit_", "mvitv2_")
+    torch.manual_seed(0)
+    if depths is None:
+        ref = timm.create_model(timm_name, img_size=img_size)
+        ours = mvit_zoo.create_model(name, img_size=img_size, num_classes=ref.num_classes)
+    else:
+        cfg = dataclasses.replace(timm_mvitv2.model_cfgs[timm_name], depths=depths)
+        ref = timm_mvitv2.MultiScaleVit(cfg, img_size=(img_size, img_size), num_classes=10)
+        ours = mvit_zoo.create_model(name, img_size=img_size, depths=depths, num_classes=10)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # timm's layout, no remapping
+    return ref.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("name", ["mvit_tiny", "mvit_small", "mvit_small_cls", "mvit_base"])
+def test_timm_parity(name: str) -> None:
+    ref, ours = _timm_pair(name)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = ref.forward_features(x)
+        logits = ref.forward_head(feats)
+    _check_both_paths(ours, logits, x, feats)
+
+
+@pytest.mark.parametrize("name", ["mvit_large", "mvit_base_cls", "mvit_large_cls", "mvit_huge_cls"])
+def test_timm_parity_reduced_depth(name: str) -> None:
+    """The big models' switches (expand at MLP, class token, 2/3 heads at stage 0, widths) at low depth."""
+    ref, ours = _timm_pair(name, img_size=64, depths=(1, 1, 2, 1))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = ref(x)
+    _check_both_paths(ours, logits, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mvit_large", "mvit_base_cls", "mvit_large_cls", "mvit_huge_cls"])
+def test_timm_parity_full_size(name: str) -> None:
+    ref, ours = _timm_pair(name)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        logits = ref(x)
+    _check_both_paths(ours, logits, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision (3D v1 and v2)
+# ------------------------------------------------------------------------------------------------
+
+def _torchvision_model(tv_name: str, frames: int, size: int) -> torch.nn.Module:
+    """torchvision's builder at another clip size (its builders pin 16x224x224; the block settings stay)."""
+    build = tv_mvit._mvit
+
+    def at_size(**kwargs):
+        return build(**{**kwargs, "spatial_size": (size, size), "temporal_size": frames})
+
+    with mock.patch.object(tv_mvit, "_mvit", at_size):
+        return getattr(tv_mvit, tv_name)()
+
+
+def _torchvision_pair(tv_name: str, name: str, frames: int, size: int) -> tuple[torch.nn.Module, MViT]:
+    torch.manual_seed(0)
+    ref = _torchvision_model(tv_name, frames, size).eval()
+    ours = mvit_zoo.create_model(name, img_size=(frames, size, size), num_classes=400).eval()
+    ours.load_state_dict(convert_state_dict(ref.state_dict(), ours), strict=True)
+    return ref, ours
+
+
+TORCHVISION = [("mvit_v1_b", "mvit_b_16x4"), ("mvit_v2_s", "mvit_v2_s_16x4")]
+
+
+@pytest.mark.parametrize("tv_name,name", TORCHVISION)
+def test_torchvision_parity(tv_name: str, name: str) -> None:
+    ref, ours = _torchvision_pair(tv_name, name, frames=8, size=96)
+    x = torch.randn(1, 3, 8, 96, 96)
+    with torch.no_grad():
+        logits = ref(x)
+    _check_both_paths(ours, logits, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tv_name,name", TORCHVISION)
+def test_torchvision_parity_full_size(tv_name: str, name: str) -> None:
+    ref, ours = _torchvision_pair(tv_name, name, frames=16, size=224)
+    x = torch.randn(1, 3, 16, 224, 224)
+    with torch.no_grad():
+        logits = ref(x)
+    _check_both_paths(ours, logits, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# pytorchvideo (MViT v1, 2D and 3D)
+# ------------------------------------------------------------------------------------------------
+
+pytorchvideo_vt = pytest.importorskip("pytorchvideo.models.hub.vision_transformers")
+
+
+@pytest.mark.parametrize("builder,name,shape", [
+    ("mvit_base_16x4", "mvit_b_16x4", (8, 96, 96)),
+    ("mvit_base_32x3", "mvit_b_32x3", (16, 96, 96)),
+    ("mvit_base_16", "mvit_v1_b_16", (224, 224)),
+])
+def test_pytorchvideo_parity(builder: str, name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    video = len(shape) == 3
+    size_kw = dict(spatial_size=shape[-1], temporal_size=shape[0]) if video else {}
+    ref = getattr(pytorchvideo_vt, builder)(**size_kw).eval()
+    # pytorchvideo's pooling norms use eps 1e-5 (the .pv_* tags carry this)
+    ours = mvit_zoo.create_model(name, img_size=shape, num_classes=400, pool_norm_eps=1e-5).eval()
+    ours.load_state_dict(convert_state_dict({"model_state": ref.state_dict()}, ours), strict=True)
+    x = torch.randn((1, 3) + shape)
+    with torch.no_grad():
+        logits = ref(x)
+    _check_both_paths(ours, logits, x)
+
+
+def test_pytorchvideo_tag_carries_its_norm_eps() -> None:
+    """The .pv_* weights need pytorchvideo's eps; the torchvision tag keeps 1e-6."""
+    kw = dict(depths=(1, 1, 1, 1), embed_dim=16, img_size=(4, 32, 32))
+    pv = mvit_zoo.create_model("mvit_b_16x4.pv_k400", **kw)
+    tv = mvit_zoo.create_model("mvit_b_16x4.tv_k400", **kw)
+    assert pv.stages[1].blocks[0].attn.norm_q.eps == 1e-5
+    assert tv.stages[1].blocks[0].attn.norm_q.eps == 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Structure
+# ------------------------------------------------------------------------------------------------
+
+def test_v1_pools_q_only_at_stage_starts_and_v2_everywhere() -> None:
+    v1 = [b.kernel_q is not None for s in block_specs(MODEL_CFGS["mvit_b_16x4"]) for b in s]
+    v2 = [b.kernel_q is not None for s in block_specs(MODEL_CFGS["mvit_v2_s_16x4"]) for b in s]
+    assert [i for i, q in enumerate(v1) if q] == [1, 3, 14]
+    assert all(v2)
+
+
+def test_b24_pooling_follows_strides() -> None:
+    """SlowFast's MVIT_B_32x3_CONV sets no POOL_KVQ_KERNEL: kernels are stride + 1 (and none where stride 1)."""
+    specs = [b for s in block_specs(MODEL_CFGS["mvit_b24_32x3"]) for b in s]
+    assert len(specs) == 24
+    assert [i for i, b in enumerate(specs) if b.kernel_q] == [2, 5, 21]
+    assert specs[2].kernel_q == (1, 3, 3)
+    assert {b.kernel_kv for b in specs[:2]} == {(1, 9, 9)}
+    assert specs[3].kernel_kv == (1, 5, 5) and specs[6].kernel_kv == (1, 3, 3)
+    assert all(b.kernel_kv is None for b in specs[21:])
+    # v1 widens in the MLP of the block before each stage start
+    assert [i for i, b in enumerate(specs) if b.dim != b.dim_out] == [1, 4, 20]
+
+
+def test_2d_and_3d_share_one_implementation() -> None:
+    """A video model on a one-frame clip with 1-frame kernels is the image model."""
+    torch.manual_seed(0)
+    img = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1), embed_dim=16, img_size=32, num_classes=5).eval()
+    cfg3 = make_cfg(img.cfg, patch_kernel=(1, 7, 7), patch_stride=(1, 4, 4), patch_padding=(0, 3, 3),
+                    kernel_qkv=(1, 3, 3), stride_q=(1, 2, 2), stride_kv_adaptive=(1, 4, 4), img_size=(1, 32, 32))
+    vid = MViT(cfg3, num_classes=5).eval()
+    sd = {k: (v.unsqueeze(2) if v.ndim == 4 else v) for k, v in img.state_dict().items()}
+    vid.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(img(x), vid(x.unsqueeze(2))) < 1e-5
+
+
+def test_frozen_config_and_overrides() -> None:
+    cfg = MODEL_CFGS["mvit_tiny"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.depths = (1, 1, 1, 1)  # type: ignore[misc]
+    small = make_cfg(cfg, embed_dim=16, num_heads=2, img_size=48)
+    assert small.embed_dim == (16, 32, 64, 128) and small.num_heads == (2, 4, 8, 16) and small.img_size == (48, 48)
+    video = make_cfg(MODEL_CFGS["mvit_v2_s_16x4"], img_size=112, num_frames=8)
+    assert video.img_size == (8, 112, 112)
+    with pytest.raises(TypeError, match="unknown MViT config field"):
+        make_cfg(cfg, depth=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        make_cfg(cfg, embed_dim=10, num_heads=3)
