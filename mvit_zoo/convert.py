@@ -1,74 +1,158 @@
-"""Map MViT checkpoints from every upstream layout to mvit-zoo's (timm's `mvitv2`) layout.
+"""Map MViT checkpoints from every upstream layout onto mvit-zoo models.
 
-Layouts recognised (see `detect_layout`):
-    'mvit-zoo'    ours, which is timm's: `stages.i.blocks.j.*`, `head.fc`
-    'torchvision' `conv_proj`, `pos_encoding.*`, `blocks.N.attn.project.0`, `attn.pool_q.pool`, `head.1`
-    'pytorchvideo' `patch_embed.patch_model`, `cls_positional_encoding.*`, `attn.{q,k,v}`, `norm_embed`, `head.proj`
-    'slowfast'    SlowFast and facebookresearch/mvit: `patch_embed.proj`, flat `blocks.N`, fused `attn.qkv`
-                  or separate `attn.{q,k,v}`, block-level `proj`, `head.projection`
+Layouts recognised by `detect_layout`:
 
-Tensors are only renamed, fused (q/k/v -> qkv), reshaped (no data change) and, when the target's
-build size differs, interpolated (relative-position tables, absolute position embeddings). A 2D
-checkpoint can initialise a 3D model (`inflate`), as in the MViTv2 paper's Kinetics recipe.
+    'mvit-zoo'     ours: timm's names plus the video tensors (`attn.rel_pos_t`, 5-D kernels,
+                   `pos_embed_spatial` / `pos_embed_temporal` / `pos_embed_class`)
+    'timm'         timm's `mvitv2_*` (`stages.i.blocks.j.*`, `head.fc`): loads without any renaming
+    'torchvision'  `conv_proj`, `pos_encoding.*`, `attn.project.0`, `attn.pool_q.pool`,
+                   `attn.pool_q.norm_act.0`, `mlp.0` / `mlp.3`, block-level `project`, `head.1`
+    'pytorchvideo' `patch_embed.patch_model`, `cls_positional_encoding.*`, separate `attn.{q,k,v}`,
+                   `norm_embed`, `head.proj`, wrapped in `{'model_state': ...}`
+    'slowfast'     PySlowFast video and image models: `patch_embed.proj`, flat `blocks.N`, fused `attn.qkv`
+                   (or separate `attn.{q,k,v}`), block-level `proj`, `head.projection`, `{'model_state': ...}`
+    'mvit'         facebookresearch/mvit (ImageNet MViTv2): as 'slowfast', 2-D, with relative positions
+
+Conversion runs in two steps:
+
+1. `to_native` renames a checkpoint into our names at the checkpoint's own shapes (q/k/v fused,
+   flat blocks placed in stages, torchvision's flat position tensors given their batch axis, a
+   one-frame temporal table folded into space for image models). This is what `mvit-zoo convert`
+   and the URL fallback of `mvit_zoo.hub` store as safetensors.
+2. `fit_state_dict` fits those tensors to a particular model: relative-position tables and
+   absolute position embeddings are interpolated when the model's input size or frame count
+   differs, 2-D kernels are inflated to 3-D for a video model (image -> video, the MViTv2 recipe),
+   a stem for another channel count is adapted as timm does, and every key that is missing,
+   unexpected or of the wrong shape is reported by name.
+
+`convert_state_dict` runs both.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["convert_state_dict", "detect_layout", "unwrap_checkpoint", "CheckpointMismatchError"]
+__all__ = [
+    "LAYOUTS", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict", "convert_state_dict",
+    "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video", "matching_architectures",
+    "to_native", "unwrap_checkpoint",
+]
+
+LAYOUTS = ("mvit-zoo", "timm", "torchvision", "pytorchvideo", "slowfast", "mvit")
+HeadPolicy = Literal["auto", "strict", "drop"]
+InflateMode = Literal["mean", "center"]
 
 
 class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the model: names the keys and shapes that disagree."""
+    """A checkpoint does not fit the model; the message names the keys and shapes that disagree
+    and, where it can tell, the architectures the checkpoint does fit."""
 
 
-_WRAPPERS = ("model_state", "state_dict", "model", "module")
+@dataclass
+class ConversionReport:
+    """What `convert_state_dict` did, key by key."""
+
+    layout: str
+    resized: list[str] = field(default_factory=list)  # interpolated position tables / embeddings
+    inflated: list[str] = field(default_factory=list)  # 2-D kernels made 3-D
+    adapted: list[str] = field(default_factory=list)  # stem adapted to another input-channel count
+    initialized: list[str] = field(default_factory=list)  # tensors a 2-D checkpoint lacks, zero-initialised
+    dropped: list[str] = field(default_factory=list)  # classifier tensors left out (other class count / no head)
+    fresh: list[str] = field(default_factory=list)  # model keys left as initialised (a classifier the checkpoint lacks)
+    missing: list[str] = field(default_factory=list)  # model keys the checkpoint does not provide
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model does not have
+
+    def summary(self) -> str:
+        parts = [f"layout {self.layout}"]
+        for name in ("resized", "inflated", "adapted", "initialized", "dropped", "fresh", "missing", "unexpected"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name} ({len(keys)}): {_names(keys)}")
+        return "; ".join(parts)
+
+
+class ConvertedStateDict(dict):
+    """A state dict (`dict[str, Tensor]`) with the `ConversionReport` of how it was made."""
+
+    report: ConversionReport
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Unwrapping and layout detection
+# --------------------------------------------------------------------------------------------------
+
+_WRAPPERS = ("model_state", "state_dict", "model", "module", "model_ema")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The tensors of a checkpoint: unwraps `{'model_state': ...}` (SlowFast, pytorchvideo), `{'state_dict'}`,
-    `{'model'}`, and a DistributedDataParallel `module.` prefix."""
+    """The tensors of a checkpoint.
+
+    Unwraps `{'model_state': ...}` (SlowFast, pytorchvideo, facebookresearch/mvit), `{'state_dict': ...}`
+    and `{'model': ...}`; drops a DistributedDataParallel `module.` prefix and fairscale's
+    `_checkpoint_wrapped_module.` infix (activation-checkpointed SlowFast models).
+    """
     sd: Any = checkpoint
     for _ in range(3):
-        if isinstance(sd, Mapping):
+        if isinstance(sd, Mapping) and not any(isinstance(v, Tensor) for v in sd.values()):
             inner = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), Mapping)), None)
-            if inner is not None and not any(isinstance(v, Tensor) for v in sd.values()):
+            if inner is not None:
                 sd = inner
                 continue
         break
     if not isinstance(sd, Mapping) or not any(isinstance(v, Tensor) for v in sd.values()):
+        found = ", ".join(map(str, list(sd)[:8])) if isinstance(sd, Mapping) else type(sd).__name__
         raise CheckpointMismatchError(
-            "checkpoint holds no tensors (expected a state dict, or one under 'model_state' / 'state_dict')")
-    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+            f"the checkpoint holds no tensors (found: {found}); expected a state dict, or one under "
+            f"'model_state' / 'state_dict' / 'model'")
+    out = {}
+    for key, value in sd.items():
+        if not isinstance(value, Tensor):
+            continue
+        key = key.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+        out[key] = value
+    if all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    return out
 
 
 def detect_layout(sd: Mapping[str, Tensor]) -> str:
-    """Name the layout of a state dict: 'mvit-zoo', 'torchvision', 'pytorchvideo' or 'slowfast'."""
+    """Name the layout of an (unwrapped) state dict: one of `LAYOUTS`."""
     keys = set(sd)
     if any(k.startswith("stages.") for k in keys):
-        return "mvit-zoo"
+        video = (
+            any(k.endswith("rel_pos_t") or k.startswith("pos_embed_") for k in keys)
+            or getattr(sd.get("patch_embed.proj.weight"), "ndim", 4) == 5
+        )
+        return "mvit-zoo" if video else "timm"
     if "conv_proj.weight" in keys or any(k.startswith("pos_encoding.") for k in keys):
         return "torchvision"
     if "patch_embed.patch_model.weight" in keys or any(k.startswith("cls_positional_encoding.") for k in keys):
         return "pytorchvideo"
     if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
-        return "slowfast"
-    sample = ", ".join(sorted(keys)[:5])
+        image = sd["patch_embed.proj.weight"].ndim == 4
+        rel_pos = any(k.endswith("rel_pos_h") for k in keys)
+        return "mvit" if image and rel_pos else "slowfast"
+    sample = ", ".join(sorted(keys)[:6])
     raise CheckpointMismatchError(
-        f"unrecognised checkpoint layout (first keys: {sample}); expected an MViT checkpoint from timm, "
-        f"torchvision, pytorchvideo, SlowFast or facebookresearch/mvit")
+        f"unrecognised checkpoint layout (first keys: {sample}); expected an MViT checkpoint from mvit-zoo, "
+        f"timm, torchvision, pytorchvideo, PySlowFast or facebookresearch/mvit")
 
 
-# per layout: (pattern, replacement) applied to block-local key suffixes and to top-level keys
+# --------------------------------------------------------------------------------------------------
+# Step 1: names (to_native)
+# --------------------------------------------------------------------------------------------------
+
+# (pattern, replacement) rules per layout, applied to block-local key suffixes and to top-level keys
 _BLOCK_RULES: dict[str, list[tuple[str, str]]] = {
     "torchvision": [
         (r"^attn\.project\.0\.", "attn.proj."),
@@ -80,6 +164,7 @@ _BLOCK_RULES: dict[str, list[tuple[str, str]]] = {
     ],
     "pytorchvideo": [],
     "slowfast": [],
+    "mvit": [],
 }
 _TOP_RULES: dict[str, list[tuple[str, str]]] = {
     "torchvision": [
@@ -96,10 +181,10 @@ _TOP_RULES: dict[str, list[tuple[str, str]]] = {
         (r"^norm_embed\.", "norm."),
         (r"^head\.proj\.", "head.fc."),
     ],
-    "slowfast": [
-        (r"^head\.projection\.", "head.fc."),
-    ],
+    "slowfast": [(r"^head\.projection\.", "head.fc.")],
+    "mvit": [(r"^head\.projection\.", "head.fc.")],
 }
+_POS_KEYS = ("cls_token", "pos_embed", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class")
 
 
 def _apply(rules: list[tuple[str, str]], key: str) -> str:
@@ -108,11 +193,17 @@ def _apply(rules: list[tuple[str, str]], key: str) -> str:
     return key
 
 
-def _rename(sd: Mapping[str, Tensor], layout: str, model: nn.Module) -> dict[str, Tensor]:
-    """Flat `blocks.N.*` keys -> `stages.i.blocks.j.*`, other names -> ours; q/k/v fused."""
-    depths = [len(stage.blocks) for stage in model.stages]
-    where = [(i, j) for i, d in enumerate(depths) for j in range(d)]
-    expand_attn = model.cfg.expand_attn
+def _target_cfg(target: Any) -> Any:
+    """The MViTCfg of a model (or the cfg itself)."""
+    cfg = getattr(target, "cfg", target)
+    if not hasattr(cfg, "depths") or not hasattr(cfg, "expand_attn"):
+        raise TypeError(f"expected an mvit_zoo MViT model or MViTCfg, got {type(target).__name__}")
+    return cfg
+
+
+def _rename_flat(sd: Mapping[str, Tensor], layout: str, cfg: Any) -> dict[str, Tensor]:
+    """Flat `blocks.N.*` -> `stages.i.blocks.j.*`, other names -> ours; separate q/k/v fused."""
+    where = [(i, j) for i, d in enumerate(cfg.depths) for j in range(d)]
     out: dict[str, Tensor] = {}
     qkv_parts: dict[str, dict[str, Tensor]] = {}
     for key, value in sd.items():
@@ -121,13 +212,13 @@ def _rename(sd: Mapping[str, Tensor], layout: str, model: nn.Module) -> dict[str
             out[_apply(_TOP_RULES[layout], key)] = value
             continue
         n, rest = int(m.group(1)), _apply(_BLOCK_RULES[layout], m.group(2))
-        if n >= len(where):
-            out[key] = value  # reported as unexpected
+        if n >= len(where):  # more blocks than the model: kept under its own name, reported as unexpected
+            out[f"blocks.{n}.{rest}"] = value
             continue
         i, j = where[n]
         prefix = f"stages.{i}.blocks.{j}."
-        if rest.startswith("proj."):  # block-level channel projection
-            rest = ("shortcut_proj_attn." if expand_attn else "shortcut_proj_mlp.") + rest[len("proj."):]
+        if rest.startswith("proj."):  # the block-level channel projection of the shortcut
+            rest = ("shortcut_proj_attn." if cfg.expand_attn else "shortcut_proj_mlp.") + rest[len("proj."):]
         sep = re.match(r"^attn\.([qkv])\.(weight|bias)$", rest)
         if sep is not None:
             qkv_parts.setdefault(f"{prefix}attn.qkv.{sep.group(2)}", {})[sep.group(1)] = value
@@ -135,52 +226,69 @@ def _rename(sd: Mapping[str, Tensor], layout: str, model: nn.Module) -> dict[str
         out[prefix + rest] = value
     for key, parts in qkv_parts.items():
         if set(parts) != {"q", "k", "v"}:
-            raise CheckpointMismatchError(f"{key}: separate attention projections incomplete, found {sorted(parts)}")
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+            raise CheckpointMismatchError(
+                f"{key}: the checkpoint has separate attention projections but only {sorted(parts)} of q, k, v")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # rows q | k | v, as fused qkv
     return out
 
 
+def _native_shapes(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """Give position tensors their (1, N, C) shape and adapt trivially to the target's rank: for an
+    image model, squeeze one-frame 3-D kernels and fold a one-frame temporal table into space; for a
+    model with separate position tables, split a joint `pos_embed` into class and space parts."""
+    for key in _POS_KEYS:
+        if key in sd and sd[key].ndim != 3:
+            sd[key] = sd[key].reshape(1, -1, sd[key].shape[-1])
+    if cfg.ndim == 2:
+        for key, value in list(sd.items()):
+            if value.ndim == 5 and key.endswith("weight") and value.shape[2] == 1:
+                sd[key] = value.squeeze(2)  # pytorchvideo's image model runs 3-D convs over T = 1
+        temporal = sd.get("pos_embed_temporal")
+        if temporal is not None and "pos_embed_spatial" in sd:
+            if temporal.shape[1] != 1:
+                raise CheckpointMismatchError(
+                    f"pos_embed_temporal: {tuple(temporal.shape)} covers {temporal.shape[1]} frames; this is a video "
+                    f"checkpoint, load it into a video architecture")
+            sd["pos_embed_spatial"] = sd["pos_embed_spatial"] + sd.pop("pos_embed_temporal")
+    if cfg.abs_pos == "separable" and "pos_embed" in sd and "pos_embed_spatial" not in sd:
+        joint = sd.pop("pos_embed")
+        prefix = 1 if "cls_token" in sd else 0
+        if prefix:
+            sd["pos_embed_class"] = joint[:, :1]
+        sd["pos_embed_spatial"] = joint[:, prefix:]
+    return sd
+
+
+def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Tensor], str]:
+    """Rename a checkpoint of any supported layout into mvit-zoo names, keeping its shapes.
+
+    `target` is the model (or its MViTCfg) whose block structure (depths, where channels grow)
+    places flat `blocks.N` keys into stages. Returns the state dict and the detected layout.
+    """
+    cfg = _target_cfg(target)
+    sd = unwrap_checkpoint(checkpoint)
+    layout = detect_layout(sd)
+    if layout not in ("mvit-zoo", "timm"):
+        sd = _rename_flat(sd, layout, cfg)
+    return _native_shapes(dict(sd), cfg), layout
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2: shapes (fit_state_dict)
+# --------------------------------------------------------------------------------------------------
+
 def _interp_1d(table: Tensor, length: int) -> Tensor:
-    """(L, C) -> (length, C), linear."""
+    """(L, C) -> (length, C), linear (the rule of SlowFast's and timm's rel-pos resizing)."""
     return F.interpolate(table.t().unsqueeze(0).float(), size=length, mode="linear").squeeze(0).t().to(table.dtype)
 
 
-def _fit(key: str, value: Tensor, target: Tensor, model: nn.Module, inflate: str) -> Tensor:
-    """Reshape / interpolate / inflate one tensor to the target's shape, or raise naming both shapes."""
-    if value.shape == target.shape:
-        return value
-    if value.numel() == target.numel() and key in ("cls_token", "pos_embed_class", "pos_embed_spatial",
-                                                   "pos_embed_temporal"):
-        return value.reshape(target.shape)
-    name = key.rsplit(".", 1)[-1]
-    if key == "patch_embed.proj.weight" and value.shape[1] != target.shape[1] and value.ndim == target.ndim:
-        from timm.models._manipulate import adapt_input_conv  # other input channels: timm's rule
-
-        flat = value.reshape(value.shape[:3] + (-1,))  # (O, I, k0, rest): adapt_input_conv takes 4-D kernels
-        adapted = adapt_input_conv(target.shape[1], flat).reshape((value.shape[0], target.shape[1]) + value.shape[2:])
-        return _fit(key, adapted, target, model, inflate)
-    if name.startswith("rel_pos_") and value.ndim == 2 and value.shape[1] == target.shape[1]:
-        return _interp_1d(value, target.shape[0])
-    if key in ("pos_embed_spatial", "pos_embed_temporal", "pos_embed") and value.shape[-1] == target.shape[-1]:
-        return _resize_pos(key, value, target, model)
-    if name == "weight" and value.ndim + 1 == target.ndim and value.shape[:2] == target.shape[:2]:
-        if value.shape[2:] == target.shape[3:]:  # 2D kernel -> 3D kernel (image -> video)
-            return _inflate(value, target.shape[2], inflate if key.startswith("patch_embed") else "center")
-    if name == "weight" and value.ndim == target.ndim + 1 and value.shape[2] == 1:
-        if value.shape[:2] + value.shape[3:] == target.shape:  # 3D kernel with T=1 -> 2D kernel
-            return value.squeeze(2)
-    raise CheckpointMismatchError(
-        f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}; "
-        f"the checkpoint is for another architecture or input size (check the model name)")
-
-
 def _inflate(weight: Tensor, kt: int, mode: str) -> Tensor:
-    """(O, I, kh, kw) -> (O, I, kt, kh, kw). 'center': the 2D kernel at the centre frame (a static clip
-    gives exactly the 2D response); 'mean': repeated over time and divided by kt (I3D)."""
+    """(O, I, kh, kw) -> (O, I, kt, kh, kw). 'mean': repeated over time and divided by kt (I3D, as
+    PySlowFast's `inflate_weight`); 'center': the 2-D kernel at the centre frame, zeros elsewhere."""
     if mode == "mean":
         return weight.unsqueeze(2).repeat(1, 1, kt, 1, 1) / kt
     if mode != "center":
-        raise ValueError(f"inflate must be 'center' or 'mean', got {mode!r}")
+        raise ValueError(f"inflate must be 'mean' or 'center', got {mode!r}")
     out = weight.new_zeros(weight.shape[:2] + (kt,) + weight.shape[2:])
     out[:, :, kt // 2] = weight
     return out
@@ -188,80 +296,266 @@ def _inflate(weight: Tensor, kt: int, mode: str) -> Tensor:
 
 def _resize_pos(key: str, value: Tensor, target: Tensor, model: nn.Module) -> Tensor:
     """Absolute position embeddings to the model's build grid (bicubic in space, linear in time)."""
-    from .mvit import _resize_grid  # local: conversion helpers share the model's resize rule
+    from .mvit import _resize_grid  # the model's own resize rule, so load-time and run-time agree
 
     C = value.shape[-1]
-    grid = model.patch_grid
+    grid = tuple(model.patch_grid)
     if key == "pos_embed_temporal":
         return F.interpolate(value.reshape(1, -1, C).transpose(1, 2).float(), size=grid[0],
                              mode="linear").transpose(1, 2).to(value.dtype).reshape(target.shape)
     if key == "pos_embed_spatial":
-        side = math.isqrt(value.numel() // C)
-        if side * side * C != value.numel():
-            raise CheckpointMismatchError(f"{key}: cannot infer the grid of a non-square {tuple(value.shape)}")
-        return _resize_grid(value.reshape(1, -1, C).float(), (side, side), grid[-2:]).to(value.dtype)
-    p = model.num_prefix_tokens
-    prefix, tokens = value.reshape(1, -1, C)[:, :p], value.reshape(1, -1, C)[:, p:]
-    if len(grid) == 3:
-        raise CheckpointMismatchError(f"{key}: resizing a joint video position table is not supported")
+        side = math.isqrt(value.shape[1])
+        if side * side != value.shape[1]:
+            raise CheckpointMismatchError(f"{key}: cannot infer the grid of non-square {tuple(value.shape)}")
+        return _resize_grid(value.float(), (side, side), grid[-2:]).to(value.dtype)
+    p = getattr(model, "num_prefix_tokens", 0)
+    prefix, tokens = value[:, :p], value[:, p:]
     side = math.isqrt(tokens.shape[1])
-    if side * side != tokens.shape[1]:
-        raise CheckpointMismatchError(f"{key}: cannot infer the grid of a non-square {tuple(value.shape)}")
-    tokens = _resize_grid(tokens.float(), (side, side), grid).to(value.dtype)
-    return torch.cat((prefix, tokens), dim=1)
+    if len(grid) != 2 or side * side != tokens.shape[1]:
+        raise CheckpointMismatchError(f"{key}: cannot resize {tuple(value.shape)} to {tuple(target.shape)}")
+    return torch.cat((prefix, _resize_grid(tokens.float(), (side, side), grid).to(value.dtype)), dim=1)
+
+
+def _fit_one(key: str, value: Tensor, target: Tensor, model: nn.Module, inflate: str,
+             report: ConversionReport) -> Optional[Tensor]:
+    """`value` fitted to `target`'s shape, or None if it cannot be (the caller reports it)."""
+    if value.shape == target.shape:
+        return value
+    name = key.rsplit(".", 1)[-1]
+    if key == "patch_embed.proj.weight" and value.ndim == target.ndim and value.shape[1] != target.shape[1]:
+        from timm.models._manipulate import adapt_input_conv  # timm's rule for other input channel counts
+
+        flat = value.reshape(value.shape[:3] + (-1,))  # adapt_input_conv takes 4-D kernels
+        value = adapt_input_conv(target.shape[1], flat).reshape(
+            (value.shape[0], target.shape[1]) + value.shape[2:]).to(value.dtype)
+        report.adapted.append(key)
+        return _fit_one(key, value, target, model, inflate, report)
+    if name.startswith("rel_pos_") and value.ndim == 2 and value.shape[1] == target.shape[1]:
+        report.resized.append(key)
+        return _interp_1d(value, target.shape[0])
+    if key in ("pos_embed_spatial", "pos_embed_temporal", "pos_embed") and value.shape[-1] == target.shape[-1]:
+        report.resized.append(key)
+        return _resize_pos(key, value, target, model)
+    if name == "weight" and value.ndim == 4 and target.ndim == 5 and value.shape[:2] == target.shape[:2] \
+            and value.shape[2:] == target.shape[3:]:
+        report.inflated.append(key)
+        return _inflate(value, target.shape[2], inflate)
+    return None
+
+
+def fit_state_dict(
+        sd: Mapping[str, Tensor],
+        model: nn.Module,
+        *,
+        layout: str = "mvit-zoo",
+        inflate: InflateMode = "mean",
+        head: HeadPolicy = "auto",
+        strict: bool = True,
+) -> ConvertedStateDict:
+    """Fit a state dict in mvit-zoo names (see `to_native`) to `model`.
+
+    head: 'auto' leaves out a classifier the model lacks (num_classes=0) or that has another class
+    count (the model keeps its freshly initialised head); 'strict' treats a classifier of another
+    size as a shape mismatch; 'drop' always leaves the classifier out.
+    With `strict`, any missing, unexpected or unfittable key raises `CheckpointMismatchError`.
+    """
+    target = model.state_dict()
+    report = ConversionReport(layout=layout)
+    out = ConvertedStateDict()
+    out.report = report
+    image_to_video = getattr(model.cfg, "ndim", 2) == 3 and getattr(sd.get("patch_embed.proj.weight"), "ndim", 5) == 4
+    mismatched: list[str] = []
+    for key, value in sd.items():
+        if key.startswith("head.fc.") and (
+                head == "drop" or key not in target or (head == "auto" and value.shape != target[key].shape)):
+            report.dropped.append(key)
+            continue
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        fitted = _fit_one(key, value, target[key], model, inflate, report)
+        if fitted is None:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
+            continue
+        out[key] = fitted.to(target[key].dtype) if fitted.is_floating_point() else fitted
+
+    for key in target:
+        if key in out or any(m.startswith(key + ":") for m in mismatched):
+            continue
+        if key.startswith("head.fc.") and (report.dropped or head != "strict"):
+            report.fresh.append(key)
+            continue
+        if image_to_video and (key.endswith("rel_pos_t") or key == "pos_embed_temporal"):
+            out[key] = torch.zeros_like(target[key])  # a 2-D checkpoint knows no time: start time-blind
+            report.initialized.append(key)
+            continue
+        report.missing.append(key)
+
+    if mismatched or (strict and (report.missing or report.unexpected)):
+        msg = [f"checkpoint ({layout} layout) does not fit {_model_name(model)}"]
+        if mismatched:
+            msg.append(f"shape mismatch ({len(mismatched)}): {'; '.join(mismatched[:8])}"
+                       f"{' ...' if len(mismatched) > 8 else ''}")
+            patch = sd.get("patch_embed.proj.weight")
+            if patch is not None and patch.ndim == 5 and target["patch_embed.proj.weight"].ndim == 4:
+                msg.append("this is a video checkpoint and the model is an image model")
+        if report.missing:
+            msg.append(f"missing keys ({len(report.missing)}): {_names(report.missing, 20)}")
+        if report.unexpected:
+            msg.append(f"unexpected keys ({len(report.unexpected)}): {_names(report.unexpected, 20)}")
+        raise CheckpointMismatchError("; ".join(msg) + _candidates_hint(sd, model))
+    return out
 
 
 def convert_state_dict(
         state_dict: Mapping[str, Any],
         model: nn.Module,
-        inflate: str = "center",
+        *,
+        inflate: InflateMode = "mean",
+        head: HeadPolicy = "auto",
         strict: bool = True,
-) -> dict[str, Tensor]:
-    """Map a checkpoint of any supported layout onto `model` (an `mvit_zoo.MViT`).
+) -> ConvertedStateDict:
+    """Map a checkpoint of any supported layout (see `LAYOUTS`) onto `model`, an mvit_zoo `MViT`.
 
-    Returns a state dict that `model.load_state_dict(..., strict=True)` accepts. Tensors are fitted
-    to the model's build size (relative-position tables and position embeddings interpolated; 2D
-    kernels inflated to 3D for image -> video). With `strict`, missing or unexpected keys raise a
-    `CheckpointMismatchError` that lists them by name; the classifier may be absent or of another size
-    only when the model has no classifier (num_classes=0) or a different class count.
+    Returns a state dict that `model.load_state_dict(sd, strict=not sd.report.fresh)` accepts, with
+    a `.report` (`ConversionReport`) of what was renamed, resized, inflated, dropped. Relative-position
+    tables and absolute position embeddings are interpolated to the model's build size; a 2-D
+    (ImageNet) checkpoint initialises a 3-D model by inflating its kernels over time (`inflate`: 'mean'
+    as PySlowFast/I3D, or 'center') and starting the temporal position tables at zero. See
+    `fit_state_dict` for `head` and `strict`.
     """
+    sd, layout = to_native(state_dict, model)
+    return fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head, strict=strict)
+
+
+def inflate_image_to_video(state_dict: Mapping[str, Any], model: nn.Module, *, inflate: InflateMode = "mean",
+                           head: HeadPolicy = "auto") -> ConvertedStateDict:
+    """Initialise a video model from an image (2-D) checkpoint, as the MViTv2 paper does for Kinetics
+    from ImageNet: patch-embedding and pooling kernels inflated over time, relative-position tables
+    interpolated to the video grid, temporal tables (`rel_pos_t`, `pos_embed_temporal`) zero."""
+    if getattr(model.cfg, "ndim", 2) != 3:
+        raise ValueError(f"inflate_image_to_video needs a video model; {_model_name(model)} is an image model")
+    sd, layout = to_native(state_dict, model)
+    if sd.get("patch_embed.proj.weight", torch.empty(0, 0, 0, 0, 0)).ndim != 4:
+        raise CheckpointMismatchError("inflate_image_to_video needs an image (2-D) checkpoint; this one is 3-D")
+    return fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a checkpoint is (for error messages)
+# --------------------------------------------------------------------------------------------------
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else getattr(cfg, "architecture", None)
+    return name or type(model).__name__
+
+
+@dataclass(frozen=True)
+class _Signature:
+    ndim: int
+    depths: tuple[int, ...]
+    embed_dim: int
+    num_heads: Optional[int]
+    cls_token: bool
+    rel_pos: bool
+    abs_pos: bool
+
+
+def _signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
+    """Architecture facts readable from an mvit-zoo-named state dict (None if it is not one)."""
+    patch = sd.get("patch_embed.proj.weight")
+    if patch is None:
+        return None
+    blocks: dict[tuple[int, int], int] = {}  # (stage, block) -> attention width
+    heads0 = None
+    for key, value in sd.items():
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$", key)
+        if m:
+            blocks[int(m.group(1)), int(m.group(2))] = value.shape[0] // 3
+    if not blocks:
+        return None
+    depths = tuple(1 + max(j for (i, j) in blocks if i == s) for s in range(1 + max(i for i, _ in blocks)))
+    pool = sd.get("stages.0.blocks.0.attn.pool_k.weight")
+    if pool is not None and pool.shape[0]:
+        heads0 = blocks[0, 0] // pool.shape[0]
+    return _Signature(
+        ndim=patch.ndim - 2, depths=depths, embed_dim=patch.shape[0], num_heads=heads0,
+        cls_token="cls_token" in sd, rel_pos=any(k.endswith("rel_pos_h") for k in sd),
+        abs_pos=any(k.startswith("pos_embed") for k in sd),
+    )
+
+
+def _flat_signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
+    """As `_signature`, for a flat upstream layout: stages are runs of blocks with one attention width."""
+    patch = next((sd[k] for k in ("patch_embed.proj.weight", "patch_embed.patch_model.weight", "conv_proj.weight")
+                  if k in sd), None)
+    widths: dict[int, int] = {}
+    for key, value in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.(qkv|q)\.weight$", key)
+        if m:
+            widths[int(m.group(1))] = value.shape[0] // (3 if m.group(2) == "qkv" else 1)
+    if patch is None or not widths:
+        return None
+    depths: list[int] = []
+    last = None
+    for n in sorted(widths):
+        if widths[n] != last:
+            depths.append(0)
+            last = widths[n]
+        depths[-1] += 1
+    ndim = patch.ndim - 2
+    if ndim == 3 and patch.shape[2] == 1:
+        ndim = 2
+    return _Signature(
+        ndim=ndim, depths=tuple(depths), embed_dim=patch.shape[0], num_heads=None,
+        cls_token=any(k.endswith("cls_token") or k.endswith("class_token") for k in sd),
+        rel_pos=any(k.endswith("rel_pos_h") for k in sd),
+        abs_pos=any("pos_embed" in k or k.startswith("pos_encoding.spatial") for k in sd),
+    )
+
+
+def matching_architectures(state_dict: Mapping[str, Any]) -> list[str]:
+    """Registered architectures whose structure (rank, depths, width, heads, class token, position
+    encoding) matches a checkpoint of any supported layout. Empty if it cannot tell."""
+    from .mvit import MODEL_CFGS
+
+    try:
+        sd = unwrap_checkpoint(state_dict)
+    except CheckpointMismatchError:
+        return []
+    sig = _signature(sd) or _flat_signature(sd)
+    if sig is None:
+        return []
+    return [
+        name for name, cfg in MODEL_CFGS.items()
+        if cfg.ndim == sig.ndim and tuple(cfg.depths) == sig.depths and cfg.embed_dim[0] == sig.embed_dim
+        and cfg.use_cls_token == sig.cls_token and cfg.rel_pos == sig.rel_pos
+        and (cfg.abs_pos != "none") == sig.abs_pos and sig.num_heads in (None, cfg.num_heads[0])
+    ]
+
+
+def describe_checkpoint(state_dict: Mapping[str, Any]) -> str:
+    """One line on what a checkpoint is: layout, rank, depths, width, class count, matching architectures."""
     sd = unwrap_checkpoint(state_dict)
     layout = detect_layout(sd)
-    if layout != "mvit-zoo":
-        sd = _rename(sd, layout, model)
-    target = model.state_dict()
-    image_to_video = model.cfg.ndim == 3 and sd.get("patch_embed.proj.weight", torch.empty(0)).ndim == 4
+    sig = _signature(sd) or _flat_signature(sd)
+    head = next((v for k, v in sd.items() if re.match(r"^head\.(fc|proj|projection|1)\.weight$", k)), None)
+    parts = [f"{layout} layout"]
+    if sig is not None:
+        parts.append(f"{'video' if sig.ndim == 3 else 'image'}, depths {sig.depths}, width {sig.embed_dim}")
+    if head is not None:
+        parts.append(f"{head.shape[0]} classes")
+    names = matching_architectures(sd)
+    parts.append(f"fits {', '.join(names)}" if names else "fits no registered architecture")
+    return "; ".join(parts)
 
-    # SlowFast / pytorchvideo image models keep a 1-frame temporal table: fold it into space
-    if model.cfg.ndim == 2 and "pos_embed_temporal" in sd and "pos_embed_temporal" not in target:
-        temporal = sd.pop("pos_embed_temporal")
-        if temporal.reshape(-1, temporal.shape[-1]).shape[0] != 1:
-            raise CheckpointMismatchError(
-                f"pos_embed_temporal: {tuple(temporal.shape)} has more than one frame; this is a video checkpoint, "
-                f"load it into a video model")
-        sd["pos_embed_spatial"] = sd["pos_embed_spatial"] + temporal.reshape(1, 1, -1)
 
-    out: dict[str, Tensor] = {}
-    unexpected = []
-    for key, value in sd.items():
-        if key.startswith("head.fc.") and (key not in target or value.shape != target[key].shape):
-            continue  # a classifier for another label set, or none: left to the caller (timm drops it)
-        if key not in target:
-            unexpected.append(key)
-            continue
-        out[key] = _fit(key, value, target[key], model, inflate)
+def _candidates_hint(sd: Mapping[str, Tensor], model: nn.Module) -> str:
+    names = matching_architectures(sd)
+    if not names:
+        return ""
+    if _model_name(model) in names:
+        return f" (the checkpoint's structure matches {_model_name(model)}: check the input size / overrides)"
+    return f". The checkpoint is for {' or '.join(names)}; create that architecture instead"
 
-    missing = [k for k in target if k not in out and not k.startswith("head.fc.")]
-    if image_to_video:  # a 2D checkpoint has no temporal tables: start them at zero (time-blind)
-        for key in [k for k in missing if k.endswith("rel_pos_t") or k == "pos_embed_temporal"]:
-            out[key] = torch.zeros_like(target[key])
-            missing.remove(key)
-    if strict and (missing or unexpected):
-        msg = [f"checkpoint ({layout} layout) does not match {type(model).__name__}"]
-        if missing:
-            msg.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            msg.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                       f"{' ...' if len(unexpected) > 20 else ''}")
-        raise CheckpointMismatchError("; ".join(msg))
-    return out

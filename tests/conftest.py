@@ -40,3 +40,25 @@ def hub(hub_server: HubServer) -> Iterator[HubServer]:
 def hf_env(tmp_path: Path, hub: HubServer) -> dict[str, str]:
     """Full environment for a subprocess using the fake Hub, with HF_HOME/HF_HUB_CACHE under tmp_path and no token."""
     return make_hf_env(hub.url, tmp_path)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """In-process weight loading against the fake Hub: huggingface_hub pointed at `hub` (online), its
+    cache in tmp_path/hub, mvit-zoo's converted-checkpoint cache in tmp_path/mvit-zoo (MVIT_ZOO_CACHE),
+    default Hub organisation. Yields tmp_path."""
+    from hub_server import hub_endpoint
+
+    monkeypatch.setenv("MVIT_ZOO_CACHE", str(tmp_path / "mvit-zoo"))
+    for name in ("MVIT_ZOO_HUB_ORG", "MVIT_ZOO_CHECK_UPDATES"):
+        monkeypatch.delenv(name, raising=False)
+    with hub_endpoint(hub.url, cache_dir=tmp_path / "hub", offline=False):
+        yield tmp_path
+
+
+@pytest.fixture
+def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip huggingface_hub's retry back-off (about 23 s when the Hub is down and nothing is cached)."""
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)

@@ -8,6 +8,9 @@
   (``huggingface_hub`` sends ``Range: bytes=N-`` only to resume an interrupted download);
 * ``GET /api/models/{repo_id}[/revision/{revision}]`` with a minimal model-info JSON.
 
+* ``HEAD``/``GET /files/{name}``: plain static files (`add_static`), standing in for the official
+  checkpoint URLs (download.pytorch.org, dl.fbaipublicfiles.com) that the weight loader falls back to.
+
 Errors use the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``EntryNotFound``,
 ``RevisionNotFound``) plus a JSON ``{"error": ...}`` body, which ``huggingface_hub`` maps to
 ``RepositoryNotFoundError`` / ``RemoteEntryNotFoundError`` / ``RevisionNotFoundError``.
@@ -93,6 +96,7 @@ class HubServer:
         self.host = host
         self.port = port
         self.repos: dict[str, dict[str, HubFile]] = {}
+        self.static: dict[str, HubFile] = {}
         self.requests: list[Request] = []
         self.request_headers: list[dict[str, str]] = []
         self.down_status: int | None = None
@@ -163,6 +167,20 @@ class HubServer:
             self.repos.setdefault(repo_id, {})[filename] = HubFile(data, sha, corrupt, corrupt_times)
         return sha
 
+    def add_static(
+        self,
+        name: str,
+        data_or_path: bytes | str | os.PathLike[str],
+        *,
+        corrupt: Corruption | None = None,
+        corrupt_times: int | None = None,
+    ) -> str:
+        """Serve a plain file at ``/files/{name}`` (no Hub headers); returns its full URL."""
+        data = bytes(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else Path(data_or_path).read_bytes()
+        with self._lock:
+            self.static[name] = HubFile(data, hashlib.sha256(data).hexdigest(), corrupt, corrupt_times)
+        return f"{self.url}/files/{name}"
+
     def remove_file(self, repo_id: str, filename: str) -> None:
         """Delete a file (the repo keeps existing)."""
         with self._lock:
@@ -172,6 +190,7 @@ class HubServer:
         """Forget all repos, requests and the `down_status`."""
         with self._lock:
             self.repos.clear()
+            self.static.clear()
             self.down_status = None
         self.reset_requests()
 
@@ -231,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
             down = hub.down_status
         if down is not None:
             return self._error(down, None, "Service unavailable (simulated)", head)
+        if path.startswith("/files/"):
+            return self._static(unquote(path[len("/files/"):]), head)
         if m := _RESOLVE_RE.match(path):
             return self._resolve(unquote(m["repo"]), unquote(m["rev"]), unquote(m["file"]), head)
         if path == "/api/agent-harnesses":  # fetched once per process unless HF_HUB_DISABLE_TELEMETRY=1
@@ -295,10 +316,33 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(ConnectionError):
                 self.wfile.write(body)
 
-    def _take_corruption(self, repo_id: str, filename: str) -> Corruption | None:
-        """The corruption to apply to this GET, consuming one of `corrupt_times`."""
+    def _static(self, name: str, head: bool) -> None:
+        """A plain file server's answer: 200 with Content-Length, or 404."""
         with self.hub._lock:
-            hub_file = self.hub.repos.get(repo_id, {}).get(filename)
+            hub_file = self.hub.static.get(name)
+        if hub_file is None:
+            return self._error(404, None, f"Not found: /files/{name}", head)
+        corrupt = None if head else self._take_corruption(None, name)
+        data = hub_file.data
+        body, length = data, len(data)
+        if corrupt == "flip":
+            body = data.translate(_FLIP)
+        elif corrupt in ("truncate", "short"):
+            body = data[: len(data) // 2]
+            if corrupt == "short":
+                length = len(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if not head:
+            with contextlib.suppress(ConnectionError):
+                self.wfile.write(body)
+
+    def _take_corruption(self, repo_id: str | None, filename: str) -> Corruption | None:
+        """The corruption to apply to this GET, consuming one of `corrupt_times` (repo None: a static file)."""
+        with self.hub._lock:
+            hub_file = self.hub.static.get(filename) if repo_id is None else self.hub.repos.get(repo_id, {}).get(filename)
             if hub_file is None or hub_file.corrupt is None:
                 return None
             if hub_file.corrupt_times is not None:
