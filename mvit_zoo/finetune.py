@@ -339,17 +339,22 @@ def create_finetune_model(
         pretrained_file: Optional[str] = None,
         drop_path_rate: Optional[float] = None,
 ) -> nn.Module:
-    """The model with pretrained weights (if asked) and a fresh ``num_classes`` head."""
-    kwargs = dict(model_kwargs)
+    """The model with pretrained weights (if asked) and a ``num_classes`` head.
+
+    The head of a pretrained tag is always new (freshly initialised). The head of a
+    ``pretrained_file`` is kept when its class count matches (continuing a fine-tune),
+    otherwise left out for a new one.
+    """
+    kwargs = dict(model_kwargs, num_classes=num_classes)
     if drop_path_rate is not None:
         kwargs['drop_path_rate'] = drop_path_rate
     if pretrained_file:
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_file))
-        pretrained = True
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    model = timm.create_model(name, pretrained=True, **kwargs)
-    model.reset_classifier(num_classes)  # new head, default initialisation
+        # an unknown class count: the loader keeps a fitting classifier and leaves out another
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_file), num_classes=None)
+        return timm.create_model(name, pretrained=True, **kwargs)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if pretrained and model.pretrained_cfg.get('num_classes') == num_classes:
+        model.reset_classifier(num_classes)  # the tag's own head was loaded: start a new one
     return model
 
 
@@ -598,17 +603,16 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        args, info = self.args, self.info
-        seed_everything(args.seed)
+        """Build model, data, optimizer and schedule; load the saved state with ``--resume``."""
+        args = self.args
+        if args.resume is None and (self.output / STATE_FILE).exists():
+            raise SystemExit(f'error: {self.output} already holds a run; pass --resume to continue it '
+                             f'or choose another --output')
         self.model_kwargs = parse_model_kwargs(args.model_kwargs)
-        probe_name = args.model
-        # The class count is known only after scanning the data, and the data type only after
-        # knowing the model; build on the meta device first to read its input size cheaply.
+        # The data type depends on the model and the head on the data: read the model's input
+        # kind from a weightless copy (meta device) first.
         with torch.device('meta'):
-            probe = timm.create_model(probe_name, pretrained=False, **self.model_kwargs)
-        is_video = is_video_model(probe)
-        del probe
-
+            is_video = is_video_model(timm.create_model(args.model, pretrained=False, **self.model_kwargs))
         extensions = VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS
         self.classes, train_samples, val_samples = scan_data(Path(args.data), extensions, args.val_split, args.seed)
         if len(self.classes) < 2:
@@ -617,54 +621,63 @@ class Trainer:
             raise SystemExit(f'error: no {"video" if is_video else "image"} files found under {args.data}')
 
         seed_everything(args.seed)
-        model = create_finetune_model(
+        self.model = create_finetune_model(
             args.model, len(self.classes), args.pretrained, self.model_kwargs,
             pretrained_file=args.pretrained_file, drop_path_rate=args.drop_path,
         )
         if args.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        model.to(self.device)
-        self.model = model
-        self.data_cfg = resolve_data_config(model, args.sampling_rate)
+            self.model.set_grad_checkpointing(True)
+        self.model.to(self.device)
+        self.data_cfg = resolve_data_config(self.model, args.sampling_rate)
+        self._build_data(train_samples, val_samples)
+        self._build_optimisation()
+        if args.resume is not None:
+            self._resume(Path(args.resume) if args.resume else self.output)
+        self.ddp_model: nn.Module = self.model
+        if self.info.enabled:
+            # MViT's depthwise pooling convs keep channels-last gradients: a harmless DDP performance note
+            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+            )
 
-        # data
-        tf_args = dict(scale=tuple(args.scale), hflip=args.hflip, color_jitter=args.color_jitter,
-                       auto_augment=args.aa, re_prob=args.reprob)
-        train_tf = build_transform(self.data_cfg, True, **tf_args)
-        val_tf = build_transform(self.data_cfg, False)
-        if is_video:
-            train_ds: Dataset = VideoFolder(train_samples, self.data_cfg.num_frames, self.data_cfg.sampling_rate,
-                                            random_start=True, transform=train_tf, classes=self.classes)
-            val_ds: Dataset = VideoFolder(val_samples, self.data_cfg.num_frames, self.data_cfg.sampling_rate,
-                                          random_start=False, transform=val_tf, classes=self.classes)
+    def _build_data(self, train_samples: Samples, val_samples: Samples) -> None:
+        args, info, cfg = self.args, self.info, self.data_cfg
+        train_tf = build_transform(cfg, True, scale=tuple(args.scale), hflip=args.hflip,
+                                   color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
+        val_tf = build_transform(cfg, False)
+        if cfg.is_video:
+            train_ds: Dataset = VideoFolder(train_samples, cfg.num_frames, cfg.sampling_rate, random_start=True,
+                                            transform=train_tf, classes=self.classes)
+            val_ds: Dataset = VideoFolder(val_samples, cfg.num_frames, cfg.sampling_rate, random_start=False,
+                                          transform=val_tf, classes=self.classes)
         else:
             train_ds, val_ds = ImageSamples(train_samples, train_tf), ImageSamples(val_samples, val_tf)
+        self.num_train, self.num_val = len(train_samples), len(val_samples)
         self.train_ds = EpochSeeded(train_ds, args.seed)
-        self.train_sampler = ShardSampler(len(train_samples), info.world_size, info.rank, shuffle=True,
-                                          seed=args.seed, pad=True)
+        self.train_sampler = ShardSampler(self.num_train, info.world_size, info.rank, shuffle=True, seed=args.seed,
+                                          pad=True)
         shard = len(self.train_sampler)
-        self.drop_last = shard >= args.batch_size
-        self.steps_per_epoch = shard // args.batch_size if self.drop_last else 1
+        drop_last = shard >= args.batch_size
+        self.steps_per_epoch = shard // args.batch_size if drop_last else 1
         pin = self.device.type == 'cuda'
-        self.train_loader = _loader(self.train_ds, self.train_sampler, args.batch_size, args.workers,
-                                                   self.drop_last, pin)
+        self.train_loader = _loader(self.train_ds, self.train_sampler, args.batch_size, args.workers, drop_last, pin)
         self.val_loader: Optional[DataLoader] = None
         if val_samples:
-            val_sampler = ShardSampler(len(val_samples), info.world_size, info.rank)
-            self.val_loader = _loader(val_ds, val_sampler, args.eval_batch_size or args.batch_size,
-                                                     args.workers, False, pin)
-        self.num_train, self.num_val = len(train_samples), len(val_samples)
+            self.val_loader = _loader(val_ds, ShardSampler(self.num_val, info.world_size, info.rank),
+                                      args.eval_batch_size or args.batch_size, args.workers, False, pin)
 
-        # optimisation
-        self.optimizer = create_optimizer_v2(
-            model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay,
-            layer_decay=self._layer_decay(),
-        )
-        self.total_steps = self.steps_per_epoch * args.epochs
-        warmup = min(int(round(args.warmup_epochs * self.steps_per_epoch)), max(self.total_steps - 1, 0))
+    def _build_optimisation(self) -> None:
+        args = self.args
+        # AdamW; timm groups the parameters by layer (group_matcher) for layer decay, and exempts
+        # 1-D parameters and model.no_weight_decay() from weight decay
+        self.optimizer = create_optimizer_v2(self.model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay,
+                                             layer_decay=self._layer_decay())
+        total_steps = self.steps_per_epoch * args.epochs
+        warmup = min(int(round(args.warmup_epochs * self.steps_per_epoch)), max(total_steps - 1, 0))
         self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=args.min_lr,
-            warmup_t=warmup, warmup_lr_init=args.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+            self.optimizer, t_initial=max(total_steps - warmup, 1), lr_min=args.min_lr, warmup_t=warmup,
+            warmup_lr_init=args.warmup_lr, warmup_prefix=True, t_in_epochs=False,
         )
         self.mixup: Optional[Mixup] = None
         if args.mixup > 0 or args.cutmix > 0:
@@ -675,21 +688,7 @@ class Trainer:
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-        self.ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema else None
-
-        if args.resume is not None:
-            self._resume(Path(args.resume) if args.resume else self.output)
-        elif (self.output / STATE_FILE).exists():
-            raise SystemExit(f'error: {self.output} already holds a run; pass --resume to continue it '
-                             f'or choose another --output')
-
-        self.ddp_model: nn.Module = model
-        if info.enabled:
-            # MViT's depthwise pooling convs keep channels-last gradients: a harmless DDP performance note
-            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-            )
+        self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema else None
 
     def _layer_decay(self) -> Optional[float]:
         layer_decay = self.args.layer_decay
@@ -854,59 +853,64 @@ class Trainer:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``finetune`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     g = parser.add_argument_group('model')
     g.add_argument('--model', required=True, help='model name, optionally with a pretrained tag: NAME[.tag]')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                   help='start from the pretrained weights of the model/tag')
-    g.add_argument('--pretrained-file', default=None,
-                   help='start from weights in this local file instead (safetensors or torch checkpoint)')
-    g.add_argument('--model-kwargs', default=None,
-                   help='JSON object of architecture overrides, e.g. \'{"depths": [1,1,1,1], "embed_dim": 32}\'')
-    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (model default if unset)')
-    g.add_argument('--grad-checkpointing', action='store_true', help='trade compute for memory')
+                   help='start from the pretrained weights of NAME[.tag] (default: yes)')
+    g.add_argument('--pretrained-file', default=None, metavar='FILE',
+                   help='start from the weights in this local file instead (safetensors or torch checkpoint)')
+    g.add_argument('--model-kwargs', default=None, metavar='JSON',
+                   help='architecture overrides, e.g. \'{"depths": [1,1,1,1], "embed_dim": 32, "img_size": 64}\'')
+    g.add_argument('--drop-path', type=float, default=None, help="stochastic depth rate (default: the model's)")
+    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
     d = parser.add_argument_group('data')
-    d.add_argument('--data', required=True, help='class-folder tree (or one with train/ and val/ subfolders)')
+    d.add_argument('--data', required=True, metavar='DIR',
+                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them')
     d.add_argument('--val-split', type=float, default=0.1,
-                   help='fraction of each class held out for validation when DATA has no val/ folder')
-    d.add_argument('--workers', type=int, default=0, help='data-loading worker processes')
-    d.add_argument('--sampling-rate', type=int, default=None,
-                   help="video: frame stride tau (default: the model's pretrained config)")
+                   help='fraction of each class held out for validation when DIR has no val/ (default: %(default)s)')
+    d.add_argument('--workers', type=int, default=0, help='data-loading processes (default: %(default)s)')
+    d.add_argument('--sampling-rate', type=int, default=None, metavar='TAU',
+                   help="video: stride between the T sampled frames (default: the model's pretrained config)")
     d.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
-                   help='random-resized-crop area range')
-    d.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    d.add_argument('--color-jitter', type=float, default=0.4, help='image colour jitter strength')
-    d.add_argument('--aa', default=None, help="timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (images)")
-    d.add_argument('--reprob', type=float, default=0.0, help='random erasing probability (images)')
-    d.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
-    d.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
-    d.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+                   help='random-resized-crop area range (default: 0.08 1.0)')
+    d.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default: %(default)s)')
+    d.add_argument('--color-jitter', type=float, default=0.4, help='images: colour jitter (default: %(default)s)')
+    d.add_argument('--aa', default=None, help="images: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
+    d.add_argument('--reprob', type=float, default=0.0, help='images: random erasing probability (default: 0)')
+    d.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (default: 0, off)')
+    d.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (default: 0, off)')
+    d.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch (default: 1)')
     o = parser.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=int, default=10)
-    o.add_argument('--batch-size', type=int, default=32, help='per process')
+    o.add_argument('--epochs', type=int, default=10, help='(default: %(default)s)')
+    o.add_argument('--batch-size', type=int, default=32, help='per process (default: %(default)s)')
     o.add_argument('--eval-batch-size', type=int, default=None, help='per process (default: --batch-size)')
-    o.add_argument('--lr', type=float, default=5e-4, help='peak learning rate (AdamW)')
-    o.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine')
-    o.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warm-up length (may be fractional)')
-    o.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warm-up')
-    o.add_argument('--weight-decay', type=float, default=0.05)
+    o.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default: %(default)s)')
+    o.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end (default: %(default)s)')
+    o.add_argument('--warmup-epochs', type=float, default=1.0,
+                   help='linear warm-up, may be fractional (default: %(default)s)')
+    o.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up start (default: %(default)s)')
+    o.add_argument('--weight-decay', type=float, default=0.05,
+                   help='AdamW weight decay, not applied to norms, biases and position tables (default: %(default)s)')
     o.add_argument('--layer-decay', type=float, default=None,
-                   help='layer-wise lr decay (default 0.75 when starting from pretrained weights, else off; 1: off)')
-    o.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    o.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping')
-    o.add_argument('--ema', action='store_true', help='keep an exponential moving average of the weights')
-    o.add_argument('--ema-decay', type=float, default=0.9998)
+                   help='layer-wise learning-rate decay; 1 turns it off (default: 0.75 from pretrained weights, '
+                        'else 1)')
+    o.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
+    o.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clipping')
+    o.add_argument('--ema', action='store_true', help='also keep (and validate) an EMA of the weights')
+    o.add_argument('--ema-decay', type=float, default=0.9998, help='(default: %(default)s)')
     o.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='bf16 autocast (default: on for CUDA, off on CPU)')
-    o.add_argument('--seed', type=int, default=0)
+                   help='bf16 autocast (default: on with CUDA, off on CPU)')
+    o.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     r = parser.add_argument_group('run')
-    r.add_argument('--output', required=True, help='folder for weights, config.json, metrics and state')
+    r.add_argument('--output', required=True, metavar='DIR',
+                   help='where model.safetensors, config.json, metrics and the training state go')
     r.add_argument('--resume', nargs='?', const='', default=None, metavar='DIR',
                    help='continue the run saved in DIR (default: --output) exactly where it stopped')
-    r.add_argument('--save-every', type=int, default=0,
-                   help='also checkpoint every N steps within an epoch (0: at epoch ends only)')
-    r.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1', ... (auto: CUDA if available)")
-    r.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='tqdm progress bars')
+    r.add_argument('--save-every', type=int, default=0, metavar='STEPS',
+                   help='also save the training state every STEPS steps within epochs (default: epoch ends only)')
+    r.add_argument('--device', default='auto', help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
+    r.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
+                   help='tqdm progress bars (default: yes)')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -164,17 +164,17 @@ def predict(model: nn.Module, x: torch.Tensor, top_k: int = 5) -> List[Tuple[int
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``predict`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument('inputs', nargs='*', metavar='PATH',
                         help=f'image or video files (default: the shipped sample photo {SAMPLE_IMAGE.name})')
     parser.add_argument('--model', default=None,
                         help=f'NAME[.tag] (default: from --checkpoint\'s config.json, else {DEFAULT_MODEL})')
-    parser.add_argument('--checkpoint', default=None,
-                        help='fine-tuned folder (config.json + model.safetensors) or weights file')
+    parser.add_argument('--checkpoint', default=None, metavar='PATH',
+                        help='a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights '
+                             'file')
     parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                        help='load the pretrained weights of NAME[.tag] (--no-pretrained: random init)')
-    parser.add_argument('--model-kwargs', default=None, help='JSON object of architecture overrides')
-    parser.add_argument('--top-k', type=int, default=5)
+                        help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
+    parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    parser.add_argument('--top-k', type=int, default=5, help='(default: %(default)s)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
     parser.add_argument('--json', action='store_true', help='print one JSON object per input')
 

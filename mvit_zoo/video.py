@@ -10,7 +10,6 @@ Decoding needs the optional ``av`` package (``pip install mvit-zoo[video]``).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -257,7 +256,3 @@ class VideoFolder(Dataset):
         clip = load_clip(path, self.num_frames, self.stride, random_start=self.random_start, transform=self.transform)
         return clip, target
 
-
-def list_video_files(root: PathLike) -> List[Path]:
-    """All video files below ``root``, sorted."""
-    return sorted(p for p in Path(root).rglob('*') if p.is_file() and is_video_file(p))

@@ -316,3 +316,23 @@ def test_shard_sampler_global_batches_match_single_process() -> None:
     assert [len(s) for s in odd] == [3, 3]
     val = [ShardSampler(5, 2, r) for r in range(2)]
     assert sorted(list(val[0]) + list(val[1])) == list(range(5))
+
+
+def test_transfer_from_pretrained_file(digits_run: Dict, tmp_path: Path) -> None:
+    """--pretrained-file: backbone from the file, a new head for another class count, layer decay on by default."""
+    data = tmp_path / "two"
+    for name in ("odd", "even"):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(data / name / f"{i}.png")
+    weights = digits_run["output"] / "model.safetensors"
+    parser = finetune.argparse.ArgumentParser()
+    finetune.configure_parser(parser)
+    args = parser.parse_args(finetune_args(data, tmp_path / "o", "--pretrained-file", str(weights)))
+    trainer = Trainer(args)
+    trainer.setup()
+    source = load_file(weights)
+    state = trainer.model.state_dict()
+    assert trainer.model.get_classifier().out_features == 2 and trainer.classes == ["even", "odd"]
+    assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
+    assert len({g["lr_scale"] for g in trainer.optimizer.param_groups}) > 1  # default 0.75 layer decay
