@@ -336,3 +336,16 @@ def test_transfer_from_pretrained_file(digits_run: Dict, tmp_path: Path) -> None
     assert trainer.model.get_classifier().out_features == 2 and trainer.classes == ["even", "odd"]
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
     assert len({g["lr_scale"] for g in trainer.optimizer.param_groups}) > 1  # default 0.75 layer decay
+
+
+def test_data_config_follows_the_pretrained_config() -> None:
+    """T from the model as built, tau / mean / std / crop from the tag's pretrained config."""
+    small = {k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_2D.items() if k != "img_size"}
+    video = mvit_zoo.create_model("mvit_b_32x3.pv_k400", img_size=(8, 32, 32), **small)
+    cfg = finetune.resolve_data_config(video)
+    assert cfg.is_video and cfg.input_size == (3, 8, 32, 32) and cfg.num_frames == 8
+    assert cfg.sampling_rate == 3 and cfg.mean == (0.45, 0.45, 0.45) and cfg.interpolation == "bilinear"
+    assert finetune.resolve_data_config(video, sampling_rate=2).sampling_rate == 2
+    assert cfg.to_dict()["input_size"] == [3, 32, 32]  # timm convention; T is num_frames
+    image = finetune.resolve_data_config(mvit_zoo.create_model("mvit_tiny.fb_in1k", img_size=48, **small))
+    assert not image.is_video and image.input_size == (3, 48, 48) and image.crop_pct == 0.9
