@@ -389,6 +389,9 @@ def fit_state_dict(
             out[key] = torch.zeros_like(target[key])  # a 2-D checkpoint knows no time: start time-blind
             report.initialized.append(key)
             continue
+        if image_to_video and key in ("cls_token", "pos_embed_class"):
+            report.fresh.append(key)  # an image model without class token: the video model's own start
+            continue
         report.missing.append(key)
 
     if mismatched or (strict and (report.missing or report.unexpected)):
