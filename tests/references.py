@@ -23,10 +23,6 @@ DIMS = (16, 32, 64, 128)
 HEADS = (1, 2, 4, 8)
 
 
-def seeded(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every parameter non-trivial random values (zero-initialised tables and norms too), so a
     wrongly mapped tensor changes the output."""

@@ -1,0 +1,102 @@
+"""`mvit-zoo`, the command line: `mvit-zoo <command> [options]`.
+
+Commands (each in its own module, which exposes `configure_parser(parser)` and `run(args) -> int`):
+
+    convert   convert an upstream checkpoint into a Hub-ready folder      (mvit_zoo.publish)
+    publish   convert every official checkpoint, optionally upload them   (mvit_zoo.publish)
+    finetune  fine-tune a model on an image / video folder                (mvit_zoo.finetune)
+    predict   classify images or videos                                   (mvit_zoo.predict)
+
+A command's module is imported only when that command runs, so a command whose module cannot be
+imported (a missing optional dependency, say) reports why, and the other commands keep working.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, NamedTuple, Optional, Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+class Command(NamedTuple):
+    module: str
+    configure: str  # name of the function that adds the command's arguments
+    run: str  # name of the function that runs it
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "convert": Command("mvit_zoo.publish", "configure_convert_parser", "run_convert",
+                       "convert a checkpoint (any upstream layout) into model.safetensors + config.json + README.md"),
+    "publish": Command("mvit_zoo.publish", "configure_parser", "run",
+                       "convert every official checkpoint into Hub-ready folders (--push uploads them)"),
+    "finetune": Command("mvit_zoo.finetune", "configure_parser", "run",
+                        "fine-tune a pretrained model on a folder of images or videos"),
+    "predict": Command("mvit_zoo.predict", "configure_parser", "run", "classify images or videos"),
+}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mvit-zoo")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "unknown"
+
+
+def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    return getattr(module, command.configure), getattr(module, command.run)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The `mvit-zoo` parser; only `command`'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="mvit-zoo", description="Multiscale Vision Transformers (MViT v1, MViTv2) for images and video.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        if name == command:
+            configure, run = _load(name)
+            configure(p)
+            p.set_defaults(_run=run)
+    return parser
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'the input or the environment is wrong': reported in one line, no traceback."""
+    from .convert import CheckpointMismatchError
+    from .hub import WeightsError
+
+    return (WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        try:
+            _load(command)
+        except Exception as e:  # noqa: BLE001 - any import failure of that command's module
+            print(f"mvit-zoo {command}: unavailable: cannot import {COMMANDS[command].module} "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _errors() as e:
+        print(f"mvit-zoo {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

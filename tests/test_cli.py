@@ -1,0 +1,111 @@
+"""`mvit-zoo` command line: dispatch, `convert`, `publish`, one-line errors, lazily imported commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from hub_server import HubServer, run_py
+from mvit_zoo import cli
+from references import max_diff, tv_reference, video_input
+
+SMALL_ARGS = ["--model-arg", "depths=[1,2,1,1]", "--model-arg", "embed_dim=16", "--model-arg", "num_heads=1",
+              "--model-arg", "img_size=[4,32,32]"]
+
+
+def _tv_file(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    ref, _, _ = tv_reference(v2=True)
+    path = tmp_path / "mvit_v2_s.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("convert", "publish", "finetune", "predict"):
+        assert name in out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["convert", "--help"])
+    assert info.value.code == 0 and "--model-arg KEY=VALUE" in capsys.readouterr().out
+
+
+def test_convert(tmp_path: Path, hub_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref, src = _tv_file(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.tv_k400", "--out", str(out)] + SMALL_ARGS) == 0
+    printed = capsys.readouterr().out
+    assert "layout torchvision" in printed and f"wrote {out / 'model.safetensors'}" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "mvit_v2_s_16x4" and config["num_classes"] == 3
+    assert "BSD-3-Clause" in (out / "README.md").read_text()
+
+    import mvit_zoo
+
+    model = mvit_zoo.create_model("mvit_v2_s_16x4", **config["model_args"])
+    model.load_state_dict(safetensors.torch.load_file(str(out / "model.safetensors")))  # no conversion needed
+    assert max_diff(ref, model, video_input()) < 1e-4
+
+
+def test_convert_from_url_and_errors(tmp_path: Path, hub: HubServer, hub_cache: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _, src = _tv_file(tmp_path)
+    url = hub.add_static("mvit_v2_s.pth", src.read_bytes())
+    out = tmp_path / "from-url"
+    assert cli.main(["convert", url, "--model", "mvit_v2_s_16x4", "--out", str(out)] + SMALL_ARGS) == 0
+    assert (out / "model.safetensors").is_file()
+    assert url in (out / "README.md").read_text()
+    capsys.readouterr()
+
+    assert cli.main(["convert", url, "--model", "mvit_v2_s_16x4", "--out", str(tmp_path / "x"), "--sha256",
+                     "00ff"] + SMALL_ARGS) == 1
+    assert "mvit-zoo convert: error: downloaded" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), "--model", "mvit_b_16x4", "--out", str(tmp_path / "y")] + SMALL_ARGS) == 1
+    err = capsys.readouterr().err
+    assert "mvit-zoo convert: error: checkpoint (torchvision layout) does not fit mvit_b_16x4" in err
+    assert cli.main(["convert", str(tmp_path / "none.pth"), "--model", "mvit_tiny", "--out", str(tmp_path)]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.bogus", "--out", str(tmp_path)]) == 1
+    assert "unknown pretrained tag 'bogus' for mvit_v2_s_16x4" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4", "--out", str(tmp_path), "--model-arg",
+                     "depths"]) == 1
+    assert "--model-arg expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_publish_list_and_push_without_token(tmp_path: Path, hub_cache: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setenv("MVIT_ZOO_HUB_ORG", "my-org")
+    assert cli.main(["publish", "--list", "--only", "mvit_v2_s_16x4.*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[1] == f"my-org/{line.split(chr(9))[0]}" for line in lines)
+    assert any(line.endswith("mvit_v2_s-ae3be167.pth") for line in lines)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert cli.main(["publish", "--push", "--only", "mvit_v2_s_16x4.tv_k400", "--out", str(tmp_path / "o")]) == 1
+    assert "needs a Hugging Face token" in capsys.readouterr().err
+    assert cli.main(["publish", "--only", "nothing*", "--out", str(tmp_path / "o")]) == 1
+    assert "no official checkpoint matches 'nothing*'" in capsys.readouterr().err
+
+
+def test_commands_are_imported_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = cli.COMMANDS["finetune"]._replace(module="mvit_zoo._no_such_module")
+    monkeypatch.setitem(cli.COMMANDS, "finetune", broken)
+    assert cli.main(["finetune", "--help"]) == 1
+    assert "mvit-zoo finetune: unavailable: cannot import mvit_zoo._no_such_module" in capsys.readouterr().err
+    assert cli.main(["publish", "--list", "--only", "mvit_b24_*"]) == 0  # the others still work
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_entry_point_runs_as_a_module(hf_env: dict[str, str]) -> None:
+    result = run_py("import sys; from mvit_zoo.cli import main; sys.exit(main(['publish', '--list']))", hf_env)
+    assert "mvit_v2_l_40x3.fb_ssv2\tmvit-zoo/mvit_v2_l_40x3.fb_ssv2\thttps://dl.fbaipublicfiles.com/" in result.stdout
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["mvit-zoo"] == "mvit_zoo.cli:main"

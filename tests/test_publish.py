@@ -1,0 +1,141 @@
+"""`mvit_zoo.publish`: upstream checkpoints -> Hub-ready folders that load back exactly, through
+mvit_zoo.create_model, a tag pointing at the Hub, and timm's `hf-hub:` route (config.json)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import mvit_zoo
+from hub_server import HubServer
+from mvit_zoo import hub as weights
+from mvit_zoo import publish
+from mvit_zoo.convert import convert_state_dict
+from references import max_diff, pv_checkpoint, pv_reference, tv_reference, video_input
+
+TOL = 1e-4
+TAG = "mvit_b_16x4.pv_k400"
+SMALL = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, img_size=(4, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def pv() -> tuple[torch.nn.Module, bytes]:
+    ref, _, _ = pv_reference()
+    buf = io.BytesIO()
+    torch.save(pv_checkpoint(ref), buf)
+    return ref, buf.getvalue()
+
+
+def test_official_tags_are_ours_with_urls() -> None:
+    tags = publish.official_tags()
+    expected = {n for n in mvit_zoo.list_pretrained()
+                if (timm.models.get_pretrained_cfg(n).hf_hub_id or "").startswith("mvit-zoo/")}
+    assert set(tags) == expected
+    assert {"mvit_v2_s_16x4.fb_k400", "mvit_v2_l_40x3.fb_ssv2", "mvit_b_16x4.tv_k400", TAG} <= set(tags)
+    assert not any(t.startswith(("mvit_tiny.", "mvit_base_cls.")) for t in tags)  # timm's repos serve those
+    assert sorted(publish.official_tags("mvit_v2_s_*")) == ["mvit_v2_s_16x4.fb_k400", "mvit_v2_s_16x4.fb_ssv2",
+                                                            "mvit_v2_s_16x4.tv_k400"]
+
+
+def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub_cache: Path) -> None:
+    ref, data = pv
+    src = tmp_path / "MVIT_B_16x4.pyth"
+    src.write_bytes(data)
+    folder, report = publish.convert_checkpoint(str(src), TAG, tmp_path / "out", model_args=SMALL)
+    assert report.layout == "pytorchvideo" and not report.missing
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    # lossless: exactly the converted tensors, and the same function as the reference
+    model = mvit_zoo.create_model("mvit_b_16x4", num_classes=3, pool_norm_eps=1e-5, **SMALL)
+    expected = convert_state_dict(pv_checkpoint(ref), model)
+    written = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    loaded = mvit_zoo.create_model(TAG, pretrained=True, num_classes=3, **SMALL,
+                                   pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    assert max_diff(ref, loaded, video_input()) < TOL
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "mvit_b_16x4" and config["num_classes"] == 3
+    assert config["num_features"] == 128 and config["global_pool"] == "token"
+    assert config["model_args"] == {"pool_norm_eps": 1e-5, "depths": [1, 2, 1, 1], "embed_dim": 16, "num_heads": 1,
+                                    "img_size": [4, 32, 32], "num_classes": 3}
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["mean"] == [0.45, 0.45, 0.45] and pcfg["input_size"] == [3, 32, 32] and pcfg["num_classes"] == 3
+    assert set(pcfg) <= {f.name for f in timm.models.PretrainedCfg.__dataclass_fields__.values()}  # timm reads it
+    assert config["data_config"]["num_frames"] == 4 and config["data_config"]["sampling_rate"] == 4 and config["data_config"]["label_set"] == "kinetics-400"
+    assert "label_names" not in config  # 3 classes: not Kinetics-400's 400 names
+
+    meta = safetensors.safe_open(str(folder / "model.safetensors"), "pt").metadata()
+    assert meta["source_layout"] == "pytorchvideo" and meta["source"] == str(src)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
+                           "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "top-1 78.85%", "4 frames x 32 x 32, sampling rate 4",
+                 "5 clips x 1 crops", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
+        assert text in card, text
+
+
+def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub: HubServer,
+                                             hub_cache: Path) -> None:
+    ref, data = pv
+    src = tmp_path / "MVIT_B_16x4.pyth"
+    src.write_bytes(data)
+    (folder,) = publish.publish(tmp_path / "out", only=TAG, source_dir=tmp_path, model_args=SMALL, log=lambda m: None)
+    assert folder == tmp_path / "out" / TAG
+    for name in ("model.safetensors", "config.json", "README.md"):
+        hub.add_file(f"mvit-zoo/{TAG}", name, folder / name)
+
+    via_tag = timm.create_model(TAG, pretrained=True, num_classes=3, **SMALL)
+    assert max_diff(ref, via_tag, video_input()) < TOL
+    via_config = timm.create_model(f"hf-hub:mvit-zoo/{TAG}", pretrained=True)  # architecture from config.json
+    assert via_config.cfg.pool_norm_eps == 1e-5 and via_config.num_classes == 3
+    assert max_diff(ref, via_config, video_input()) < TOL
+
+
+def test_publish_checks_known_hashes(tmp_path: Path, hub_cache: Path) -> None:
+    ref, _, _ = tv_reference(False)
+    url = timm.models.get_pretrained_cfg("mvit_b_16x4.tv_k400").url
+    (tmp_path / url.rsplit("/", 1)[-1]).write_bytes(b"not the published file")
+    with pytest.raises(weights.HashMismatchError, match="expected dbeb1030"):
+        publish.publish(tmp_path / "out", only="mvit_b_16x4.tv_k400", source_dir=tmp_path, log=lambda m: None)
+    assert not (tmp_path / "out" / "mvit_b_16x4.tv_k400" / "model.safetensors").exists()
+
+
+def test_push(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub_cache: Path,
+              monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    ref, data = pv
+    (tmp_path / "MVIT_B_16x4.pyth").write_bytes(data)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(weights.WeightsError, match="--push needs a Hugging Face token .* HF_TOKEN"):
+        publish.publish(tmp_path / "out", only=TAG, source_dir=tmp_path, push=True, log=lambda m: None)
+    assert not (tmp_path / "out").exists()  # nothing converted before failing
+
+    calls: list[tuple[str, Any]] = []
+
+    class FakeApi:
+        def __init__(self, token: str | None = None) -> None:
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id: str, **kw: Any) -> None:
+            calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, repo_id: str, folder_path: str, **kw: Any) -> Any:
+            calls.append(("upload_folder", (repo_id, sorted(p.name for p in Path(folder_path).iterdir()))))
+            return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("MVIT_ZOO_HUB_ORG", "my-org")
+    logs: list[str] = []
+    publish.publish(tmp_path / "out", only=TAG, source_dir=tmp_path, push=True, token="hf_x", model_args=SMALL,
+                    log=logs.append)
+    assert calls == [("token", "hf_x"), ("create_repo", f"my-org/{TAG}"),
+                     ("upload_folder", (f"my-org/{TAG}", ["README.md", "config.json", "model.safetensors"]))]
+    assert logs[-1] == f"{TAG}: pushed to my-org/{TAG}: https://hub/my-org/{TAG}/commit/1"
