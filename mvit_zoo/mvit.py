@@ -200,7 +200,35 @@ def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
         - torch.arange(k_size, device=table.device).unsqueeze(0) * k_ratio
     )
     dist += (k_size - 1) * k_ratio
-    return table[dist.long()]
+    return F.embedding(dist.long(), table)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+class RelPosCache:
+    """Looked-up (and, at other sizes, interpolated) relative-position tables, kept per size for
+    inference. Used only without autograd and outside tracing; an entry is keyed by the table's
+    identity and in-place version, so a weight update or load never serves a stale table. Entries
+    are immutable tensors and dict reads/writes are atomic, so threads may share a model."""
+
+    max_entries = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, Tensor] = {}
+
+    def lookup(self, table: Tensor, q_size: int, k_size: int) -> Tensor:
+        if torch.is_grad_enabled() or _tracing():
+            return rel_pos_lookup(table, q_size, k_size)
+        key = (id(table), table._version, table.device, table.dtype, q_size, k_size)
+        hit = self._entries.get(key)
+        if hit is None:
+            if len(self._entries) >= self.max_entries:
+                self._entries = {}
+            hit = rel_pos_lookup(table, q_size, k_size)
+            self._entries[key] = hit
+        return hit
 
 
 _AXES = "thw"
@@ -212,6 +240,7 @@ def rel_pos_bias(
         k_grid: Grid,
         tables: Sequence[Optional[Tensor]],
         num_prefix: int,
+        cache: Optional[RelPosCache] = None,
 ) -> Tensor:
     """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
 
@@ -223,11 +252,12 @@ def rel_pos_bias(
     letters = _AXES[-nd:]
     n_q, n_k = _prod(q_grid), _prod(k_grid)
     r_q = q[:, :, num_prefix:].reshape((B, H) + tuple(q_grid) + (d,))
+    lookup = cache.lookup if cache is not None else rel_pos_lookup
     bias: Optional[Tensor] = None
     for axis, table in enumerate(tables):
         if table is None:
             continue
-        r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
+        r = lookup(table, q_grid[axis], k_grid[axis])
         rel = torch.einsum(f"bn{letters}c,{letters[axis]}kc->bn{letters}k", r_q, r)
         rel = rel.reshape((B, H, n_q) + tuple(k if a == axis else 1 for a, k in enumerate(k_grid)))
         bias = rel if bias is None else bias + rel
@@ -342,6 +372,7 @@ class MultiScaleAttention(nn.Module):
         self.rel_pos_h: Optional[nn.Parameter] = None
         self.rel_pos_w: Optional[nn.Parameter] = None
         self.rel_pos_t: Optional[nn.Parameter] = None
+        self.rel_pos_cache = RelPosCache()
         if cfg.rel_pos:
             # table lengths as in the reference code: from the build grid, by floor division
             def length(axis: int) -> int:
@@ -374,7 +405,10 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
         B = x.shape[0]
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
+        # channels-last pooling below reads it without a copy
+        biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+        q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), biases))
         q, q_grid = self._pool(q, grid, self.pool_q, self.norm_q)
         k, k_grid = self._pool(k, grid, self.pool_k, self.norm_k)
         v, _ = self._pool(v, grid, self.pool_v, self.norm_v)
@@ -383,7 +417,7 @@ class MultiScaleAttention(nn.Module):
         bias = None
         if self.rel_pos_h is not None:
             tables = ([self.rel_pos_t] if len(grid) == 3 else []) + [self.rel_pos_h, self.rel_pos_w]
-            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix).to(q.dtype)
+            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix, self.rel_pos_cache).to(q.dtype)
 
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
@@ -500,6 +534,7 @@ class MViT(nn.Module):
         self.img_size = cfg.img_size
         self.is_video = cfg.ndim == 3
         self.num_prefix_tokens = 1 if cfg.use_cls_token else 0
+        self.check_finite = False  # opt-in NaN/Inf input check (a full pass over the input)
         norm_layer = _layer_norm(cfg.norm_eps)
         dim0 = cfg.embed_dim[0]
 
@@ -642,6 +677,9 @@ class MViT(nn.Module):
             raise ValueError(
                 f"expected {self.in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
                 f"create the model with in_chans={x.shape[1]} to use other channel counts")
+        if self.check_finite and not _tracing() and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf values; clean the input (the check is on because "
+                             "model.check_finite = True)")
         small = [
             (name, size, low) for name, size, low in zip(("T", "H", "W")[-nd:], x.shape[2:], self.min_input_size)
             if size < low
