@@ -438,3 +438,52 @@ def test_missing_local_file(hub_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pretrained file not found: .*nope.safetensors"):
         timm.create_model("mvit_tiny.fb_in1k", pretrained=True, depths=(1, 1, 1, 1), embed_dim=16,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.safetensors")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Full size: the registered tags fit the upstream architectures exactly (pytest -m slow)
+# --------------------------------------------------------------------------------------------------
+
+def _full_size(kind: str) -> tuple[str, nn.Module, str, bytes, torch.Tensor]:
+    """(tag, randomly initialised upstream model at its published size, file name, file bytes, input)."""
+    from references import randomize
+
+    gen = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 3, 16, 224, 224, generator=gen)
+    if kind == "timm":
+        ref = randomize(timm.create_model("mvitv2_tiny"))
+        return ("mvit_tiny.fb_in1k", ref, "", st_bytes(ref.state_dict()),
+                torch.randn(1, 3, 224, 224, generator=gen))
+    if kind in ("torchvision-v2", "torchvision-v1", "slowfast"):
+        from torchvision.models.video import mvit_v1_b, mvit_v2_s
+
+        ref = randomize(mvit_v1_b() if kind == "torchvision-v1" else mvit_v2_s())
+        if kind == "slowfast":
+            return ("mvit_v2_s_16x4.fb_k400", ref, "MViTv2_S_16x4_k400_f302660347.pyth",
+                    pt_bytes(slowfast_checkpoint(ref)), clip)
+        tag = "mvit_b_16x4.tv_k400" if kind == "torchvision-v1" else "mvit_v2_s_16x4.tv_k400"
+        name, data = _tv_pth(ref, "mvit_v1_b" if kind == "torchvision-v1" else "mvit_v2_s")
+        return tag, ref, name, data, clip
+    if kind == "pytorchvideo":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pytorchvideo.models.hub.vision_transformers import mvit_base_16x4
+
+        ref = randomize(mvit_base_16x4())
+        return "mvit_b_16x4.pv_k400", ref, "MVIT_B_16x4.pyth", pt_bytes(pv_checkpoint(ref)), clip
+    raise KeyError(kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["timm", "torchvision-v2", "torchvision-v1", "slowfast", "pytorchvideo"])
+def test_full_size_tags_match_upstream(hub: HubServer, hub_cache: Path, kind: str) -> None:
+    tag, ref, name, data, x = _full_size(kind)
+    overlay: dict[str, Any] = {}
+    if name:
+        overlay["url"] = hub.add_static(name, data)
+    else:
+        hub.add_file(timm.models.get_pretrained_cfg(tag).hf_hub_id, "model.safetensors", data)
+    model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay)  # the tag as registered
+    assert max_diff(ref, model, x) < TOL
