@@ -62,3 +62,14 @@ def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """torch on one thread for tiny models: much faster than two threads on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

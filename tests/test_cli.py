@@ -12,6 +12,7 @@ from hub_server import HubServer, run_py
 from mvit_zoo import cli
 from references import max_diff, tv_reference, video_input
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL_ARGS = ["--model-arg", "depths=[1,2,1,1]", "--model-arg", "embed_dim=16", "--model-arg", "num_heads=1",
               "--model-arg", "img_size=[4,32,32]"]
 
@@ -103,7 +104,8 @@ def test_commands_are_imported_lazily(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 
 def test_entry_point_runs_as_a_module(hf_env: dict[str, str]) -> None:
-    result = run_py("import sys; from mvit_zoo.cli import main; sys.exit(main(['publish', '--list']))", hf_env)
+    result = run_py("import sys; from mvit_zoo.cli import main; sys.exit(main(['publish', '--list']))",
+                    {**hf_env, "OMP_NUM_THREADS": "1"})
     assert "mvit_v2_l_40x3.fb_ssv2\tmvit-zoo/mvit_v2_l_40x3.fb_ssv2\thttps://dl.fbaipublicfiles.com/" in result.stdout
     import tomllib
 

@@ -19,6 +19,7 @@ from mvit_zoo.hub import read_checkpoint, save_safetensors
 from references import (fb_mvit_checkpoint, image_input, max_diff, pv_checkpoint, pv_reference, slowfast_checkpoint,
                         timm_reference, tv_reference, video_input)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
 
 

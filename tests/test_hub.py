@@ -28,6 +28,7 @@ from mvit_zoo.convert import CheckpointMismatchError, convert_state_dict
 from references import (image_input, max_diff, pv_checkpoint, pv_reference, slowfast_checkpoint, timm_reference,
                         tv_reference, video_input)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
 
 
@@ -236,6 +237,7 @@ def test_subprocess_hub_url_cache_offline(hub: HubServer, hf_env: dict[str, str]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     code = _LOAD.replace("sys.argv[1]", repr(str(tmp_path / "spec.json")))
 
+    hf_env = {**hf_env, "OMP_NUM_THREADS": "1"}
     online = json.loads(run_py(code, hf_env).stdout)
     assert all(d < TOL for diffs in online.values() for d in diffs), online
     assert [(r.method, r.path) for r in hub.requests] == [  # second loads: no request

@@ -19,6 +19,7 @@ from mvit_zoo import publish
 from mvit_zoo.convert import convert_state_dict
 from references import max_diff, pv_checkpoint, pv_reference, tv_reference, video_input
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
 TAG = "mvit_b_16x4.pv_k400"
 SMALL = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, img_size=(4, 32, 32))
