@@ -186,14 +186,16 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: Optional[bool
     except Exception as e:  # noqa: BLE001 - classified and re-raised with a clear message
         text = str(e)
         first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+        forget = _in_cache(path) if forget_if_corrupt is None else forget_if_corrupt
         if not is_safetensors and isinstance(e, pickle.UnpicklingError) and re.search(
                 r"Unsupported (global|class)|GLOBAL \S+ was not an allowed global", text):
+            if forget:  # a download of ours that can never be used: not kept
+                _forget_cached(path)
             raise UnsafeCheckpointError(
                 f"refused to load {path}: the pickle holds objects other than tensors and plain containers, and "
                 f"unpickling it could run arbitrary code. Only weights_only pickles and safetensors are read; "
                 f"re-save the state dict alone (torch.save(model.state_dict(), ...)) with a trusted tool. "
                 f"({first})") from None
-        forget = _in_cache(path) if forget_if_corrupt is None else forget_if_corrupt
         if forget:
             _forget_cached(path)
         raise CorruptCheckpointError(
@@ -375,14 +377,20 @@ def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
     converted = _converted_path(pcfg, url)
     raw = cache_dir() / "downloads" / url.rstrip("/").rsplit("/", 1)[-1]
     expected = _expected_hash(url, _cfg_get(pcfg, "file_sha256"))
-    if raw.is_file() and expected and not sha256_file(raw).startswith(expected):
-        raw.unlink()
-    digest = sha256_file(raw) if raw.is_file() else download_url(url, raw, expected)
+    try:  # a download kept from an earlier attempt whose conversion failed (wrong model for the file)
+        digest: Optional[str] = sha256_file(raw)
+        if expected and not digest.startswith(expected):
+            raw.unlink(missing_ok=True)
+            digest = None
+    except FileNotFoundError:
+        digest = None
+    if digest is None:
+        digest = download_url(url, raw, expected)
     checkpoint = read_checkpoint(raw, forget_if_corrupt=True)
     sd, layout = to_native(checkpoint, model)  # on a mismatch the download stays for the right model
     save_safetensors(sd, converted, metadata={
         "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)})
-    raw.unlink()
+    raw.unlink(missing_ok=True)  # another process may have converted it at the same time
     return converted
 
 
@@ -459,7 +467,11 @@ def load_pretrained(model: nn.Module, pcfg: Any = None, *, inflate: str = "mean"
     try:
         sd = convert_state_dict(checkpoint, model, inflate=inflate, head=head)  # type: ignore[arg-type]
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{_tag_name(pcfg)} weights from {source.origin}: {e}") from None
+        hint = ""
+        if "head.fc.weight: checkpoint" in str(e):
+            hint = (f". To start from these weights with a new {getattr(model, 'num_classes', 0)}-class classifier, "
+                    f"tell the loader the checkpoint's class count: pretrained_cfg_overlay=dict(num_classes=N)")
+        raise CheckpointMismatchError(f"{_tag_name(pcfg)} weights from {source.origin}: {e}{hint}") from None
     result = model.load_state_dict(sd, strict=False)
     left = set(result.missing_keys) - set(sd.report.fresh)
     if left or result.unexpected_keys:  # convert_state_dict already checked; this guards against drift

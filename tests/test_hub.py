@@ -328,8 +328,12 @@ def test_shape_mismatch_names_key_and_shapes(hub: HubServer, hub_cache: Path, tm
     kw["num_classes"] = 1000  # the tag's class count, but the file has 10 classes
     overlay = dict(file=str(tmp_path / "w.safetensors"))
     Path(overlay["file"]).write_bytes(st_bytes(ref.state_dict()))
-    with pytest.raises(CheckpointMismatchError, match=r"head\.fc\.weight: checkpoint \(10, 128\) vs model \(1000, 128\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"head\.fc\.weight: checkpoint \(10, 128\) vs model \(1000, 128\)"
+                                                      r".*pretrained_cfg_overlay=dict\(num_classes=N\)"):
         timm.create_model("mvit_tiny.fb_in1k", pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    model = timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw,  # as the hint says: a new classifier
+                              pretrained_cfg_overlay=dict(overlay, num_classes=10))
+    assert model.num_classes == 1000
     kw["num_classes"] = 7  # another class count: the classifier is left out, the rest loads
     model = timm.create_model("mvit_tiny.fb_in1k", pretrained=True, pretrained_cfg_overlay=overlay, **kw)
     assert torch.equal(model.stages[0].blocks[0].attn.qkv.weight, ref.stages[0].blocks[0].attn.qkv.weight)
@@ -434,6 +438,15 @@ def test_unsafe_pickle_is_refused(hub_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(weights.UnsafeCheckpointError, match="refused to load .*evil.pth.*could run arbitrary code"):
         timm.create_model("mvit_tiny.fb_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
     assert path.exists()  # the user's own file is never deleted
+
+
+def test_unsafe_official_file_is_refused_and_not_kept(hub: HubServer, hub_cache: Path) -> None:
+    ref, _, kw = tv_reference(v2=True)
+    url = hub.add_static("MViTv2_S_16x4_k400_f302660347.pyth", pt_bytes({"model_state": ref.state_dict(),
+                                                                         "extra": NotATensor()}))
+    with pytest.raises(weights.UnsafeCheckpointError, match="refused to load"):
+        timm.create_model("mvit_v2_s_16x4.fb_k400", pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert downloads(hub_cache) == [] and converted_files(hub_cache) == []
 
 
 def test_missing_local_file(hub_cache: Path, tmp_path: Path) -> None:
