@@ -15,10 +15,12 @@ MViT v1, `pos_embed_spatial` / `pos_embed_temporal` / `pos_embed_class`.
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -216,19 +218,25 @@ class RelPosCache:
     max_entries = 64
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, Tensor] = {}
+        self._entries: dict[tuple, tuple[weakref.ref, Tensor]] = {}
 
     def lookup(self, table: Tensor, q_size: int, k_size: int) -> Tensor:
         if torch.is_grad_enabled() or _tracing():
             return rel_pos_lookup(table, q_size, k_size)
-        key = (id(table), table._version, table.device, table.dtype, q_size, k_size)
+        # id() is reused once a table is freed (a replaced Parameter, load_state_dict(assign=True)):
+        # the weak reference tells a new table from the cached one
+        key = (id(table), table._version, table.data_ptr(), table.device, table.dtype, q_size, k_size)
         hit = self._entries.get(key)
-        if hit is None:
+        if hit is None or hit[0]() is not table:
             if len(self._entries) >= self.max_entries:
                 self._entries = {}
-            hit = rel_pos_lookup(table, q_size, k_size)
+            hit = (weakref.ref(table), rel_pos_lookup(table, q_size, k_size))
             self._entries[key] = hit
-        return hit
+        return hit[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles start empty (weak references do not pickle; copied tables are new)."""
+        return {"_entries": {}}
 
 
 _AXES = "thw"
@@ -342,7 +350,7 @@ class MultiScaleAttention(nn.Module):
     `fused_attn` is False (the explicit softmax(QK^T + bias) V path).
     """
 
-    def __init__(self, spec: BlockSpec, cfg: MViTCfg, dim_out: int, norm_layer: type[nn.Module]) -> None:
+    def __init__(self, spec: BlockSpec, cfg: MViTCfg, dim_out: int, norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         nd = cfg.ndim
         self.num_heads = spec.num_heads
@@ -442,7 +450,7 @@ class MultiScaleBlock(nn.Module):
     """Pooling attention and MLP, each with a residual; the attention shortcut is max-pooled by the
     Q stride, and a linear projection on it changes channels where the block does."""
 
-    def __init__(self, spec: BlockSpec, cfg: MViTCfg, drop_path: float, norm_layer: type[nn.Module]) -> None:
+    def __init__(self, spec: BlockSpec, cfg: MViTCfg, drop_path: float, norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         nd = cfg.ndim
         dim, dim_out = spec.dim, spec.dim_out
@@ -480,7 +488,8 @@ class MultiScaleBlock(nn.Module):
 class MultiScaleStage(nn.Module):
     """The blocks of one scale; the first block pools Q (halving H and W) except in stage 0."""
 
-    def __init__(self, specs: list[BlockSpec], cfg: MViTCfg, drop_path: list[float], norm_layer: type[nn.Module]):
+    def __init__(self, specs: list[BlockSpec], cfg: MViTCfg, drop_path: list[float],
+                 norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             [MultiScaleBlock(spec, cfg, dp, norm_layer) for spec, dp in zip(specs, drop_path)]
@@ -802,12 +811,9 @@ class MViT(nn.Module):
         return take_indices
 
 
-def _layer_norm(eps: float) -> type[nn.Module]:
-    class LayerNorm(nn.LayerNorm):
-        def __init__(self, dim: int) -> None:
-            super().__init__(dim, eps=eps)
-
-    return LayerNorm
+def _layer_norm(eps: float) -> Callable[[int], nn.Module]:
+    """nn.LayerNorm with this eps; a partial (not a local class), so built models pickle."""
+    return functools.partial(nn.LayerNorm, eps=eps)
 
 
 def _resize_grid(tokens: Tensor, src: Grid, dst: Grid) -> Tensor:
