@@ -399,8 +399,10 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
     file = _cfg_get(pcfg, "file")
     if file:
         path = Path(file).expanduser()
+        if path.is_dir():  # a published / fine-tuned folder (timm's 'local-dir:' source)
+            path = path / WEIGHTS_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained file not found: {file}")
+            raise FileNotFoundError(f"pretrained file not found: {path}")
         return WeightSource(path, "file", str(file))
     tag = _tag_name(pcfg)
     hf_hub_id, url = _cfg_get(pcfg, "hf_hub_id"), _cfg_get(pcfg, "url")

@@ -5,6 +5,7 @@ Importing `mvit_zoo` imports this module, which registers every model with timm,
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -151,8 +152,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
     need them); weights from `mvit_zoo.hub`; `features_only=True` wraps the model for its pyramid."""
     pcfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None),
                                   kwargs.pop("pretrained_cfg_overlay", None))
-    if not isinstance(pcfg, MViTPretrainedCfg):  # a plain dict/cfg given by the caller
-        pcfg = MViTPretrainedCfg(**{f.name: getattr(pcfg, f.name) for f in fields(PretrainedCfg)})
+    if not isinstance(pcfg, MViTPretrainedCfg):  # a plain cfg (e.g. from 'hf-hub:' or 'local-dir:' config.json)
+        registered = default_cfgs.get(variant)
+        base = registered.default if registered is not None else MViTPretrainedCfg()
+        known = {f.name for f in fields(PretrainedCfg)}
+        pcfg = dataclasses.replace(base, **{k: v for k, v in dataclasses.asdict(pcfg).items() if k in known})
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     feature_cls = kwargs.pop("feature_cls", "getter")
