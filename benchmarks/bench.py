@@ -1,0 +1,885 @@
+#!/usr/bin/env python
+"""mvit-zoo vs the reference implementations: same architecture, same weights, timed side by side.
+
+For each model the script builds ours (`mvit_zoo.create_model`) and the reference (timm `mvitv2_*` for
+images, torchvision `mvit_v2_s` / `mvit_v1_b` for video), copies the reference's weights into ours
+(strict), checks that the fp32 outputs agree (abort otherwise), then measures in one process,
+alternating ours / reference round by round (warm-up, several rounds, median):
+
+    infer     inference at --batch images / --clip-batch clips: ms per batch and samples/s
+    latency   inference at batch 1: ms per sample
+    train     one training step: forward + cross-entropy + backward + optimizer step, --batch / --clip-batch
+
+in fp32 and under bf16 autocast (`--dtypes`), eager and, with `--compile`, torch.compile'd. Peak memory
+of each (model, implementation, mode, dtype, compile) runs in a fresh subprocess (this script with
+`--child`): on CPU the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs
+after the warm-up) over the RSS before the measured steps; on CUDA torch.cuda.max_memory_allocated over
+memory_allocated. FLOPs come from FlopCounterMode (attention through the explicit matmul path, which
+the counter sees) and are divided by the median time, then by the machine's matmul peak (a large
+torch.mm timed in the same run).
+
+Prints a table with ratios (speedup = reference time / our time; memory = ours / reference) and the
+issue's targets, writes benchmarks/RESULTS.md (the section for this device only) and, with --json, the
+raw results.
+
+    python benchmarks/bench.py --models mvit_tiny mvit_small mvit_v2_s_16x4 --batch 8 --clip-batch 1 \\
+        --rounds 5 --modes infer train --dtypes fp32 bf16 [--compile] [--device cuda] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# benchmarks/profile.py shares its name with the stdlib module that cProfile (imported by torch._dynamo)
+# needs: keep this folder off sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+# our name -> (reference library, reference constructor name)
+REFERENCES: dict[str, tuple[str, str]] = {
+    "mvit_tiny": ("timm", "mvitv2_tiny"),
+    "mvit_small": ("timm", "mvitv2_small"),
+    "mvit_base": ("timm", "mvitv2_base"),
+    "mvit_large": ("timm", "mvitv2_large"),
+    "mvit_small_cls": ("timm", "mvitv2_small_cls"),
+    "mvit_base_cls": ("timm", "mvitv2_base_cls"),
+    "mvit_large_cls": ("timm", "mvitv2_large_cls"),
+    "mvit_huge_cls": ("timm", "mvitv2_huge_cls"),
+    "mvit_v2_s_16x4": ("torchvision", "mvit_v2_s"),
+    "mvit_b_16x4": ("torchvision", "mvit_v1_b"),
+}
+
+# --quick: every model shrunk to this (same code paths, tiny sizes)
+QUICK_ARCH = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1)
+QUICK_IMAGE = 32
+QUICK_VIDEO = (4, 32, 32)
+QUICK_CLASSES = 10
+
+# the issue's targets (CPU, eager): minimum speedup, maximum memory ratio
+TARGETS = {
+    ("infer", "fp32"): dict(speedup_min=1.5),
+    ("infer", "bf16"): dict(speedup_min=1.3),
+    ("train", "fp32"): dict(speedup_min=1.3, mem_max=0.7),
+    ("train", "bf16"): dict(speedup_min=1.3, mem_max=0.7),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("infer", "latency", "train")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Pair:
+    name: str
+    ref_name: str  # e.g. "timm mvitv2_tiny"
+    ours: nn.Module
+    ref: nn.Module
+    input_shape: tuple[int, ...]  # one sample: (C, H, W) or (C, T, H, W)
+    num_classes: int
+    is_video: bool
+
+
+def _torchvision_block_setting(cfg: Any) -> list:
+    """torchvision MSBlockConfig list equal to the blocks of our config (for the shrunken --quick models)."""
+    from torchvision.models.video.mvit import MSBlockConfig
+
+    from mvit_zoo.mvit import block_specs
+
+    out = []
+    for stage in block_specs(cfg):
+        for s in stage:
+            pool_q = s.kernel_q is not None
+            out.append(MSBlockConfig(
+                num_heads=s.num_heads, input_channels=s.dim, output_channels=s.dim_out,
+                kernel_q=list(s.kernel_q) if pool_q else [], stride_q=list(s.stride_q) if pool_q else [],
+                kernel_kv=list(s.kernel_kv) if s.kernel_kv is not None else [],
+                stride_kv=list(s.stride_kv) if s.kernel_kv is not None else [],
+            ))
+    return out
+
+
+def is_video(name: str) -> bool:
+    import mvit_zoo
+
+    return mvit_zoo.MODEL_CFGS[name].ndim == 3
+
+
+def num_classes_for(name: str, quick: bool) -> int:
+    """Classifier size of the reference (ours is built to match): timm 1000, torchvision 400 (Kinetics)."""
+    return QUICK_CLASSES if quick else (400 if REFERENCES[name][0] == "torchvision" else 1000)
+
+
+def input_shape_for(name: str, quick: bool) -> tuple[int, ...]:
+    """One sample: (3, H, W) or (3, T, H, W) at the build size."""
+    import mvit_zoo
+
+    if quick:
+        return (3,) + (QUICK_VIDEO if is_video(name) else (QUICK_IMAGE, QUICK_IMAGE))
+    return (3,) + tuple(mvit_zoo.MODEL_CFGS[name].img_size)
+
+
+def build_ours(name: str, quick: bool) -> nn.Module:
+    import mvit_zoo
+
+    kwargs: dict[str, Any] = dict(drop_path_rate=0.0, num_classes=num_classes_for(name, quick))
+    if quick:
+        kwargs.update(QUICK_ARCH, img_size=QUICK_VIDEO if is_video(name) else QUICK_IMAGE)
+    return mvit_zoo.create_model(name, **kwargs)
+
+
+def build_ref(name: str, quick: bool) -> nn.Module:
+    """The reference model for our `name` (drop path / stochastic depth off, as ours)."""
+    lib, ref_name = REFERENCES[name]
+    if lib == "timm":
+        import timm
+
+        if not quick:
+            return timm.create_model(ref_name, drop_path_rate=0.0)
+        from timm.models import mvitv2 as tm
+
+        cfg = dataclasses.replace(tm.model_cfgs[ref_name], **QUICK_ARCH)
+        return tm.MultiScaleVit(cfg, img_size=(QUICK_IMAGE, QUICK_IMAGE), num_classes=QUICK_CLASSES)
+    import torchvision.models.video as tvv
+
+    if not quick:
+        return getattr(tvv, ref_name)(stochastic_depth_prob=0.0)
+    import mvit_zoo
+    from torchvision.models.video.mvit import MViT as TVMViT
+
+    cfg = mvit_zoo.make_cfg(mvit_zoo.MODEL_CFGS[name], **QUICK_ARCH, img_size=QUICK_VIDEO)
+    v2 = ref_name.startswith("mvit_v2")
+    return TVMViT(
+        spatial_size=QUICK_VIDEO[1:], temporal_size=QUICK_VIDEO[0], block_setting=_torchvision_block_setting(cfg),
+        residual_pool=v2, residual_with_cls_embed=False, rel_pos_embed=v2, proj_after_attn=v2,
+        stochastic_depth_prob=0.0, num_classes=QUICK_CLASSES,
+    )
+
+
+def build_model(name: str, impl: str, quick: bool) -> nn.Module:
+    return build_ours(name, quick) if impl == "ours" else build_ref(name, quick)
+
+
+def build_pair(name: str, quick: bool = False, load_weights: bool = True, seed: int = 0) -> Pair:
+    """Ours and the reference, with the reference's (random) weights copied into ours."""
+    if name not in REFERENCES:
+        raise SystemExit(f"no reference for {name!r}; benchmarkable models: {', '.join(REFERENCES)}")
+    import mvit_zoo
+
+    lib, ref_name = REFERENCES[name]
+    torch.manual_seed(seed)
+    ref = build_ref(name, quick)
+    ours = build_ours(name, quick)
+    if load_weights:
+        sd = ref.state_dict()
+        if lib == "torchvision":
+            sd = mvit_zoo.convert_state_dict(sd, ours)
+        ours.load_state_dict(sd, strict=True)
+    return Pair(name=name, ref_name=f"{lib} {ref_name}", ours=ours, ref=ref, input_shape=input_shape_for(name, quick),
+                num_classes=num_classes_for(name, quick), is_video=is_video(name))
+
+
+def batch_for(video: bool, mode: str, args: argparse.Namespace) -> int:
+    """Samples per call: 1 for latency; images --batch; clips --clip-batch (infer) / --train-clip-batch."""
+    if mode == "latency":
+        return 1
+    if not video:
+        return args.batch
+    return args.train_clip_batch if mode == "train" else args.clip_batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+def _sdpa_context(device: torch.device, choice: str) -> contextlib.AbstractContextManager:
+    """Restrict scaled_dot_product_attention to the chosen kernels (ours uses SDPA; the references do not)."""
+    if choice == "default" or (choice == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"auto": ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"], "flash": ["FLASH_ATTENTION"],
+             "efficient": ["EFFICIENT_ATTENTION"], "cudnn": ["CUDNN_ATTENTION"], "math": ["MATH"]}[choice]
+    return sdpa_kernel([getattr(SDPBackend, n) for n in names if hasattr(SDPBackend, n)])
+
+
+def make_step(model: nn.Module, mode: str, dtype: str, x: torch.Tensor, num_classes: int,
+              args: argparse.Namespace) -> Callable[[], Any]:
+    """A closure running one inference call or one training step of `model` on `x`."""
+    device = x.device
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    sdpa = args.sdpa
+    if mode in ("infer", "latency"):
+        model.eval()
+
+        def step() -> Any:
+            with torch.inference_mode(), autocast(), _sdpa_context(device, sdpa):
+                return model(x)
+
+        return step
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-5)
+    target = torch.randint(0, num_classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def train_step() -> Any:
+        with autocast(), _sdpa_context(device, sdpa):
+            loss = F.cross_entropy(model(x), target)
+        with _sdpa_context(device, sdpa):
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return train_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def count_flops(model: nn.Module, mode: str, dtype: str, x: torch.Tensor, num_classes: int,
+                args: argparse.Namespace) -> Optional[float]:
+    """FLOPs of one call / training step (FlopCounterMode; our attention via the explicit matmul path,
+    which the counter sees, where the CPU SDPA kernels are not counted). Weights are left untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = None
+    if hasattr(model, "set_fused_attn"):
+        fused = any(getattr(m, "fused_attn", False) for m in model.modules())
+        model.set_fused_attn(False)
+    was_training = model.training
+    try:
+        counter = FlopCounterMode(display=False)
+        if mode == "train":
+            model.train()
+            target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            with counter:
+                F.cross_entropy(model(x), target).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with counter, torch.no_grad():
+                model(x)
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - a counter failure must not stop the benchmark
+        return None
+    finally:
+        model.train(was_training)
+        if fused is not None:
+            model.set_fused_attn(fused)
+
+
+def matmul_peak(device: torch.device, dtype: str, quick: bool) -> dict[str, Any]:
+    """GFLOP/s of a large square torch.mm (best of a few), the machine's practical matmul peak."""
+    dt = DTYPES[dtype]
+    n = 256 if quick else 512
+    limit = 512 if quick else (8192 if device.type == "cuda" else 4096)
+    budget = 0.02 if quick else 0.25  # seconds per call to aim for
+    while True:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        torch.mm(a, b)
+        t = _timed(lambda: torch.mm(a, b), 2, device)
+        if t >= budget or n >= limit:
+            break
+        n = min(limit, n * 2)
+    reps = 2 if quick else 5
+    best = min(_timed(lambda: torch.mm(a, b), max(1, int(budget / max(t, 1e-6))), device) for _ in range(reps))
+    return dict(n=n, gflops=2 * n ** 3 / best / 1e9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory (child processes)
+# --------------------------------------------------------------------------------------------------
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (Linux >= 4.0: '5' to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure_one(model: nn.Module, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
+                 compiled: dict[bool, nn.Module]) -> dict[str, Any]:
+    """Peak memory of one configuration's step, above the memory in use just before it."""
+    import resource
+
+    if spec["compiled"] and True not in compiled:
+        compiled[True] = torch.compile(model)
+    m = compiled[True] if spec["compiled"] else model
+    torch.manual_seed(2)
+    x = torch.randn((spec["batch"],) + tuple(spec["input_shape"]), device=device)
+    step = make_step(m, spec["mode"], spec["dtype"], x, num_classes_for(spec["model"], args.quick), args)
+    for _ in range(spec["warmup"]):
+        step()
+    _sync(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(spec["iters"]):
+            step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return dict(method="torch.cuda.max_memory_allocated - memory_allocated before the step",
+                    baseline_mb=base / 2**20, peak_mb=peak / 2**20, growth_mb=(peak - base) / 2**20)
+    reset = _reset_hwm()
+    base_kb = _proc_status_kb("VmRSS") or 0
+    for _ in range(spec["iters"]):
+        step()
+    hwm_kb = _proc_status_kb("VmHWM")
+    if hwm_kb is None:  # no /proc: ru_maxrss (KiB on Linux), not resettable
+        hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = False
+    return dict(method="peak RSS (VmHWM" + (", reset after the warm-up" if reset else ", NOT reset") +
+                ") - RSS before the step", baseline_mb=base_kb / 1024, peak_mb=hwm_kb / 1024,
+                growth_mb=(hwm_kb - base_kb) / 1024)
+
+
+def run_child(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Peak memory of one implementation's configurations (`job['specs']`), measured one after the
+    other in this fresh process; one result (or error) per configuration."""
+    args = argparse.Namespace(**job["args"])
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(job["model"], job["impl"], args.quick).to(device)
+    compiled: dict[bool, nn.Module] = {}
+    out = []
+    for spec in job["specs"]:
+        try:
+            out.append(_measure_one(model, dict(spec, model=job["model"]), args, device, compiled))
+        except Exception as e:  # noqa: BLE001
+            out.append(dict(error=_err(e)))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def measure_memory(model: str, impl: str, specs: list[dict[str, Any]],
+                   args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run `specs` (mode, dtype, compiled, batch, input_shape) of one implementation in fresh processes:
+    one per configuration (--memory-procs config) or one for all (--memory-procs impl)."""
+    groups = [specs] if args.memory_procs == "impl" else [[s] for s in specs]
+    results: list[dict[str, Any]] = []
+    for group in groups:
+        job = dict(model=model, impl=impl, specs=[dict(s, warmup=2 if s["compiled"] else 1,
+                                                       iters=1) for s in group],
+                   args=dict(threads=args.threads, device=args.device, quick=args.quick, sdpa=args.sdpa,
+                             optimizer=args.optimizer))
+        env = dict(os.environ)
+        # large blocks straight from mmap and back to the OS on free, so RSS follows the live tensors
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            results += [dict(error=f"memory child timed out after {args.child_timeout}s")] * len(group)
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD_RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            results += [dict(error=f"memory child failed (rc {proc.returncode}): {' | '.join(tail)}")] * len(group)
+            continue
+        results += json.loads(lines[-1][len("CHILD_RESULT "):])
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Main benchmark
+# --------------------------------------------------------------------------------------------------
+
+def check_agreement(pair: Pair, device: torch.device, tol: float, batch: int) -> dict[str, Any]:
+    """fp32 eval outputs of ours and the reference on the same input."""
+    torch.manual_seed(1)
+    x = torch.randn((min(batch, 2),) + pair.input_shape, device=device)
+    pair.ours.eval()
+    pair.ref.eval()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 for the check
+    try:
+        with torch.no_grad():
+            a, b = pair.ours(x), pair.ref(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    diff = float((a.float() - b.float()).abs().max())
+    return dict(model=pair.name, reference=pair.ref_name, max_abs_diff=diff, tol=tol, ok=diff < tol,
+                shape=list(a.shape))
+
+
+def _err(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()
+    return msg[0][:300] if msg else type(e).__name__
+
+
+def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str, compiled: bool,
+                 device: torch.device, args: argparse.Namespace, flops: dict[tuple[str, str], Optional[float]],
+                 peaks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Time ours and the reference alternately for one configuration; returns a result row."""
+    batch = batch_for(pair.is_video, mode, args)
+    torch.manual_seed(2)
+    x = torch.randn((batch,) + pair.input_shape, device=device)
+    row: dict[str, Any] = dict(model=pair.name, reference=pair.ref_name, mode=mode, dtype=dtype, compiled=compiled,
+                               batch=batch, device=str(device))
+    steps: dict[str, Callable[[], Any]] = {}
+    res: dict[str, dict[str, Any]] = {"ours": {}, "ref": {}}
+    warm: dict[str, float] = {}
+    for impl in ("ours", "ref"):
+        try:
+            steps[impl] = make_step(models[impl], mode, dtype, x, pair.num_classes, args)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup + (1 if compiled else 0)):
+                steps[impl]()
+            _sync(device)
+            warm[impl] = _timed(steps[impl], 1, device)
+            res[impl]["first_calls_s"] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded (e.g. the reference does not compile)
+            res[impl]["error"] = ("compile/run failed: " if compiled else "") + _err(e)
+            steps.pop(impl, None)
+    if steps:
+        iters = max(1, math.ceil(args.min_round_time / min(warm[i] for i in steps)))
+        if args.quick:
+            iters = 1
+        times: dict[str, list[float]] = {impl: [] for impl in steps}
+        order = list(steps)
+        for r in range(args.rounds):
+            for impl in (order if r % 2 == 0 else order[::-1]):
+                times[impl].append(_timed(steps[impl], iters, device))
+        row["iters_per_round"] = iters
+        for impl, ts in times.items():
+            ms = statistics.median(ts) * 1e3
+            res[impl].update(ms=ms, ms_min=min(ts) * 1e3, ms_all=[t * 1e3 for t in ts], samples_per_s=batch / ms * 1e3)
+            fl = flops.get((impl, mode))
+            if fl:
+                res[impl]["gflop"] = fl / 1e9
+                res[impl]["gflops_per_s"] = res[impl]["gflop"] / (ms / 1e3)
+                pk = peaks.get(dtype, {}).get("gflops")
+                if pk:
+                    res[impl]["frac_of_peak"] = res[impl]["gflops_per_s"] / pk
+    steps.clear()
+    row["ours"], row["ref"] = res["ours"], res["ref"]
+    row["speedup"] = res["ref"]["ms"] / res["ours"]["ms"] if "ms" in res["ours"] and "ms" in res["ref"] else None
+    row["input_shape"] = list(pair.input_shape)
+    return row
+
+
+def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Peak memory (fresh subprocesses) for the rows of one model, then memory ratios and targets."""
+    for impl in ("ours", "ref"):
+        todo = [r for r in rows if "error" not in r[impl]
+                and (args.memory == "all" or (args.memory == "eager" and not r["compiled"]))]
+        if not todo:
+            continue
+        specs = [dict(mode=r["mode"], dtype=r["dtype"], compiled=r["compiled"], batch=r["batch"],
+                      input_shape=r["input_shape"]) for r in todo]
+        for r, mem in zip(todo, measure_memory(todo[0]["model"], impl, specs, args)):
+            r[impl]["memory"] = mem
+    for row in rows:
+        om, rm = row["ours"].get("memory", {}).get("growth_mb"), row["ref"].get("memory", {}).get("growth_mb")
+        row["mem_ratio"] = om / rm if om is not None and rm else None
+        target = TARGETS.get((row["mode"], row["dtype"])) if not row["compiled"] else None
+        if target:
+            ok = row["speedup"] is not None and row["speedup"] >= target["speedup_min"]
+            if "mem_max" in target:
+                ok = ok and row["mem_ratio"] is not None and row["mem_ratio"] <= target["mem_max"]
+            row["target"] = dict(target, met=bool(ok))
+        else:
+            row["target"] = None
+
+
+def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    flags = ""
+    with contextlib.suppress(OSError):
+        text = open("/proc/cpuinfo").read()
+        m = re.search(r"^flags\s*:(.*)$", text, re.M)
+        if m:
+            have = set(m.group(1).split())
+            flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
+    info = dict(platform=platform.platform(), cpu=cpu, cpu_flags=flags, logical_cores=os.cpu_count(),
+                affinity_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                torch_threads=threads, memory_gb=mem_gb, device=str(device))
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def versions() -> dict[str, Any]:
+    import timm
+    import torchvision
+
+    import mvit_zoo
+
+    commit = None
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "mvit_zoo"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += " (mvit_zoo/ modified)"
+    return dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                timm=timm.__version__, mvit_zoo=mvit_zoo.__version__, mvit_zoo_commit=commit)
+
+
+def _fmt(v: Any, spec: str = ".1f", none: str = "-") -> str:
+    if v is None:
+        return none
+    return format(v, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "mode", "dtype", "compile", "batch", "ours ms", "ref ms", "speedup", "ours /s", "ref /s",
+            "ours MB", "ref MB", "mem x", "ours %pk", "ref %pk", "target"]
+    lines = []
+    for r in rows:
+        o, f = r["ours"], r["ref"]
+
+        def mem(d: dict[str, Any]) -> str:
+            m = d.get("memory")
+            if m is None:
+                return "-"
+            return "err" if "error" in m else _fmt(m["growth_mb"], ".0f" if abs(m["growth_mb"]) >= 10 else ".1f")
+
+        def ms(d: dict[str, Any]) -> str:
+            return "err" if "error" in d else _fmt(d.get("ms"), ".1f")
+
+        t = r.get("target")
+        if t:
+            want = f">={t['speedup_min']}x" + (f", <={t['mem_max']}x mem" if "mem_max" in t else "")
+            tgt = ("ok " if t["met"] else "MISS ") + want
+        else:
+            tgt = "-"
+        lines.append([
+            r["model"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch"]), ms(o), ms(f),
+            _fmt(r.get("speedup"), ".2f"), _fmt(o.get("samples_per_s"), ".2f"), _fmt(f.get("samples_per_s"), ".2f"),
+            mem(o), mem(f), _fmt(r.get("mem_ratio"), ".2f"),
+            _fmt(o["frac_of_peak"] * 100 if "frac_of_peak" in o else None, ".1f"),
+            _fmt(f["frac_of_peak"] * 100 if "frac_of_peak" in f else None, ".1f"), tgt,
+        ])
+    widths = [max(len(h), *(len(ln[i]) for ln in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(ln, widths)) + " |" for ln in lines]
+    return "\n".join(out)
+
+
+def errors_text(rows: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    for r in rows:
+        for impl in ("ours", "ref"):
+            d = r[impl]
+            tag = f"{r['model']} {r['mode']} {r['dtype']}{' compiled' if r['compiled'] else ''} {impl}"
+            if "error" in d:
+                notes.append(f"{tag}: {d['error']}")
+            if "error" in d.get("memory", {}):
+                notes.append(f"{tag} memory: {d['memory']['error']}")
+    return notes
+
+
+def device_key(info: dict[str, Any]) -> str:
+    if info["device"].startswith("cuda"):
+        return f"cuda: {info.get('gpu')}"
+    return f"cpu: {info['cpu']}, {info['torch_threads']} threads"
+
+
+def render_section(result: dict[str, Any]) -> str:
+    info, ver = result["machine"], result["versions"]
+    key = result["device_key"]
+    lines = [f"<!-- bench:begin {key} -->", f"## {key}", ""]
+    lines.append(f"- date: {result['date']}")
+    lines.append(f"- command: `{result['command']}`")
+    if info["device"].startswith("cuda"):
+        lines.append(f"- GPU: {info['gpu']} ({info['gpu_memory_gb']} GiB), CUDA {info['cuda']}, cuDNN {info['cudnn']}, "
+                     f"TF32 matmul {'on' if info['tf32_matmul'] else 'off'}; SDPA kernels: {result['sdpa']}")
+    lines.append(f"- CPU: {info['cpu']} ({info['logical_cores']} logical cores, {info['affinity_cores']} usable, "
+                 f"torch threads {info['torch_threads']}; flags: {info['cpu_flags'] or 'none of avx2/avx512/amx'}), "
+                 f"RAM {info['memory_gb']} GiB")
+    lines.append(f"- {info['platform']}; python {ver['python']}, torch {ver['torch']}, "
+                 f"torchvision {ver['torchvision']}, "
+                 f"timm {ver['timm']}, mvit-zoo {ver['mvit_zoo']} ({ver['mvit_zoo_commit']})")
+    pk = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s (n={v['n']})" for k, v in result["matmul_peak"].items())
+    lines.append(f"- matmul peak (torch.mm, best of several): {pk}")
+    lines.append(f"- timing: median of {result['settings']['rounds']} alternating rounds after "
+                 f"{result['settings']['warmup']} warm-up calls; training step = forward + cross-entropy + backward + "
+                 f"{result['settings']['optimizer']} step; memory = {result['settings']['memory_method']}")
+    agree = "; ".join(f"{a['model']} vs {a['reference']}: {a['max_abs_diff']:.1e}" for a in result["agreement"])
+    lines.append(f"- fp32 outputs agree (max |diff|, tol {result['settings']['tol']:g}): {agree}")
+    lines += ["", "speedup = reference ms / our ms; mem x = our peak-memory growth / the reference's; "
+              "%pk = achieved GFLOP/s (FlopCounterMode FLOPs / median time) as % of the matmul peak of that dtype.",
+              "", format_table(result["rows"]), ""]
+    errs = errors_text(result["rows"])
+    if errs:
+        lines += ["Errors:", ""] + [f"- {e}" for e in errs] + [""]
+    lines += [f"<!-- bench:end {key} -->"]
+    return "\n".join(lines)
+
+
+RESULTS_HEADER = """# mvit-zoo benchmark results
+
+Produced by `benchmarks/bench.py` (see benchmarks/README.md): mvit-zoo against the reference
+implementation of the same architecture with the same weights, timed alternately in one process.
+One section per device; re-running the script replaces only the section of the device it ran on.
+"""
+
+
+def write_results(path: Path, result: dict[str, Any]) -> None:
+    section = render_section(result)
+    key = result["device_key"]
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    text = re.sub(r"\n*^No results recorded yet.*?(\n\n|\Z)", "\n\n", text, flags=re.M | re.S)  # placeholder
+    pattern = re.compile(rf"<!-- bench:begin {re.escape(key)} -->.*?<!-- bench:end {re.escape(key)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["mvit_tiny", "mvit_small", "mvit_v2_s_16x4"],
+                   help=f"our model names (references: {', '.join(f'{k}={v[1]}' for k, v in REFERENCES.items())})")
+    p.add_argument("--batch", type=int, default=8, help="images per batch (infer and train)")
+    p.add_argument("--clip-batch", type=int, default=1, help="clips per batch of video models, inference")
+    p.add_argument("--train-clip-batch", type=int, default=2, help="clips per batch of video models, training step")
+    p.add_argument("--modes", nargs="+", default=["infer", "latency", "train"], choices=MODES)
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+                   help="bf16 = torch.autocast(bfloat16) around forward (and loss)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (minutes on a small CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per implementation before timing (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--min-round-time", type=float, default=0.5,
+                   help="seconds per implementation per round (iterations per round chosen from the warm-up time)")
+    p.add_argument("--memory", choices=["eager", "all", "none"], default="eager",
+                   help="measure peak memory (each in a fresh subprocess) for eager runs, all runs or none")
+    p.add_argument("--memory-procs", choices=["config", "impl"], default=None,
+                   help="fresh process per configuration (default), or one per model implementation measuring its "
+                        "configurations one after the other with the peak reset in between (default with --quick)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer of the training step")
+    p.add_argument("--sdpa", choices=["auto", "default", "flash", "efficient", "cudnn", "math"], default="auto",
+                   help="SDPA kernels for our attention: auto = flash/memory-efficient/cuDNN only on CUDA "
+                        "(error rather than a silent math fallback), PyTorch's choice on CPU")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA in fp32 runs")
+    p.add_argument("--tol", type=float, default=1e-4, help="max |ours - reference| of the fp32 outputs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny models (depths 1,1,1,1, dim 16, 32x32 / 4x32x32), 2 rounds, no RESULTS.md")
+    p.add_argument("--results", type=Path, default=None,
+                   help="markdown file to update (default benchmarks/RESULTS.md; not written with --quick "
+                        "unless given)")
+    p.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON here")
+    p.add_argument("--child-timeout", type=int, default=1800, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.warmup is None:
+        args.warmup = 5 if args.device.startswith("cuda") else 1
+    if args.memory_procs is None:
+        args.memory_procs = "impl" if args.quick else "config"
+    if args.quick:
+        args.rounds = min(args.rounds, 2)
+        args.warmup = min(args.warmup, 1)
+        args.min_round_time = 0.0
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child is not None:
+        print("CHILD_RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    command = "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in argv)
+    info = machine_info(device, args.threads)
+    result: dict[str, Any] = dict(
+        schema=1, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), command=command,
+        machine=info, versions=versions(), device_key=device_key(info), quick=args.quick,
+        sdpa=args.sdpa, settings=dict(rounds=args.rounds, warmup=args.warmup, optimizer=args.optimizer, tol=args.tol,
+                                      min_round_time=args.min_round_time, threads=args.threads,
+                                      memory_method=("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
+                                                     else "peak RSS growth (VmHWM) in a fresh subprocess")),
+        matmul_peak={}, agreement=[], rows=[],
+    )
+    print(f"# {result['device_key']} | torch {result['versions']['torch']}, timm {result['versions']['timm']}, "
+          f"torchvision {result['versions']['torchvision']} | {command}", flush=True)
+    for dtype in args.dtypes:
+        result["matmul_peak"][dtype] = matmul_peak(device, dtype, args.quick)
+        print(f"matmul peak {dtype}: {result['matmul_peak'][dtype]['gflops']:.1f} GFLOP/s "
+              f"(n={result['matmul_peak'][dtype]['n']})", flush=True)
+
+    pk = result["matmul_peak"]
+    if "bf16" in pk and "fp32" in pk and pk["bf16"]["gflops"] < 0.2 * pk["fp32"]["gflops"]:
+        print(f"WARNING: bf16 matmuls run at {pk['bf16']['gflops']:.1f} GFLOP/s here, "
+              f"{pk['fp32']['gflops'] / pk['bf16']['gflops']:.0f}x slower than fp32 (no native bf16 instructions: "
+              f"{info['cpu_flags'] or 'no avx512/amx'}); bf16 rows will take that much longer", flush=True)
+
+    for name in args.models:
+        t0 = time.perf_counter()
+        pair = build_pair(name, quick=args.quick)
+        pair.ours.to(device)
+        pair.ref.to(device)
+        agree = check_agreement(pair, device, args.tol, args.clip_batch if pair.is_video else args.batch)
+        result["agreement"].append(agree)
+        print(f"{name} vs {pair.ref_name}: fp32 max|diff| {agree['max_abs_diff']:.2e} (tol {args.tol:g}) "
+              f"{'ok' if agree['ok'] else 'MISMATCH'} [built in {time.perf_counter() - t0:.1f}s]", flush=True)
+        if not agree["ok"]:
+            print(f"ABORT: {name} and {pair.ref_name} disagree; timings would compare different computations",
+                  file=sys.stderr)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
+            return 2
+        # FLOPs at the timed batch sizes (counted once per mode, ours and reference separately)
+        flops: dict[Any, Optional[float]] = {}
+        for mode in args.modes:
+            b = batch_for(pair.is_video, mode, args)
+            xf = torch.randn((b,) + pair.input_shape, device=device)
+            flops[("ours", mode)] = count_flops(pair.ours, mode, "fp32", xf, pair.num_classes, args)
+            flops[("ref", mode)] = count_flops(pair.ref, mode, "fp32", xf, pair.num_classes, args)
+        models = {"ours": pair.ours, "ref": pair.ref}
+        compiled_models: dict[str, nn.Module] = {}
+        if args.compile:
+            for impl, m in models.items():
+                compiled_models[impl] = torch.compile(m)
+        for compiled in ([False, True] if args.compile else [False]):
+            for mode in args.modes:
+                if mode == "latency" and (args.clip_batch if pair.is_video else args.batch) == 1:
+                    continue  # the infer rows already are batch 1
+                for dtype in args.dtypes:
+                    fl = max(flops.get(("ours", mode)) or 0.0, flops.get(("ref", mode)) or 0.0)
+                    if fl and not args.quick:
+                        calls = 2 * (args.warmup + args.rounds)
+                        est = fl / (pk[dtype]["gflops"] * 1e9) * calls
+                        print(f"  {name} {mode} {dtype}{' compiled' if compiled else ''}: {fl / 1e9:.1f} GFLOP "
+                              f"per call; timing takes at least ~{est:.0f}s at the matmul peak", flush=True)
+                    row = bench_config(pair, compiled_models if compiled else models, mode, dtype, compiled,
+                                       device, args, flops, result["matmul_peak"])
+                    if compiled:
+                        eager = next((r for r in result["rows"] if r["model"] == name and r["mode"] == mode
+                                      and r["dtype"] == dtype and not r["compiled"]), None)
+                        if eager and "ms" in eager["ours"] and "ms" in row["ours"]:
+                            row["ours_compiled_speedup"] = eager["ours"]["ms"] / row["ours"]["ms"]
+                        if eager and "ms" in eager["ref"] and "ms" in row["ref"]:
+                            row["ref_compiled_speedup"] = eager["ref"]["ms"] / row["ref"]["ms"]
+                    result["rows"].append(row)
+                    o, f = row["ours"], row["ref"]
+                    print(f"  {name} {mode} {dtype}{' compiled' if compiled else ''} batch {row['batch']}: ours "
+                          f"{o.get('ms', o.get('error'))} ms, reference {f.get('ms', f.get('error'))} ms, "
+                          f"speedup {_fmt(row['speedup'], '.2f')}", flush=True)
+        del compiled_models
+        t0 = time.perf_counter()
+        add_memory([r for r in result["rows"] if r["model"] == name], args)
+        if args.memory != "none":
+            print(f"  peak memory measured in fresh processes in {time.perf_counter() - t0:.0f}s", flush=True)
+        del pair, models
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    targeted = [r for r in result["rows"] if r.get("target")]
+    result["targets_met"] = bool(targeted) and all(r["target"]["met"] for r in targeted)
+    print()
+    print(format_table(result["rows"]))
+    for note in errors_text(result["rows"]):
+        print("error:", note)
+    for r in result["rows"]:
+        if r.get("ours_compiled_speedup") or r.get("ref_compiled_speedup"):
+            print(f"compiled vs eager, {r['model']} {r['mode']} {r['dtype']}: ours "
+                  f"{_fmt(r.get('ours_compiled_speedup'), '.2f')}x, "
+                  f"reference {_fmt(r.get('ref_compiled_speedup'), '.2f')}x")
+    print(f"targets (eager): {'all met' if result['targets_met'] else 'NOT all met'}"
+          f"{' (--quick: sizes are not the targets sizes)' if args.quick else ''}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    out = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
+    if out is not None and not args.no_results:
+        write_results(out, result)
+        print(f"wrote {out} (section '{result['device_key']}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
