@@ -159,6 +159,34 @@ def _in_cache(path: Path) -> bool:
     return _within(path, _hub_cache()) or _within(path, cache_dir())
 
 
+def _refused_detail(text: str) -> str:
+    """What torch's weights_only unpickler refused ('Unsupported global: GLOBAL exec'), without the rest of
+    its message, which advises an unsafe load and holds terminal escape codes."""
+    m = re.search(r"Unsupported (global|class): \S+( \S+)?|GLOBAL \S+ was not an allowed global|Unsupported operand \d+",
+                  text)
+    return m.group(0) if m else "not a weights-only pickle"
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file (or a torch zip archive's data.pkl) is a well-formed pickle opcode stream rather
+    than random bytes. pickletools only parses opcodes: nothing is imported or run."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                with archive.open(name) as f:
+                    ops = [op.name for op, _, _ in pickletools.genops(f)]
+        else:
+            with open(path, "rb") as f:
+                ops = [op.name for op, _, _ in pickletools.genops(f)]
+        return bool(ops) and ops[-1] == "STOP"
+    except Exception:  # noqa: BLE001 - whatever pickletools cannot parse is not a pickle
+        return False
+
+
 def _looks_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte little-endian header length, then '{'."""
     with open(path, "rb") as f:
@@ -187,15 +215,16 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: Optional[bool
         text = str(e)
         first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
         forget = _in_cache(path) if forget_if_corrupt is None else forget_if_corrupt
-        if not is_safetensors and isinstance(e, pickle.UnpicklingError) and re.search(
-                r"Unsupported (global|class)|GLOBAL \S+ was not an allowed global", text):
+        if not is_safetensors and isinstance(e, pickle.UnpicklingError) and (
+                re.search(r"Unsupported (global|class)|GLOBAL \S+ was not an allowed global", text)
+                or ("Unsupported operand" in text and _is_pickle(path))):
             if forget:  # a download of ours that can never be used: not kept
                 _forget_cached(path)
             raise UnsafeCheckpointError(
                 f"refused to load {path}: the pickle holds objects other than tensors and plain containers, and "
                 f"unpickling it could run arbitrary code. Only weights_only pickles and safetensors are read; "
                 f"re-save the state dict alone (torch.save(model.state_dict(), ...)) with a trusted tool. "
-                f"({first})") from None
+                f"({_refused_detail(text)})") from None
         if forget:
             _forget_cached(path)
         raise CorruptCheckpointError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional, Sequence, Union
@@ -186,57 +185,42 @@ def _pool_module(mode: str, nd: int, channels: int, kernel: Grid, stride: Grid) 
     return pool[mode, nd](kernel, stride, padding)
 
 
+def rel_pos_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
+    """Table row of each (query, key) position pair along one axis, (q_size, k_size) long.
+
+    Query and key positions are scaled to the finer of the two grids (MViTv2 eq. 4). The index does
+    not depend on the weights, so it is kept per size and device (`_cached_rel_pos_index`); the cached
+    tensors are never written to, so threads can share them.
+    """
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = (
+        torch.arange(q_size, device=device).unsqueeze(-1) * q_ratio
+        - torch.arange(k_size, device=device).unsqueeze(0) * k_ratio
+    )
+    dist += (k_size - 1) * k_ratio
+    return dist.long()
+
+
+_cached_rel_pos_index = functools.lru_cache(maxsize=256)(rel_pos_index)
+
+
 def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
     """Relative-position embeddings (q_size, k_size, C) for one axis, from a (L, C) table.
 
-    Query and key positions are scaled to the finer of the two grids (MViTv2 eq. 4); the table is
-    linearly interpolated to 2 * max(q_size, k_size) - 1 entries when it was built for another size.
+    The table is linearly interpolated to 2 * max(q_size, k_size) - 1 entries when it was built for
+    another size (on the fly: it depends on the weights, and costs ~1% of a forward).
     """
     length = 2 * max(q_size, k_size) - 1
     if table.shape[0] != length:
         table = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    dist = (
-        torch.arange(q_size, device=table.device).unsqueeze(-1) * q_ratio
-        - torch.arange(k_size, device=table.device).unsqueeze(0) * k_ratio
-    )
-    dist += (k_size - 1) * k_ratio
-    return F.embedding(dist.long(), table)
+    # (inference-mode tensors cannot be saved for a later backward, so none enter the cache)
+    index = rel_pos_index if _tracing() or torch.is_inference_mode_enabled() else _cached_rel_pos_index
+    return F.embedding(index(q_size, k_size, table.device), table)
 
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-class RelPosCache:
-    """Looked-up (and, at other sizes, interpolated) relative-position tables, kept per size for
-    inference. Used only without autograd and outside tracing; an entry is keyed by the table's
-    identity and in-place version, so a weight update or load never serves a stale table. Entries
-    are immutable tensors and dict reads/writes are atomic, so threads may share a model."""
-
-    max_entries = 64
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[weakref.ref, Tensor]] = {}
-
-    def lookup(self, table: Tensor, q_size: int, k_size: int) -> Tensor:
-        if torch.is_grad_enabled() or _tracing():
-            return rel_pos_lookup(table, q_size, k_size)
-        # id() is reused once a table is freed (a replaced Parameter, load_state_dict(assign=True)):
-        # the weak reference tells a new table from the cached one
-        key = (id(table), table._version, table.data_ptr(), table.device, table.dtype, q_size, k_size)
-        hit = self._entries.get(key)
-        if hit is None or hit[0]() is not table:
-            if len(self._entries) >= self.max_entries:
-                self._entries = {}
-            hit = (weakref.ref(table), rel_pos_lookup(table, q_size, k_size))
-            self._entries[key] = hit
-        return hit[1]
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles start empty (weak references do not pickle; copied tables are new)."""
-        return {"_entries": {}}
 
 
 _AXES = "thw"
@@ -248,7 +232,6 @@ def rel_pos_bias(
         k_grid: Grid,
         tables: Sequence[Optional[Tensor]],
         num_prefix: int,
-        cache: Optional[RelPosCache] = None,
 ) -> Tensor:
     """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
 
@@ -260,12 +243,11 @@ def rel_pos_bias(
     letters = _AXES[-nd:]
     n_q, n_k = _prod(q_grid), _prod(k_grid)
     r_q = q[:, :, num_prefix:].reshape((B, H) + tuple(q_grid) + (d,))
-    lookup = cache.lookup if cache is not None else rel_pos_lookup
     bias: Optional[Tensor] = None
     for axis, table in enumerate(tables):
         if table is None:
             continue
-        r = lookup(table, q_grid[axis], k_grid[axis])
+        r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
         rel = torch.einsum(f"bn{letters}c,{letters[axis]}kc->bn{letters}k", r_q, r)
         rel = rel.reshape((B, H, n_q) + tuple(k if a == axis else 1 for a, k in enumerate(k_grid)))
         bias = rel if bias is None else bias + rel
@@ -380,7 +362,6 @@ class MultiScaleAttention(nn.Module):
         self.rel_pos_h: Optional[nn.Parameter] = None
         self.rel_pos_w: Optional[nn.Parameter] = None
         self.rel_pos_t: Optional[nn.Parameter] = None
-        self.rel_pos_cache = RelPosCache()
         if cfg.rel_pos:
             # table lengths as in the reference code: from the build grid, by floor division
             def length(axis: int) -> int:
@@ -425,7 +406,7 @@ class MultiScaleAttention(nn.Module):
         bias = None
         if self.rel_pos_h is not None:
             tables = ([self.rel_pos_t] if len(grid) == 3 else []) + [self.rel_pos_h, self.rel_pos_w]
-            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix, self.rel_pos_cache).to(q.dtype)
+            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix).to(q.dtype)
 
         if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
@@ -442,7 +423,10 @@ class MultiScaleAttention(nn.Module):
             else:
                 out = torch.cat((out[:, :, :p], out[:, :, p:] + q[:, :, p:]), dim=2)
 
-        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
+        # (B, heads, L, d) -> (B, L, C) through an explicit contiguous copy: under torch.export, SDPA's CPU
+        # kernel reports a (B, L, heads, d) layout, so a reshape is traced as a view, which the ONNX
+        # exporter's math decomposition of SDPA cannot honour (pytorch/pytorch#136543, #141107)
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, -1, self.dim_out)
         return self.proj(out), q_grid
 
 
@@ -651,11 +635,14 @@ class MViT(nn.Module):
 
     @property
     def min_input_size(self) -> Grid:
-        """Smallest accepted input per axis: one output token per axis at every stage (time: the patch
-        stride; space: the total stride, 32)."""
+        """Smallest accepted input per axis. Space: the total stride (32), so the last stage still sees a
+        whole cell. Time: 1 frame (a single image is a 1-frame clip, x.unsqueeze(2)). Every axis is padded,
+        so stage i has ceil(size / stride_i) positions per axis."""
         total = list(self.cfg.patch_stride)
         for _ in self.cfg.depths[1:]:
             total = [t * q for t, q in zip(total, self.cfg.stride_q)]
+        if self.cfg.ndim == 3:
+            total[0] = 1  # the padded patch conv makes one token of one frame; time is not pooled after it
         return tuple(total)
 
     def check_input(self, x: Tensor) -> None:
@@ -674,11 +661,17 @@ class MViT(nn.Module):
                 raise ValueError(
                     f"this is an image model and expects {layout}; got a 5-D video tensor {tuple(x.shape)}. "
                     f"Use a video model (e.g. mvit_v2_s_16x4) or fold time into the batch")
-            raise ValueError(f"expected a {nd + 2}-D input {layout}, got {x.ndim}-D {tuple(x.shape)}")
+            hint = "; for a single sample add a batch axis (x.unsqueeze(0))" if x.ndim == nd + 1 else ""
+            raise ValueError(f"expected a {nd + 2}-D input {layout}, got {x.ndim}-D {tuple(x.shape)}{hint}")
         if not x.is_floating_point():
             raise TypeError(
                 f"expected a floating-point input, got {x.dtype}; convert and normalise it first, e.g. "
                 f"x.float() / 255 then (x - mean) / std with the model's pretrained_cfg mean/std")
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the model's {weight.dtype} weights; convert the input "
+                f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (batch size 0); pass at least one sample")
         if x.shape[1] != self.in_chans:
