@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -28,13 +28,7 @@ SMALL_3D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size":
 DIGIT_AUG = ["--scale", "0.6", "1", "--hflip", "0", "--color-jitter", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: steadier than two on a 2-core machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def write_digits(root: Path, per_class: int | None = None, size: int = 32, split: bool = True) -> None:

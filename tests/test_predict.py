@@ -7,11 +7,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mvit_zoo import finetune, predict
@@ -25,12 +24,7 @@ KINETICS = (REPO / "mvit_zoo" / "data" / "kinetics-400.txt").read_text().splitli
 LINE = re.compile(r"^\s+(\d)\.\s+(\d+\.\d\d)%\s+(.+?)\s+\((\d+)\)$")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def top_lines(out: str) -> List[re.Match]:
