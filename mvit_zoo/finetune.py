@@ -53,7 +53,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from .video import VIDEO_EXTENSIONS, VideoFolder, create_clip_transform
+from .video import VIDEO_EXTENSIONS, ClipTransform, VideoFolder
 
 __all__ = [
     'DataConfig',
@@ -147,7 +147,7 @@ def build_transform(
 ) -> Callable:
     """timm's image transforms, or :class:`~mvit_zoo.video.ClipTransform` for video models."""
     if data_cfg.is_video:
-        return create_clip_transform(
+        return ClipTransform(
             data_cfg.input_size, is_training, data_cfg.mean, data_cfg.std, crop_pct=data_cfg.crop_pct,
             interpolation=data_cfg.interpolation, scale=scale, hflip=hflip, channel_order=data_cfg.channel_order,
         )

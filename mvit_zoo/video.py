@@ -25,7 +25,6 @@ __all__ = [
     'write_video',
     'sample_clip_indices',
     'ClipTransform',
-    'create_clip_transform',
     'load_clip',
     'VideoFolder',
 ]
@@ -131,6 +130,7 @@ _INTERPOLATION = {
 class ClipTransform:
     """Spatial transform applied identically to every frame of a clip.
 
+    ``size`` is the output (H, W), or a model input size ending in them (``(C, T, H, W)``).
     Input: ``uint8`` frames ``(T, H, W, C)`` (numpy or tensor). Output: normalised float
     ``(C, T, H, W)``. Training uses a random resized crop (one crop for the whole clip) and
     an optional horizontal flip; evaluation resizes the short side to ``size / crop_pct``
@@ -140,7 +140,7 @@ class ClipTransform:
 
     def __init__(
             self,
-            size: Tuple[int, int],
+            size: Sequence[int],
             is_training: bool,
             mean: Sequence[float],
             std: Sequence[float],
@@ -151,7 +151,7 @@ class ClipTransform:
             hflip: float = 0.5,
             channel_order: str = 'RGB',
     ) -> None:
-        self.size = tuple(size)
+        self.size = tuple(size[-2:])  # (H, W), also from a model input size (C, T, H, W)
         self.is_training = is_training
         self.channel_order = channel_order.upper()
         if self.channel_order not in ('RGB', 'BGR'):
@@ -180,26 +180,6 @@ class ClipTransform:
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(size={self.size}, training={self.is_training}, {self.spatial}, {self.normalize})'
-
-
-def create_clip_transform(
-        input_size: Sequence[int],
-        is_training: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_pct: float = 1.0,
-        interpolation: str = 'bilinear',
-        scale: Tuple[float, float] = (0.08, 1.0),
-        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        channel_order: str = 'RGB',
-) -> ClipTransform:
-    """Build a :class:`ClipTransform` from a model input size ``(C, T, H, W)`` or ``(H, W)``."""
-    size = tuple(input_size[-2:])
-    return ClipTransform(
-        size, is_training, mean, std, crop_pct=crop_pct, interpolation=interpolation,
-        scale=scale, ratio=ratio, hflip=hflip, channel_order=channel_order,
-    )
 
 
 def load_clip(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvit_zoo.video import (ClipTransform, VideoFolder, create_clip_transform, is_video_file, load_clip, read_video,
+from mvit_zoo.video import (ClipTransform, VideoFolder, is_video_file, load_clip, read_video,
                             sample_clip_indices, write_video)
 
 
@@ -63,7 +63,7 @@ def test_load_clip_takes_frames_at_stride(tmp_path: Path) -> None:
 
 def test_clip_transform_eval_shape_and_normalisation() -> None:
     frames = np.full((4, 40, 60, 3), 255, np.uint8)
-    tf = create_clip_transform((3, 4, 32, 32), False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8)
+    tf = ClipTransform((3, 4, 32, 32), False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8)
     clip = tf(frames)
     assert clip.shape == (3, 4, 32, 32) and clip.dtype == torch.float32
     torch.testing.assert_close(clip, torch.full_like(clip, 2.0))  # (1 - 0.5) / 0.25
@@ -93,7 +93,7 @@ def test_video_folder(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         write_video(tmp_path / name / "clip.mp4", ramp_video(8, 16))
     (tmp_path / "a" / "notes.txt").write_text("not a video")
-    tf = create_clip_transform((3, 4, 16, 16), False, (0.0,) * 3, (1.0,) * 3, crop_pct=1.0)
+    tf = ClipTransform((3, 4, 16, 16), False, (0.0,) * 3, (1.0,) * 3, crop_pct=1.0)
     ds = VideoFolder.from_root(tmp_path, num_frames=4, stride=2, transform=tf)
     assert ds.classes == ["a", "b"] and len(ds) == 2 and ds.targets == [0, 1]
     clip, target = ds[1]
