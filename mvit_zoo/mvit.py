@@ -144,7 +144,7 @@ def _channels_last(nd: int) -> torch.memory_format:
     return torch.channels_last if nd == 2 else torch.channels_last_3d
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV = {2: F.conv2d, 3: F.conv3d}
 
 
 def pool_tokens(
