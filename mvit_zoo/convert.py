@@ -307,13 +307,13 @@ def _resize_pos(key: str, value: Tensor, target: Tensor, model: nn.Module) -> Te
         side = math.isqrt(value.shape[1])
         if side * side != value.shape[1]:
             raise CheckpointMismatchError(f"{key}: cannot infer the grid of non-square {tuple(value.shape)}")
-        return _resize_grid(value.float(), (side, side), grid[-2:]).to(value.dtype)
+        return _resize_grid(value.float(), [side, side], list(grid[-2:])).to(value.dtype)
     p = getattr(model, "num_prefix_tokens", 0)
     prefix, tokens = value[:, :p], value[:, p:]
     side = math.isqrt(tokens.shape[1])
     if len(grid) != 2 or side * side != tokens.shape[1]:
         raise CheckpointMismatchError(f"{key}: cannot resize {tuple(value.shape)} to {tuple(target.shape)}")
-    return torch.cat((prefix, _resize_grid(tokens.float(), (side, side), grid).to(value.dtype)), dim=1)
+    return torch.cat((prefix, _resize_grid(tokens.float(), [side, side], list(grid)).to(value.dtype)), dim=1)
 
 
 def _fit_one(key: str, value: Tensor, target: Tensor, model: nn.Module, inflate: str,

@@ -19,7 +19,7 @@ import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
-Grid = tuple[int, ...]
+Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
 __all__ = ["MViTCfg", "MViT", "MODEL_CFGS", "make_cfg"]
 
@@ -140,49 +140,66 @@ def _prod(values: Sequence[int]) -> int:
     return math.prod(values)
 
 
-def _channels_last(nd: int) -> torch.memory_format:
-    return torch.channels_last if nd == 2 else torch.channels_last_3d
+class TokenPool(nn.Module):
+    """Pool tokens (B, P + N, C) on their grid -> (B, P + N', C) and the pooled grid; the P prefix tokens
+    pass through unchanged.
 
-
-_CONV = {2: F.conv2d, 3: F.conv3d}
-
-
-def pool_tokens(
-        x: Tensor,
-        grid: Grid,
-        pool: nn.Module,
-        num_prefix: int,
-        heads: int = 1,
-) -> tuple[Tensor, Grid]:
-    """Pool tokens (B, P + N, C) on their grid; the P prefix tokens pass through unchanged.
-
-    `pool` is a max/avg pool, or a depthwise conv over one head's channels (C / heads) that is shared
-    by all heads: heads stay folded in the channels and the conv runs once, channels-last, with its
-    kernel repeated per head. Returns (B, P + N', C) and the pooled grid.
+    'conv' is a depthwise conv over one head's channels (C / heads) shared by all heads (its `weight`
+    is the reference's `pool_q.weight`): heads stay folded in the channels and the conv runs once,
+    channels-last, with its kernel repeated per head. 'max' and 'avg' pool every channel.
     """
-    prefix, x = x[:, :num_prefix], x[:, num_prefix:]
-    B, _, C = x.shape
-    nd = len(grid)
-    x = x.reshape((B,) + tuple(grid) + (C,)).movedim(-1, 1).contiguous(memory_format=_channels_last(nd))
-    if isinstance(pool, nn.modules.conv._ConvNd):
-        weight = pool.weight.repeat((heads,) + (1,) * (pool.weight.ndim - 1))
-        x = _CONV[nd](x, weight, None, pool.stride, pool.padding, 1, C)
-    else:
-        x = pool(x)
-    grid = tuple(x.shape[2:])
-    x = x.movedim(1, -1).reshape(B, -1, C)
-    if num_prefix:
-        x = torch.cat((prefix, x), dim=1)
-    return x, grid
 
+    def __init__(self, mode: str, nd: int, channels: int, kernel: Grid, stride: Grid, num_prefix: int,
+                 heads: int = 1) -> None:
+        super().__init__()
+        if mode not in ("conv", "max", "avg"):
+            raise ValueError(f"pool_mode must be 'conv', 'max' or 'avg', got {mode!r}")
+        self.mode = mode
+        self.nd = nd
+        self.heads = heads
+        self.num_prefix = num_prefix
+        self.kernel_size = list(kernel)
+        self.stride = list(stride)
+        self.padding = [k // 2 for k in kernel]
+        self.weight: Optional[nn.Parameter] = None
+        if mode == "conv":
+            self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv's default init
 
-def _pool_module(mode: str, nd: int, channels: int, kernel: Grid, stride: Grid) -> nn.Module:
-    padding = tuple(k // 2 for k in kernel)
-    if mode == "conv":
-        conv = (nn.Conv2d if nd == 2 else nn.Conv3d)
-        return conv(channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False)
-    pool = {("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
-    return pool[mode, nd](kernel, stride, padding)
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        p = self.num_prefix
+        prefix, x = x[:, :p], x[:, p:]
+        B, C = x.shape[0], x.shape[2]
+        x = x.reshape([B] + grid + [C]).movedim(-1, 1)
+        if self.nd == 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.weight is not None:
+            weight = self.weight.repeat([self.heads] + [1] * (self.weight.dim() - 1))
+            ones = [1] * self.nd
+            if self.nd == 2:
+                x = F.conv2d(x, weight, None, self.stride, self.padding, ones, C)
+            else:
+                x = F.conv3d(x, weight, None, self.stride, self.padding, ones, C)
+        elif self.mode == "max":
+            if self.nd == 2:
+                x = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            else:
+                x = F.max_pool3d(x, self.kernel_size, self.stride, self.padding)
+        else:
+            if self.nd == 2:
+                x = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+            else:
+                x = F.avg_pool3d(x, self.kernel_size, self.stride, self.padding)
+        grid = list(x.shape[2:])
+        x = x.movedim(1, -1).reshape(B, -1, C)
+        if p > 0:
+            x = torch.cat((prefix, x), dim=1)
+        return x, grid
+
+    def extra_repr(self) -> str:
+        return f"{self.mode}, kernel={self.kernel_size}, stride={self.stride}, heads={self.heads}"
 
 
 def rel_pos_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
@@ -205,6 +222,14 @@ def rel_pos_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
 _cached_rel_pos_index = functools.lru_cache(maxsize=256)(rel_pos_index)
 
 
+@torch.jit.unused
+def _cached_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
+    # (inference-mode tensors cannot be saved for a later backward, so none enter the cache)
+    if _tracing() or torch.is_inference_mode_enabled():
+        return rel_pos_index(q_size, k_size, device)
+    return _cached_rel_pos_index(q_size, k_size, device)
+
+
 def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
     """Relative-position embeddings (q_size, k_size, C) for one axis, from a (L, C) table.
 
@@ -214,23 +239,23 @@ def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
     length = 2 * max(q_size, k_size) - 1
     if table.shape[0] != length:
         table = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
-    # (inference-mode tensors cannot be saved for a later backward, so none enter the cache)
-    index = rel_pos_index if _tracing() or torch.is_inference_mode_enabled() else _cached_rel_pos_index
-    return F.embedding(index(q_size, k_size, table.device), table)
+    if torch.jit.is_scripting():
+        index = rel_pos_index(q_size, k_size, table.device)
+    else:
+        index = _cached_index(q_size, k_size, table.device)
+    return F.embedding(index, table)
 
 
+@torch.jit.unused
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-_AXES = "thw"
-
-
 def rel_pos_bias(
         q: Tensor,
-        q_grid: Grid,
-        k_grid: Grid,
-        tables: Sequence[Optional[Tensor]],
+        q_grid: List[int],
+        k_grid: List[int],
+        tables: List[Optional[Tensor]],
         num_prefix: int,
 ) -> Tensor:
     """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
@@ -238,23 +263,28 @@ def rel_pos_bias(
     q: (B, heads, P + Nq, d). `tables` has one (L, d) table or None per grid axis. The bias of a
     query/key pair is the sum over axes of q . R_axis[q_pos, k_pos]; prefix rows and columns are 0.
     """
-    B, H, _, d = q.shape
+    B, H, d = q.shape[0], q.shape[1], q.shape[3]
     nd = len(q_grid)
-    letters = _AXES[-nd:]
-    n_q, n_k = _prod(q_grid), _prod(k_grid)
-    r_q = q[:, :, num_prefix:].reshape((B, H) + tuple(q_grid) + (d,))
+    letters = "thw"[3 - nd:]
+    n_q = 1
+    for g in q_grid:
+        n_q *= g
+    r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
     bias: Optional[Tensor] = None
-    for axis, table in enumerate(tables):
-        if table is None:
-            continue
-        r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
-        rel = torch.einsum(f"bn{letters}c,{letters[axis]}kc->bn{letters}k", r_q, r)
-        rel = rel.reshape((B, H, n_q) + tuple(k if a == axis else 1 for a, k in enumerate(k_grid)))
-        bias = rel if bias is None else bias + rel
-    assert bias is not None
-    bias = bias.expand((B, H, n_q) + tuple(k_grid)).reshape(B, H, n_q, n_k)
-    if num_prefix:
-        bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
+    for axis in range(nd):
+        table = tables[axis]
+        if table is not None:
+            r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
+            rel = torch.einsum("bn" + letters + "c," + letters[axis] + "kc->bn" + letters + "k", r_q, r)
+            shape = [B, H, n_q]
+            for a in range(nd):
+                shape.append(k_grid[a] if a == axis else 1)
+            rel = rel.reshape(shape)
+            bias = rel if bias is None else bias + rel
+    assert bias is not None, "rel_pos_bias needs a table for at least one axis"
+    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
+    if num_prefix > 0:
+        bias = F.pad(bias, [num_prefix, 0, num_prefix, 0])
     return bias
 
 
@@ -270,9 +300,9 @@ class PatchEmbed(nn.Module):
         conv = nn.Conv2d if len(kernel) == 2 else nn.Conv3d
         self.proj = conv(in_chans, dim, kernel_size=kernel, stride=stride, padding=padding)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
+    def forward(self, x: Tensor) -> Tuple[Tensor, List[int]]:
         x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), list(x.shape[2:])
 
 
 @dataclass(frozen=True)
@@ -352,7 +382,7 @@ class MultiScaleAttention(nn.Module):
         def pool(kernel: Optional[Grid], stride: Grid) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
             if kernel is None:
                 return None, None
-            module = _pool_module(cfg.pool_mode, nd, self.head_dim, kernel, stride)
+            module = TokenPool(cfg.pool_mode, nd, self.head_dim, kernel, stride, self.num_prefix, self.num_heads)
             return module, (pool_norm(self.head_dim) if cfg.pool_mode == "conv" else None)
 
         self.pool_q, self.norm_q = pool(spec.kernel_q, spec.stride_q)
@@ -376,36 +406,53 @@ class MultiScaleAttention(nn.Module):
                 self.rel_pos_t = nn.Parameter(torch.zeros(2 * spec.grid[0] - 1, self.head_dim))
                 trunc_normal_tf_(self.rel_pos_t, std=0.02)
 
-    def _pool(self, x: Tensor, grid: Grid, pool: Optional[nn.Module], norm: Optional[nn.Module]) -> tuple[Tensor, Grid]:
-        """(B, P + N, C) -> pooled and normalised per head, (B, P + N', C)."""
-        if pool is None:
-            return x, grid
-        x, grid = pool_tokens(x, grid, pool, self.num_prefix, self.num_heads)
-        if norm is not None:
-            B, L, C = x.shape
-            x = norm(x.view(B, L, self.num_heads, self.head_dim)).view(B, L, C)
-        return x, grid
-
     def _heads(self, x: Tensor) -> Tensor:
         """(B, L, C) -> (B, heads, L, head_dim), a view."""
-        B, L, _ = x.shape
-        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, L, C_in) -> q, k, v, each (B, L, C_out).
+
+        Three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
+        channels-last pooling reads it without a copy.
+        """
+        w_q, w_k, w_v = self.qkv.weight.chunk(3)
+        b_q: Optional[Tensor] = None
+        b_k: Optional[Tensor] = None
+        b_v: Optional[Tensor] = None
+        if self.qkv.bias is not None:
+            b_q, b_k, b_v = self.qkv.bias.chunk(3)
+        return F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
-        B = x.shape[0]
-        # three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
-        # channels-last pooling below reads it without a copy
-        biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
-        q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), biases))
-        q, q_grid = self._pool(q, grid, self.pool_q, self.norm_q)
-        k, k_grid = self._pool(k, grid, self.pool_k, self.norm_k)
-        v, _ = self._pool(v, grid, self.pool_v, self.norm_v)
+        q, k, v = self.project_qkv(x)
+        return self.attend(q, k, v, grid)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid."""
+        B, h, d = q.shape[0], self.num_heads, self.head_dim
+        q_grid, k_grid = grid, grid
+        # pool, then normalise per head (heads are folded in the channels)
+        if self.pool_q is not None:
+            q, q_grid = self.pool_q(q, grid)
+        if self.norm_q is not None:
+            q = self.norm_q(q.view(B, -1, h, d)).view(B, -1, h * d)
+        if self.pool_k is not None:
+            k, k_grid = self.pool_k(k, grid)
+        if self.norm_k is not None:
+            k = self.norm_k(k.view(B, -1, h, d)).view(B, -1, h * d)
+        if self.pool_v is not None:
+            v, _ = self.pool_v(v, grid)
+        if self.norm_v is not None:
+            v = self.norm_v(v.view(B, -1, h, d)).view(B, -1, h * d)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
 
-        bias = None
+        bias: Optional[Tensor] = None
         if self.rel_pos_h is not None:
-            tables = ([self.rel_pos_t] if len(grid) == 3 else []) + [self.rel_pos_h, self.rel_pos_w]
+            tables: List[Optional[Tensor]] = [self.rel_pos_h, self.rel_pos_w]
+            if len(grid) == 3:
+                tables.insert(0, self.rel_pos_t)
             bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix).to(q.dtype)
 
         if self.fused_attn:
@@ -443,10 +490,10 @@ class MultiScaleBlock(nn.Module):
 
         self.norm1 = norm_layer(dim)
         self.shortcut_proj_attn = nn.Linear(dim, dim_out) if cfg.expand_attn and dim != dim_out else None
-        self.shortcut_pool_attn: Optional[nn.Module] = None
+        self.shortcut_pool_attn: Optional[TokenPool] = None
         if _prod(spec.stride_q) > 1:
             kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
-            self.shortcut_pool_attn = _pool_module("max", nd, dim, kernel, spec.stride_q)
+            self.shortcut_pool_attn = TokenPool("max", nd, dim, kernel, spec.stride_q, self.num_prefix)
         self.attn = MultiScaleAttention(spec, cfg, attn_dim, norm_layer)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -455,12 +502,12 @@ class MultiScaleBlock(nn.Module):
         self.mlp = Mlp(in_features=attn_dim, hidden_features=int(attn_dim * cfg.mlp_ratio), out_features=dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         x_norm = self.norm1(x)
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
         shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
         if self.shortcut_pool_attn is not None:
-            shortcut, _ = pool_tokens(shortcut, grid, self.shortcut_pool_attn, self.num_prefix)
+            shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
         x, grid = self.attn(x_norm, grid)
         x = shortcut + self.drop_path1(x)
 
@@ -480,12 +527,18 @@ class MultiScaleStage(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._forward_checkpointed(x, grid)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x, grid = checkpoint(block, x, grid, use_reentrant=False)
-            else:
-                x, grid = block(x, grid)
+            x, grid = block(x, grid)
+        return x, grid
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        """Each block's activations are recomputed in backward instead of kept."""
+        for block in self.blocks:
+            x, grid = checkpoint(block, x, grid, use_reentrant=False)
         return x, grid
 
 
@@ -500,6 +553,8 @@ class MViT(nn.Module):
     LayerNorm, and a linear classifier on the class token ('token') or the mean of the grid tokens
     ('avg').
     """
+
+    __jit_unused_properties__ = ["min_input_size"]
 
     def __init__(
             self,
@@ -533,6 +588,7 @@ class MViT(nn.Module):
 
         self.patch_embed = PatchEmbed(in_chans, dim0, cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding)
         self.patch_grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
+        self._patch_grid = list(self.patch_grid)  # (as a list, the type the forward's grids have)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim0)) if cfg.use_cls_token else None
         self.pos_embed: Optional[nn.Parameter] = None
         self.pos_embed_spatial: Optional[nn.Parameter] = None
@@ -645,6 +701,7 @@ class MViT(nn.Module):
             total[0] = 1  # the padded patch conv makes one token of one frame; time is not pooled after it
         return tuple(total)
 
+    @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
         """Raise a ValueError/TypeError that names the problem and the fix for a malformed input."""
         nd = self.cfg.ndim
@@ -692,20 +749,31 @@ class MViT(nn.Module):
                 f"input too small for the pooling stack: {what}; each axis needs at least its total stride "
                 f"{self.min_input_size} so every stage keeps one token. Resize or pad the input")
 
+    def _check_input_scripted(self, x: Tensor) -> None:
+        """The checks of `check_input` that TorchScript can compile (rank, dtype, channels)."""
+        if x.dim() != len(self._patch_grid) + 2:
+            raise ValueError("expected a {}-D input (batch, channels, *grid), got {}-D {}; see "
+                             "MViT.check_input".format(len(self._patch_grid) + 2, x.dim(), x.shape))
+        if not x.is_floating_point():
+            raise TypeError("expected a floating-point input, got {}; convert and normalise it first".format(x.dtype))
+        if x.shape[1] != self.in_chans:
+            raise ValueError("expected {} input channels at dim 1, got {}; create the model with in_chans={}".format(
+                self.in_chans, x.shape[1], x.shape[1]))
+
     # -- forward -----------------------------------------------------------------------------------
 
-    def _pos_embed(self, grid: Grid) -> Optional[Tensor]:
+    def _pos_embed(self, grid: List[int]) -> Optional[Tensor]:
         """Absolute position embedding (1, P + N, C) for `grid`, interpolated from the build grid."""
         if self.pos_embed is not None:
             pos = self.pos_embed
-            if grid != self.patch_grid:
+            if grid != self._patch_grid:
                 prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
-                pos = _resize_grid(pos, self.patch_grid, grid)
+                pos = _resize_grid(pos, self._patch_grid, grid)
                 pos = torch.cat((prefix, pos), dim=1)
             return pos
         if self.pos_embed_spatial is None:
             return None
-        space = _resize_grid(self.pos_embed_spatial, self.patch_grid[-2:], grid[-2:])
+        space = _resize_grid(self.pos_embed_spatial, self._patch_grid[-2:], grid[-2:])
         if self.pos_embed_temporal is not None:
             time = self.pos_embed_temporal
             if time.shape[1] != grid[0]:
@@ -717,9 +785,12 @@ class MViT(nn.Module):
             pos = torch.cat((self.pos_embed_class, pos), dim=1)
         return pos
 
-    def embed(self, x: Tensor) -> tuple[Tensor, Grid]:
+    def embed(self, x: Tensor) -> Tuple[Tensor, List[int]]:
         """Input -> tokens (B, P + N, C) with class token and absolute positions, and their grid."""
-        self.check_input(x)
+        if torch.jit.is_scripting():
+            self._check_input_scripted(x)
+        else:
+            self.check_input(x)
         x, grid = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -746,7 +817,7 @@ class MViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _to_map(self, x: Tensor, grid: Grid) -> Tensor:
+    def _to_map(self, x: Tensor, grid: List[int]) -> Tensor:
         """Tokens (B, P + N, C) -> map (B, C, *grid), prefix tokens dropped."""
         B, _, C = x.shape
         return x[:, self.num_prefix_tokens:].reshape((B,) + tuple(grid) + (C,)).movedim(-1, 1)
@@ -809,13 +880,12 @@ def _layer_norm(eps: float) -> Callable[[int], nn.Module]:
     return functools.partial(nn.LayerNorm, eps=eps)
 
 
-def _resize_grid(tokens: Tensor, src: Grid, dst: Grid) -> Tensor:
+def _resize_grid(tokens: Tensor, src: List[int], dst: List[int]) -> Tensor:
     """Interpolate (1, prod(src), C) grid embeddings to (1, prod(dst), C): bicubic in 2D, trilinear in 3D."""
-    src, dst = tuple(src), tuple(dst)
     if src == dst:
         return tokens
     C = tokens.shape[-1]
-    x = tokens.reshape((1,) + src + (C,)).movedim(-1, 1)
+    x = tokens.reshape([1] + src + [C]).movedim(-1, 1)
     mode = "bicubic" if len(src) == 2 else "trilinear"
     x = F.interpolate(x, size=dst, mode=mode, align_corners=False)
     return x.movedim(1, -1).reshape(1, -1, C)
