@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, Mlp, trunc_normal_tf_
+from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
@@ -251,6 +251,12 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+@torch.jit.unused
+def _export_layout(x: Tensor) -> Tensor:
+    """Under torch.export, `x` copied to the contiguous layout its strides claim; else `x` itself."""
+    return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_exporting() else x
+
+
 def rel_pos_bias(
         q: Tensor,
         q_grid: List[int],
@@ -464,17 +470,34 @@ class MultiScaleAttention(nn.Module):
             out = attn.softmax(dim=-1) @ v
 
         if self.residual_pooling:
-            p = self.num_prefix
-            if p == 0 or self.residual_pool_cls:
-                out = out + q
-            else:
-                out = torch.cat((out[:, :, :p], out[:, :, p:] + q[:, :, p:]), dim=2)
+            p = 0 if self.residual_pool_cls else self.num_prefix
+            if torch.is_grad_enabled():
+                out = out + q if p == 0 else torch.cat((out[:, :, :p], out[:, :, p:] + q[:, :, p:]), dim=2)
+            else:  # in place: no new (B, heads, L, d) buffer (SDPA's backward would need the old value)
+                out[:, :, p:] += q[:, :, p:]
 
-        # (B, heads, L, d) -> (B, L, C) through an explicit contiguous copy: under torch.export, SDPA's CPU
-        # kernel reports a (B, L, heads, d) layout, so a reshape is traced as a view, which the ONNX
-        # exporter's math decomposition of SDPA cannot honour (pytorch/pytorch#136543, #141107)
-        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, -1, self.dim_out)
-        return self.proj(out), q_grid
+        # (B, heads, L, d) -> (B, L, C). SDPA's CPU/CUDA kernels lay `out` out as (B, L, heads, d), so this
+        # is a view. Under torch.export it is an explicit copy: the ONNX exporter's math decomposition of
+        # SDPA cannot honour that layout (pytorch/pytorch#136543, #141107)
+        out = out.transpose(1, 2)
+        if not torch.jit.is_scripting():
+            out = _export_layout(out)
+        return self.proj(out.reshape(B, -1, self.dim_out)), q_grid
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 on the last axis: (..., C_in) -> (..., C_out)."""
+
+    def __init__(self, dim: int, hidden: int, dim_out: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)
+        # without autograd, GELU in place: no second (..., hidden) buffer, the largest of the block
+        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+        return self.fc2(x)
 
 
 class MultiScaleBlock(nn.Module):
@@ -499,7 +522,7 @@ class MultiScaleBlock(nn.Module):
 
         self.norm2 = norm_layer(attn_dim)
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
-        self.mlp = Mlp(in_features=attn_dim, hidden_features=int(attn_dim * cfg.mlp_ratio), out_features=dim_out)
+        self.mlp = Mlp(attn_dim, int(attn_dim * cfg.mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
@@ -509,11 +532,15 @@ class MultiScaleBlock(nn.Module):
         if self.shortcut_pool_attn is not None:
             shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
         x, grid = self.attn(x_norm, grid)
-        x = shortcut + self.drop_path1(x)
+        # residual adds in place on the branch output, a fresh tensor whose backward needs no value of it
+        x = self.drop_path1(x)
+        x += shortcut
 
         x_norm = self.norm2(x)
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
-        return shortcut + self.drop_path2(self.mlp(x_norm)), grid
+        out = self.drop_path2(self.mlp(x_norm))
+        out += shortcut
+        return out, grid
 
 
 class MultiScaleStage(nn.Module):
