@@ -29,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
+from .attention import rel_pos_attention, rel_pos_bias
+
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
 __all__ = ["MViTCfg", "MViT", "MODEL_CFGS", "make_cfg"]
@@ -257,43 +259,6 @@ def _export_layout(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_exporting() else x
 
 
-def rel_pos_bias(
-        q: Tensor,
-        q_grid: List[int],
-        k_grid: List[int],
-        tables: List[Optional[Tensor]],
-        num_prefix: int,
-) -> Tensor:
-    """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
-
-    q: (B, heads, P + Nq, d). `tables` has one (L, d) table or None per grid axis. The bias of a
-    query/key pair is the sum over axes of q . R_axis[q_pos, k_pos]; prefix rows and columns are 0.
-    """
-    B, H, d = q.shape[0], q.shape[1], q.shape[3]
-    nd = len(q_grid)
-    letters = "thw"[3 - nd:]
-    n_q = 1
-    for g in q_grid:
-        n_q *= g
-    r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
-    bias: Optional[Tensor] = None
-    for axis in range(nd):
-        table = tables[axis]
-        if table is not None:
-            r = rel_pos_lookup(table, q_grid[axis], k_grid[axis])
-            rel = torch.einsum("bn" + letters + "c," + letters[axis] + "kc->bn" + letters + "k", r_q, r)
-            shape = [B, H, n_q]
-            for a in range(nd):
-                shape.append(k_grid[a] if a == axis else 1)
-            rel = rel.reshape(shape)
-            bias = rel if bias is None else bias + rel
-    assert bias is not None, "rel_pos_bias needs a table for at least one axis"
-    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
-    if num_prefix > 0:
-        bias = F.pad(bias, [num_prefix, 0, num_prefix, 0])
-    return bias
-
-
 # --------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +400,14 @@ class MultiScaleAttention(nn.Module):
         q, k, v = self.project_qkv(x)
         return self.attend(q, k, v, grid)
 
+    def _keeps_no_attention(self, q: Tensor) -> bool:
+        """Whether to train through `rel_pos_attention`: on CPU with autograd recording (SDPA's CUDA
+        kernels take the bias gradient themselves), and not under compile/export, whose graphs
+        decide on their own what to keep."""
+        if torch.jit.is_scripting() or not torch.is_grad_enabled() or q.device.type != "cpu":
+            return False
+        return not _tracing()
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid."""
         B, h, d = q.shape[0], self.num_heads, self.head_dim
@@ -455,19 +428,27 @@ class MultiScaleAttention(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
 
         bias: Optional[Tensor] = None
+        out: Optional[Tensor] = None
         if self.rel_pos_h is not None:
             tables: List[Optional[Tensor]] = [self.rel_pos_h, self.rel_pos_w]
             if len(grid) == 3:
                 tables.insert(0, self.rel_pos_t)
-            bias = rel_pos_bias(q, q_grid, k_grid, tables, self.num_prefix).to(q.dtype)
+            rel: List[Optional[Tensor]] = []
+            for axis, table in enumerate(tables):
+                rel.append(None if table is None else rel_pos_lookup(table, q_grid[axis], k_grid[axis]))
+            if self.fused_attn and self._keeps_no_attention(q):
+                out = rel_pos_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
+            else:
+                bias = rel_pos_bias(q, q_grid, k_grid, rel, self.num_prefix).to(q.dtype)
 
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
-            out = attn.softmax(dim=-1) @ v
+        if out is None:
+            if self.fused_attn:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                if bias is not None:
+                    attn = attn + bias
+                out = attn.softmax(dim=-1) @ v
 
         if self.residual_pooling:
             p = 0 if self.residual_pool_cls else self.num_prefix

@@ -19,6 +19,8 @@ import mvit_zoo
 from mvit_zoo.convert import convert_state_dict
 from mvit_zoo.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
 
+import references
+
 ATOL = 1e-4
 
 
@@ -220,3 +222,59 @@ def test_frozen_config_and_overrides() -> None:
         make_cfg(cfg, depth=3)
     with pytest.raises(ValueError, match="not divisible"):
         make_cfg(cfg, embed_dim=10, num_heads=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: gradients equal the reference's (the memory-saving training paths included)
+# ------------------------------------------------------------------------------------------------
+
+def _input_and_param_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    # (+ 1e-6 absolute: some gradients are 0 in exact arithmetic, e.g. the K-norm bias, which shifts every
+    # logit of a row equally; both implementations leave float32 noise there)
+    return (a - b).abs().max().item() <= tol * b.abs().max().item() + 1e-6
+
+
+@pytest.mark.parametrize("cls_token", [False, True], ids=["no_cls", "cls"])
+def test_timm_gradient_parity(cls_token: bool) -> None:
+    """Every parameter's gradient and the input gradient equal timm's (same weights, same loss)."""
+    ref, name, kwargs = references.timm_reference(cls_token)
+    ours = mvit_zoo.create_model(name, **kwargs).eval()  # eval: no dropout; autograd still records
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = references.image_input()
+    ref_dx, ref_grads = _input_and_param_grads(ref, x)
+    for fused in (True, False):
+        ours.set_fused_attn(fused)
+        dx, grads = _input_and_param_grads(ours, x)
+        assert _rel_close(dx, ref_dx), f"fused={fused}: input grad"
+        assert grads.keys() == ref_grads.keys()
+        bad = [n for n in grads if not _rel_close(grads[n], ref_grads[n])]
+        assert not bad, f"fused={fused}: gradients differ for {bad}"
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["mvit_v2_s", "mvit_v1_b"])
+def test_torchvision_input_gradient_parity(v2: bool) -> None:
+    """Video: the input gradient (which flows through every layer, rel-pos tables included) equals
+    torchvision's."""
+    ref, name, kwargs = references.tv_reference(v2)
+    ours = mvit_zoo.create_model(name, **kwargs).eval()
+    ours.load_state_dict(convert_state_dict(ref.state_dict(), ours), strict=True)
+    x = references.video_input()
+    ref_dx, ref_grads = _input_and_param_grads(ref.eval(), x)
+    dx, grads = _input_and_param_grads(ours, x)
+    assert _rel_close(dx, ref_dx)
+    # the rel-pos tables' gradients (v2), which the memory-saving CPU attention computes itself
+    tables = [n for n in grads if ".rel_pos_" in n]
+    assert len(tables) == (3 * sum(kwargs["depths"]) if v2 else 0)
+    flat = [f"stages.{i}.blocks.{j}." for i, d in enumerate(kwargs["depths"]) for j in range(d)]
+    for n in tables:
+        block, _, rest = n.partition(".attn.")
+        tv_name = f"blocks.{flat.index(block + '.')}.attn.{rest}"
+        assert _rel_close(grads[n], ref_grads[tv_name]), n

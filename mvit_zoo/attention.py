@@ -1,0 +1,124 @@
+"""Attention with the decomposed relative-position bias of MViTv2 (Li et al. 2022, eq. 4).
+
+`rel_pos_bias` builds the additive bias for `F.scaled_dot_product_attention` (inference, CUDA).
+`rel_pos_attention` is the CPU training path: SDPA on CPU cannot give a gradient for an additive
+mask, so with a bias that needs one it falls back to its math path, which keeps the probabilities
+and the bias (B, heads, Nq, Nk), and float32 copies of q, k, v under bf16 autocast, for the backward.
+`rel_pos_attention` runs the fused CPU kernel forward, keeps only q, k, v, the output and the row
+log-sum-exp, and recomputes the bias and the probabilities in the backward, as flash attention does.
+"""
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["rel_pos_bias", "rel_pos_attention"]
+
+
+def _axes(nd: int) -> str:
+    return "thw"[3 - nd:]
+
+
+def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+    """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
+
+    q: (B, heads, P + Nq, d) on `q_grid`. `rel` has, per grid axis a, the looked-up embeddings
+    R_a (q_a, k_a, d) or None. The bias of a query/key pair is the sum over axes of q . R_a[q_a, k_a];
+    the P prefix rows and columns are 0.
+    """
+    B, H, d = q.shape[0], q.shape[1], q.shape[3]
+    nd = len(q_grid)
+    letters = _axes(nd)
+    n_q = 1
+    for g in q_grid:
+        n_q *= g
+    r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
+    bias: Optional[Tensor] = None
+    for axis in range(nd):
+        r = rel[axis]
+        if r is not None:
+            term = torch.einsum("bn" + letters + "c," + letters[axis] + "kc->bn" + letters + "k", r_q, r)
+            shape = [B, H, n_q]
+            for a in range(nd):
+                shape.append(k_grid[a] if a == axis else 1)
+            term = term.reshape(shape)
+            bias = term if bias is None else bias + term
+    assert bias is not None, "rel_pos_bias needs a table for at least one axis"
+    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
+    if num_prefix > 0:
+        bias = F.pad(bias, [num_prefix, 0, num_prefix, 0])
+    return bias
+
+
+class _RelPosAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias(q, R)) v, keeping no (Nq, Nk) tensor between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+                num_prefix: int, *rel: Optional[Tensor]) -> Tensor:
+        bias = rel_pos_bias(q, q_grid, k_grid, list(rel), num_prefix)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, *rel)
+        ctx.meta = (scale, q_grid, k_grid, num_prefix)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        q, k, v, out, lse, *rel = ctx.saved_tensors
+
+        scale, q_grid, k_grid, p = ctx.meta
+        B, H, d = q.shape[0], q.shape[1], q.shape[3]
+        f32 = torch.float32
+        # recompute the probabilities from the saved log-sum-exp, in float32
+        bias = rel_pos_bias(q, q_grid, k_grid, rel, p).to(f32)
+        logits = torch.matmul(q, k.transpose(-2, -1)).to(f32).mul_(scale).add_(bias)
+        del bias
+        prob = logits.sub_(lse.unsqueeze(-1)).exp_()
+        d_out = d_out.contiguous()
+        # dS = P * (dP - rowsum(dO * O)), the gradient of the logits (and of the bias)
+        d_logits = torch.matmul(d_out, v.transpose(-2, -1)).to(f32)
+        d_logits.sub_((d_out.to(f32) * out.to(f32)).sum(-1, keepdim=True)).mul_(prob)
+        d_v = torch.matmul(prob.to(v.dtype).transpose(-2, -1), d_out)
+        del prob
+        d_low = d_logits.to(q.dtype)
+        d_q = torch.matmul(d_low, k).mul_(scale)
+        d_k = torch.matmul(d_low.transpose(-2, -1), q).mul_(scale)
+        # the bias: per axis, dS summed over the other key axes, then into q and the embeddings
+        nd = len(q_grid)
+        letters = _axes(nd)
+        d_bias = d_logits[:, :, p:, p:].reshape([B, H] + q_grid + k_grid)
+        r_q = q[:, :, p:].reshape([B, H] + q_grid + [d])
+        d_rel: List[Optional[Tensor]] = []
+        d_rq: Optional[Tensor] = None
+        for axis, r in enumerate(rel):
+            if r is None:
+                d_rel.append(None)
+                continue
+            others = [nd + 2 + a for a in range(nd) if a != axis]
+            d_term = (d_bias.sum(dim=others) if others else d_bias).to(q.dtype)  # (B, H, *q_grid, k_a)
+            grad = torch.einsum(f"bn{letters}k,{letters[axis]}kc->bn{letters}c", d_term, r.to(q.dtype))
+            d_rq = grad if d_rq is None else d_rq + grad
+            d_rel.append(torch.einsum(f"bn{letters}k,bn{letters}c->{letters[axis]}kc", d_term, r_q).to(r.dtype))
+        if d_rq is not None:
+            d_q[:, :, p:] += d_rq.reshape(B, H, -1, d)
+        return (d_q, d_k, d_v, None, None, None, None, *d_rel)
+
+
+@torch.jit.unused
+def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+                      rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+    """softmax(q k^T * scale + rel_pos_bias) v for CPU training: (B, heads, P + Nq, d) -> same shape.
+
+    Same values and gradients as `F.scaled_dot_product_attention(q, k, v, rel_pos_bias(...))`; under
+    autocast q, k, v run in the autocast dtype as SDPA's would.
+    """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        rel = [None if r is None else r.to(dtype) for r in rel]
+    with torch.autocast(device, enabled=False):
+        return _RelPosAttention.apply(q, k, v, scale, list(q_grid), list(k_grid), num_prefix, *rel)

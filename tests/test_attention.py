@@ -1,0 +1,98 @@
+"""`rel_pos_attention` (the CPU training path) against SDPA with the `rel_pos_bias` mask: same values
+and gradients, 2D and 3D, with and without a prefix token, float64 / float32 / bf16 autocast, and it
+keeps no (Nq, Nk) tensor for the backward."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvit_zoo.attention import rel_pos_attention, rel_pos_bias
+
+CASES = [  # q grid, k grid, prefix tokens, axes with a table
+    ([4, 3], [2, 3], 0, [0, 1]),
+    ([4, 4], [2, 2], 1, [0, 1]),
+    ([2, 4, 3], [2, 2, 3], 1, [0, 1, 2]),
+    ([2, 4, 3], [1, 2, 3], 0, [1, 2]),  # no temporal table
+]
+
+
+def _inputs(q_grid, k_grid, prefix, axes, dtype, heads=2, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = math.prod(q_grid) + prefix, math.prod(k_grid) + prefix
+    q, k, v = (torch.randn(2, heads, n, d, generator=g, dtype=dtype) for n in (n_q, n_k, n_k))
+    rel = [torch.randn(qs, ks, d, generator=g, dtype=dtype) if a in axes else None
+           for a, (qs, ks) in enumerate(zip(q_grid, k_grid))]
+    return q, k, v, rel
+
+
+def _reference(q, k, v, q_grid, k_grid, rel, prefix):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=rel_pos_bias(q, q_grid, k_grid, rel, prefix), scale=0.3)
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+def test_gradcheck_float64(q_grid, k_grid, prefix, axes) -> None:
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float64)
+    tables = [r for r in rel if r is not None]
+    for t in (q, k, v, *tables):
+        t.requires_grad_(True)
+
+    def fn(q, k, v, *tables):
+        it = iter(tables)
+        return rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, [next(it) if r is not None else None for r in rel], prefix)
+
+    assert torch.allclose(fn(q, k, v, *tables), _reference(q, k, v, q_grid, k_grid, rel, prefix))
+    assert torch.autograd.gradcheck(fn, (q, k, v, *tables))
+
+
+def _grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*tensors)
+    out.float().mul(torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16_autocast"])
+def test_matches_sdpa_float32_and_autocast(dtype, tol) -> None:
+    q_grid, k_grid, prefix = [2, 4, 4], [2, 2, 2], 1
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, [0, 1, 2], torch.float32, d=8)
+    tensors = [q, k, v, *rel]
+
+    def ours(q, k, v, *rel):
+        return rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, list(rel), prefix)
+
+    def ref(q, k, v, *rel):
+        if dtype != torch.float32:  # what the model's SDPA path computes under autocast
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            rel = [r.to(dtype) for r in rel]
+        return _reference(q, k, v, q_grid, k_grid, list(rel), prefix)
+
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out, grads = _grads(ours, tensors)
+        ref_out, ref_grads = _grads(ref, tensors)
+    assert out.dtype == ref_out.dtype == dtype
+    scale = lambda t: t.float().abs().max().item()  # noqa: E731
+    assert (out.float() - ref_out.float()).abs().max().item() <= tol * scale(ref_out)
+    for name, a, b in zip(["q", "k", "v", "t", "h", "w"], grads, ref_grads):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a - b).abs().max().item() <= tol * scale(b), name
+
+
+def test_keeps_no_attention_sized_tensor_for_backward() -> None:
+    """SDPA with a bias that needs a gradient keeps (B, heads, Nq, Nk) tensors; this keeps none."""
+    q_grid, k_grid = [16, 16], [4, 4]
+    q, k, v, rel = _inputs(q_grid, k_grid, 0, [0, 1], torch.float32, d=8)
+    for t in (q, k, v, *rel):
+        t.requires_grad_(True)
+
+    def saved_shapes(fn):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            fn()
+        return shapes
+
+    attn_shape = (2, 2, 256, 16)
+    assert attn_shape in saved_shapes(lambda: _reference(q, k, v, q_grid, k_grid, rel, 0))
+    assert attn_shape not in saved_shapes(lambda: rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, rel, 0))
