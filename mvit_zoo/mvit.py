@@ -30,6 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import rel_pos_attention, rel_pos_bias
+from .fused import norm_mlp
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -253,6 +254,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def _training_graph() -> bool:
+    """Whether autograd records this eager forward (not scripted, compiled or exported: those graphs
+    decide on their own what to keep for backward)."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return False
+    return not _tracing()
+
+
 @torch.jit.unused
 def _export_layout(x: Tensor) -> Tensor:
     """Under torch.export, `x` copied to the contiguous layout its strides claim; else `x` itself."""
@@ -401,12 +410,9 @@ class MultiScaleAttention(nn.Module):
         return self.attend(q, k, v, grid)
 
     def _keeps_no_attention(self, q: Tensor) -> bool:
-        """Whether to train through `rel_pos_attention`: on CPU with autograd recording (SDPA's CUDA
-        kernels take the bias gradient themselves), and not under compile/export, whose graphs
-        decide on their own what to keep."""
-        if torch.jit.is_scripting() or not torch.is_grad_enabled() or q.device.type != "cpu":
-            return False
-        return not _tracing()
+        """Whether to train through `rel_pos_attention`: on CPU (SDPA's CUDA kernels take the bias
+        gradient themselves) when autograd records an eager forward."""
+        return q.device.type == "cpu" and _training_graph()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid."""
@@ -505,6 +511,7 @@ class MultiScaleBlock(nn.Module):
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
         self.mlp = Mlp(attn_dim, int(attn_dim * cfg.mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.fused_mlp = True  # train norm2 + MLP through `norm_mlp` (see MViT.set_memory_efficient)
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         x_norm = self.norm1(x)
@@ -517,11 +524,20 @@ class MultiScaleBlock(nn.Module):
         x = self.drop_path1(x)
         x += shortcut
 
+        if not torch.jit.is_scripting() and self.shortcut_proj_mlp is None and self.fused_mlp and _training_graph():
+            # (out of place: autograd forbids writing into a custom function's output, a view of its GEMM's)
+            return x + self.drop_path2(self._norm_mlp(x)), grid
         x_norm = self.norm2(x)
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
         out = self.drop_path2(self.mlp(x_norm))
         out += shortcut
         return out, grid
+
+    @torch.jit.unused
+    def _norm_mlp(self, x: Tensor) -> Tensor:
+        """norm2 and the MLP as one autograd function that recomputes the norm and GELU outputs in backward."""
+        norm, mlp = self.norm2, self.mlp
+        return norm_mlp(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
 class MultiScaleStage(nn.Module):
@@ -672,6 +688,12 @@ class MViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def set_memory_efficient(self, enable: bool = True) -> None:
+        """Train the norm2 + MLP branch through `norm_mlp` (default), which keeps 1/4 of its activations."""
+        for m in self.modules():
+            if isinstance(m, MultiScaleBlock):
+                m.fused_mlp = enable
 
     def set_fused_attn(self, enable: bool = True) -> None:
         """Use `scaled_dot_product_attention` (default) or the explicit softmax(QK^T + bias) V path."""

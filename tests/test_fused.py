@@ -1,0 +1,79 @@
+"""`norm_mlp` against the plain modules (LayerNorm, Linear, GELU, Linear): same values and gradients in
+float64 (gradcheck), float32 and bf16 autocast, without biases too, and it keeps neither the LayerNorm
+nor the GELU output for the backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvit_zoo.fused import norm_mlp
+
+
+def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return [1 + 0.1 * r(c), 0.1 * r(c), r(hidden, c) * 0.3, r(hidden) * 0.1 if bias else None,
+            r(c_out, hidden) * 0.3, r(c_out) * 0.1 if bias else None]
+
+
+def _plain(x, nw, nb, w1, b1, w2, b2, eps=1e-6):
+    return F.linear(F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], nw, nb, eps), w1, b1)), w2, b2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(bias: bool) -> None:
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_(True) if p is not None else None for p in _params(torch.float64, bias=bias)]
+
+    def fn(x, *given):
+        it = iter(given)
+        p = [next(it) if q is not None else None for q in params]
+        return norm_mlp(x, p[0], p[1], 1e-6, *p[2:])
+
+    tensors = [p for p in params if p is not None]
+    assert torch.allclose(fn(x, *tensors), _plain(x, *params))
+    assert torch.autograd.gradcheck(fn, (x, *tensors))
+
+
+def _grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*tensors)
+    out.float().mul(torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("autocast,tol", [(False, 1e-5), (True, 2e-2)], ids=["fp32", "bf16_autocast"])
+def test_matches_plain_modules(autocast: bool, tol: float) -> None:
+    x = torch.randn(4, 10, 6)
+    tensors = [x, *_params(torch.float32)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, grads = _grads(lambda x, *p: norm_mlp(x, p[0], p[1], 1e-6, *p[2:]), tensors)
+        ref, ref_grads = _grads(_plain, tensors)
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    for name, a, b in zip(["x", "norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+                          grads, ref_grads):
+        assert a.dtype == b.dtype
+        assert (a - b).abs().max() <= tol * b.abs().max(), name
+
+
+def test_keeps_only_input_and_fc1_output() -> None:
+    x = torch.randn(4, 50, 6, requires_grad=True)
+    params = [p.requires_grad_(True) for p in _params(torch.float32)]
+
+    def saved_bytes(fn) -> int:
+        storages = {}
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(storages.values())
+
+    fused = saved_bytes(lambda: norm_mlp(x, params[0], params[1], 1e-6, *params[2:]))
+    plain = saved_bytes(lambda: _plain(x, *params))
+    activations = x.numel() * 4  # bytes of x; hidden is 2x
+    weights = sum(p.numel() * 4 for p in params)
+    assert fused <= activations * (1 + 2) + weights + 2 * 4 * 200  # x, fc1 output, weights, mean/rstd
+    assert plain >= activations * (1 + 1 + 2 + 2)  # x, norm output, fc1 and GELU outputs
