@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import rel_pos_attention, rel_pos_bias
-from .fused import norm_mlp
+from .fused import compute_dtype, depthwise_conv, norm_mlp
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -181,7 +181,9 @@ class TokenPool(nn.Module):
         if self.weight is not None:
             weight = self.weight.repeat([self.heads] + [1] * (self.weight.dim() - 1))
             ones = [1] * self.nd
-            if self.nd == 2:
+            if not torch.jit.is_scripting() and _training_graph() and compute_dtype(x) != torch.float32:
+                x = depthwise_conv(x, weight, self.stride, self.padding)  # its backward in float32: faster
+            elif self.nd == 2:
                 x = F.conv2d(x, weight, None, self.stride, self.padding, ones, C)
             else:
                 x = F.conv3d(x, weight, None, self.stride, self.padding, ones, C)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.fused import norm_mlp
+from mvit_zoo.fused import depthwise_conv, norm_mlp
 
 
 def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
@@ -77,3 +77,41 @@ def test_keeps_only_input_and_fc1_output() -> None:
     weights = sum(p.numel() * 4 for p in params)
     assert fused <= activations * (1 + 2) + weights + 2 * 4 * 200  # x, fc1 output, weights, mean/rstd
     assert plain >= activations * (1 + 1 + 2 + 2)  # x, norm output, fc1 and GELU outputs
+
+
+# -- depthwise_conv -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,stride", [((2, 4, 6, 5), [2, 1]), ((1, 3, 3, 6, 5), [1, 2, 2])], ids=["2d", "3d"])
+def test_depthwise_conv_gradcheck(shape, stride) -> None:
+    nd = len(shape) - 2
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((shape[1], 1) + (3,) * nd, dtype=torch.float64, requires_grad=True)
+    conv = F.conv2d if nd == 2 else F.conv3d
+    padding = [1] * nd
+    assert torch.allclose(depthwise_conv(x, w, stride, padding), conv(x, w, None, stride, padding, 1, shape[1]))
+    assert torch.autograd.gradcheck(lambda x, w: depthwise_conv(x, w, stride, padding), (x, w))
+
+
+def test_depthwise_conv_bf16_autocast_grads_are_float32_accurate() -> None:
+    """Under bf16 autocast the forward is autocast's bf16 conv; the gradients are computed in float32
+    from the same bf16 inputs, so they are at least as close to the float32 truth as bf16 conv's own."""
+    x = torch.randn(2, 8, 4, 12, 12).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(8, 1, 3, 3, 3)
+    stride, padding = [1, 2, 2], [1, 1, 1]
+
+    def run(fn, autocast):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(xs, ws)
+        out.float().mul(torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out, xs.grad, ws.grad
+
+    plain = lambda x, w: F.conv3d(x, w, None, stride, padding, 1, 8)  # noqa: E731
+    ours = lambda x, w: depthwise_conv(x, w, stride, padding)  # noqa: E731
+    truth = run(plain, False)
+    low, ref_low = run(ours, True), run(plain, True)
+    assert low[0].dtype == ref_low[0].dtype == torch.bfloat16
+    assert torch.equal(low[0], ref_low[0])  # same forward
+    for a, b, t in zip(low[1:], ref_low[1:], truth[1:]):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a - t).abs().max() <= (b - t).abs().max() * 1.01 + 1e-6
