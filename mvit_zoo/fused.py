@@ -5,18 +5,20 @@
   fc1 output (for GELU) and the GELU output (for fc2's weight gradient), 1 + 4 + 4 times the block's
   activation size at MLP ratio 4. `norm_mlp` keeps only the fc1 output and recomputes the other two in
   backward: one LayerNorm and one GELU, elementwise, against the block's six GEMMs.
+- `norm_linears`: LayerNorm then several linears (the block's q, k, v and shortcut projections) keeping
+  the LayerNorm input only.
 - `depthwise_conv`: the pooling conv with its backward in float32 when the forward runs in bf16/fp16.
 
 The model uses them only when autograd records an eager forward; scripted, compiled and exported graphs
 keep the plain ops (their compilers decide what to keep).
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["norm_mlp", "depthwise_conv", "compute_dtype"]
+__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "compute_dtype"]
 
 
 @torch.jit.unused
@@ -59,6 +61,59 @@ class _NormMlp(torch.autograd.Function):
         d_x, d_norm_w, d_norm_b = torch.ops.aten.native_layer_norm_backward(
             d_norm, x, shape, mean, rstd, norm_weight, norm_bias, mask)
         return d_x, d_norm_w, d_norm_b, None, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b
+
+
+class _NormLinears(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, n: int,
+                *weights_and_biases: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        weights, biases = weights_and_biases[:n], weights_and_biases[n:]
+        x_norm, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+        x_norm = x_norm.to(weights[0].dtype)
+        outs = tuple(F.linear(x_norm, w, b) for w, b in zip(weights, biases))
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, *weights)
+        ctx.eps, ctx.n, ctx.has_bias = eps, n, [b is not None for b in biases]
+        return outs
+
+    @staticmethod
+    def backward(ctx, *d_outs: Optional[Tensor]):
+        x, mean, rstd, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        shape, n, need = [x.shape[-1]], ctx.n, ctx.needs_input_grad
+        x_norm = torch.native_layer_norm(x, shape, norm_weight, norm_bias, ctx.eps)[0].to(weights[0].dtype)
+        x_norm2 = x_norm.reshape(-1, shape[0])
+        d_weights: List[Optional[Tensor]] = [None] * n
+        d_biases: List[Optional[Tensor]] = [None] * n
+        d_norm: Optional[Tensor] = None
+        for i, (w, d) in enumerate(zip(weights, d_outs)):
+            if d is None:
+                continue
+            d2 = d.reshape(-1, d.shape[-1])
+            if need[5 + i]:
+                d_weights[i] = d2.t() @ x_norm2
+            if need[5 + n + i] and ctx.has_bias[i]:
+                d_biases[i] = d2.sum(0)
+            d_norm = d @ w if d_norm is None else d_norm + d @ w
+        if d_norm is None:
+            return (None,) * (5 + 2 * n)
+        mask = [need[0], need[1] and norm_weight is not None, need[2] and norm_bias is not None]
+        d_x, d_norm_w, d_norm_b = torch.ops.aten.native_layer_norm_backward(
+            d_norm.to(x.dtype), x, shape, mean, rstd, norm_weight, norm_bias, mask)
+        return (d_x, d_norm_w, d_norm_b, None, None, *d_weights, *d_biases)
+
+
+@torch.jit.unused
+def norm_linears(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
+                 weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tuple[Tensor, ...]:
+    """linear(layer_norm(x), w_i, b_i) for each i, (..., C) -> (..., C_i) each, keeping x but not the
+    LayerNorm output (recomputed in backward). Autocast precisions as in `norm_mlp`."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x = x.float()
+        weights = [w.to(dtype) for w in weights]
+        biases = [None if b is None else b.to(dtype) for b in biases]
+    with torch.autocast(device, enabled=False):
+        return _NormLinears.apply(x, norm_weight, norm_bias, eps, len(weights), *weights, *biases)
 
 
 @torch.jit.unused

@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import rel_pos_attention, rel_pos_bias
-from .fused import compute_dtype, depthwise_conv, norm_mlp
+from .fused import compute_dtype, depthwise_conv, norm_linears, norm_mlp
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -513,20 +513,26 @@ class MultiScaleBlock(nn.Module):
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
         self.mlp = Mlp(attn_dim, int(attn_dim * cfg.mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.fused_mlp = True  # train norm2 + MLP through `norm_mlp` (see MViT.set_memory_efficient)
+        self.memory_efficient = True  # train through mvit_zoo.fused (see MViT.set_memory_efficient)
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        x_norm = self.norm1(x)
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
-        shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
-        if self.shortcut_pool_attn is not None:
-            shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
-        x, grid = self.attn(x_norm, grid)
+        if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
+            q, k, v, shortcut = self._norm_qkv(x)
+            if self.shortcut_pool_attn is not None:
+                shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
+            x, grid = self.attn.attend(q, k, v, grid)
+        else:
+            x_norm = self.norm1(x)
+            shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
+            if self.shortcut_pool_attn is not None:
+                shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
+            x, grid = self.attn(x_norm, grid)
         # residual adds in place on the branch output, a fresh tensor whose backward needs no value of it
         x = self.drop_path1(x)
         x += shortcut
 
-        if not torch.jit.is_scripting() and self.shortcut_proj_mlp is None and self.fused_mlp and _training_graph():
+        if not torch.jit.is_scripting() and self.shortcut_proj_mlp is None and self.memory_efficient and _training_graph():
             # (out of place: autograd forbids writing into a custom function's output, a view of its GEMM's)
             return x + self.drop_path2(self._norm_mlp(x)), grid
         x_norm = self.norm2(x)
@@ -534,6 +540,18 @@ class MultiScaleBlock(nn.Module):
         out = self.drop_path2(self.mlp(x_norm))
         out += shortcut
         return out, grid
+
+    @torch.jit.unused
+    def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """norm1, q, k, v (and the shortcut projection) as one autograd function that keeps only x."""
+        qkv, proj = self.attn.qkv, self.shortcut_proj_attn
+        weights = list(qkv.weight.chunk(3))
+        biases = list(qkv.bias.chunk(3)) if qkv.bias is not None else [None] * 3
+        if proj is not None:
+            weights.append(proj.weight)
+            biases.append(proj.bias)
+        outs = norm_linears(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, weights, biases)
+        return outs[0], outs[1], outs[2], (outs[3] if proj is not None else x)
 
     @torch.jit.unused
     def _norm_mlp(self, x: Tensor) -> Tensor:
@@ -692,10 +710,11 @@ class MViT(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_memory_efficient(self, enable: bool = True) -> None:
-        """Train the norm2 + MLP branch through `norm_mlp` (default), which keeps 1/4 of its activations."""
+        """Train through `mvit_zoo.fused` (default): norm1 + q/k/v and norm2 + MLP as autograd functions that
+        recompute the LayerNorm and GELU outputs in backward instead of keeping them (same gradients)."""
         for m in self.modules():
             if isinstance(m, MultiScaleBlock):
-                m.fused_mlp = enable
+                m.memory_efficient = enable
 
     def set_fused_attn(self, enable: bool = True) -> None:
         """Use `scaled_dot_product_attention` (default) or the explicit softmax(QK^T + bias) V path."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.fused import depthwise_conv, norm_mlp
+from mvit_zoo.fused import depthwise_conv, norm_linears, norm_mlp
 
 
 def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
@@ -115,3 +115,38 @@ def test_depthwise_conv_bf16_autocast_grads_are_float32_accurate() -> None:
     for a, b, t in zip(low[1:], ref_low[1:], truth[1:]):
         assert a.dtype == b.dtype == torch.float32
         assert (a - t).abs().max() <= (b - t).abs().max() * 1.01 + 1e-6
+
+
+# -- norm_linears ---------------------------------------------------------------------------------
+
+def test_norm_linears_gradcheck_with_unused_output() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    nw, nb = (1 + 0.1 * torch.randn(6, dtype=torch.float64, generator=g)).requires_grad_(), torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(o, 6, dtype=torch.float64, generator=g, requires_grad=True) for o in (4, 4, 5)]
+    b0 = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def fn(x, nw, nb, w0, w1, w2, b0):
+        q, k, v = norm_linears(x, nw, nb, 1e-6, [w0, w1, w2], [b0, None, None])
+        return q.sum(-1, keepdim=True) * v  # k unused: its gradient is None
+    def plain(x, nw, nb, w0, w1, w2, b0):
+        xn = F.layer_norm(x, (6,), nw, nb, 1e-6)
+        return F.linear(xn, w0, b0).sum(-1, keepdim=True) * F.linear(xn, w2)
+
+    args = (x, nw, nb, *ws, b0)
+    assert torch.allclose(fn(*args), plain(*args))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_norm_linears_bf16_autocast_matches_plain() -> None:
+    x = torch.randn(4, 10, 6)
+    params = _params(torch.float32)
+    nw, nb, w1, b1 = params[:4]
+    tensors = [x, nw, nb, w1, b1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(lambda x, nw, nb, w, b: norm_linears(x, nw, nb, 1e-6, [w], [b])[0], tensors)
+        ref, ref_grads = _grads(lambda x, nw, nb, w, b: F.linear(F.layer_norm(x, (6,), nw, nb, 1e-6), w, b), tensors)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == b.dtype and (a - b).abs().max() <= 2e-2 * b.abs().max()
