@@ -35,7 +35,7 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     for g in q_grid:
         n_q *= g
     r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
-    bias: Optional[Tensor] = None
+    terms: List[Tensor] = []
     for axis in range(nd):
         r = rel[axis]
         if r is not None:
@@ -43,13 +43,37 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
             shape = [B, H, n_q]
             for a in range(nd):
                 shape.append(k_grid[a] if a == axis else 1)
-            term = term.reshape(shape)
-            bias = term if bias is None else bias + term
-    assert bias is not None, "rel_pos_bias needs a table for at least one axis"
-    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
-    if num_prefix > 0:
-        bias = F.pad(bias, [num_prefix, 0, num_prefix, 0])
+            terms.append(term.reshape(shape))
+    assert len(terms) > 0, "rel_pos_bias needs a table for at least one axis"
+    # the axes' terms broadcast to (B, H, Nq, *k_grid): all but the last one add up at a fraction of that size
+    partial = terms[0]
+    for term in terms[1:-1]:
+        partial = partial + term
+    p = num_prefix
+    if p > 0 and not torch.is_grad_enabled() and not torch.jit.is_scripting() and not _tracing():
+        # one write into the padded bias instead of a full-size sum then a full-size padded copy
+        n_k = 1
+        for g in k_grid:
+            n_k *= g
+        bias = q.new_empty([B, H, p + n_q, p + n_k], dtype=partial.dtype)
+        bias[:, :, :p].zero_()
+        bias[:, :, p:, :p].zero_()
+        inner = bias[:, :, p:, p:].view([B, H, n_q] + k_grid)
+        if len(terms) > 1:
+            torch.add(partial, terms[-1], out=inner)
+        else:
+            inner.copy_(partial.expand([B, H, n_q] + k_grid))
+        return bias
+    full = partial + terms[-1] if len(terms) > 1 else partial
+    bias = full.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
+    if p > 0:
+        bias = F.pad(bias, [p, 0, p, 0])
     return bias
+
+
+@torch.jit.unused
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class _RelPosAttention(torch.autograd.Function):

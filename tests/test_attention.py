@@ -96,3 +96,13 @@ def test_keeps_no_attention_sized_tensor_for_backward() -> None:
     attn_shape = (2, 2, 256, 16)
     assert attn_shape in saved_shapes(lambda: _reference(q, k, v, q_grid, k_grid, rel, 0))
     assert attn_shape not in saved_shapes(lambda: rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, rel, 0))
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+def test_bias_without_autograd_equals_bias_with(q_grid, k_grid, prefix, axes) -> None:
+    """Without autograd the bias (with prefix) is written in one pass into its padded buffer; same values."""
+    q, _, _, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32)
+    with torch.no_grad():
+        fast = rel_pos_bias(q, q_grid, k_grid, rel, prefix)
+    assert torch.equal(fast, rel_pos_bias(q, q_grid, k_grid, rel, prefix))
+    assert (fast[:, :, :prefix] == 0).all() and (fast[:, :, :, :prefix] == 0).all()
