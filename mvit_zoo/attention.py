@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import lowered, tracing
+
 __all__ = ["rel_pos_bias", "rel_pos_attention"]
 
 
@@ -50,7 +52,7 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     for term in terms[1:-1]:
         partial = partial + term
     p = num_prefix
-    if p > 0 and not torch.is_grad_enabled() and not torch.jit.is_scripting() and not _tracing():
+    if p > 0 and not torch.is_grad_enabled() and not torch.jit.is_scripting() and not tracing():
         # one write into the padded bias instead of a full-size sum then a full-size padded copy
         n_k = 1
         for g in k_grid:
@@ -71,11 +73,6 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     return bias
 
 
-@torch.jit.unused
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
 class _RelPosAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias(q, R)) v, keeping no (Nq, Nk) tensor between forward and backward."""
 
@@ -92,7 +89,6 @@ class _RelPosAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor):
         q, k, v, out, lse, *rel = ctx.saved_tensors
-
         scale, q_grid, k_grid, p = ctx.meta
         B, H, d = q.shape[0], q.shape[1], q.shape[3]
         f32 = torch.float32
@@ -140,9 +136,6 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: Lis
     autocast q, k, v run in the autocast dtype as SDPA's would.
     """
     device = q.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        rel = [None if r is None else r.to(dtype) for r in rel]
+    q, k, v, *rel = lowered(device, [q, k, v] + list(rel))
     with torch.autocast(device, enabled=False):
         return _RelPosAttention.apply(q, k, v, scale, list(q_grid), list(k_grid), num_prefix, *rel)

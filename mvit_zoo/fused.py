@@ -3,8 +3,9 @@
 - `norm_mlp`: LayerNorm -> fc1 -> GELU -> fc2 as one function. The MLP branch of a transformer block is
   where most training memory goes: autograd keeps the LayerNorm output (for fc1's weight gradient), the
   fc1 output (for GELU) and the GELU output (for fc2's weight gradient), 1 + 4 + 4 times the block's
-  activation size at MLP ratio 4. `norm_mlp` keeps only the fc1 output and recomputes the other two in
-  backward: one LayerNorm and one GELU, elementwise, against the block's six GEMMs.
+  activation size at MLP ratio 4. `norm_mlp` (`norm_linears` for fc1, then GELU + fc2 as one function)
+  keeps only the fc1 output and recomputes the other two in backward: one LayerNorm and one GELU,
+  elementwise, against the block's six GEMMs.
 - `norm_linears`: LayerNorm then several linears (the block's q, k, v and shortcut projections) keeping
   the LayerNorm input only.
 - `depthwise_conv`: the pooling conv with its backward in float32 when the forward runs in bf16/fp16.
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "compute_dtype"]
+__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "compute_dtype", "tracing", "lowered"]
 
 
 @torch.jit.unused
@@ -28,39 +29,38 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-class _NormMlp(torch.autograd.Function):
+@torch.jit.unused
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace is tracing this call."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def lowered(device: str, tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """`tensors` cast to autocast's dtype where autocast is on for `device` (as autocast casts the
+    inputs of the ops it lowers); else as they are. For the functions here, which run with autocast off."""
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+class _GeluLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
-                fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:
-        shape = [x.shape[-1]]
-        x_norm, mean, rstd = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)
-        hidden = F.linear(x_norm.to(fc1_weight.dtype), fc1_weight, fc1_bias)
-        out = F.linear(F.gelu(hidden), fc2_weight, fc2_bias)
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, hidden)
-        ctx.eps = eps
-        ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-        return out
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(hidden), weight, bias)
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc2_weight, hidden = ctx.saved_tensors
-        shape = [x.shape[-1]]
+        hidden, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # recompute what was not kept: the LayerNorm output and the GELU output
-        x_norm = torch.native_layer_norm(x, shape, norm_weight, norm_bias, ctx.eps)[0].to(fc1_weight.dtype)
         d_out2 = d_out.reshape(-1, d_out.shape[-1])
-        d_fc2_w = d_out2.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1]) if need[6] else None
-        d_fc2_b = d_out2.sum(0) if need[7] and ctx.has_bias[1] else None
-        d_hidden = torch.ops.aten.gelu_backward(d_out @ fc2_weight, hidden)
-        d_hidden2 = d_hidden.reshape(-1, d_hidden.shape[-1])
-        d_fc1_w = d_hidden2.t() @ x_norm.reshape(-1, x_norm.shape[-1]) if need[4] else None
-        d_fc1_b = d_hidden2.sum(0) if need[5] and ctx.has_bias[0] else None
-        del x_norm
-        d_norm = (d_hidden @ fc1_weight).to(x.dtype)
-        mask: List[bool] = [need[0], need[1] and norm_weight is not None, need[2] and norm_bias is not None]
-        d_x, d_norm_w, d_norm_b = torch.ops.aten.native_layer_norm_backward(
-            d_norm, x, shape, mean, rstd, norm_weight, norm_bias, mask)
-        return d_x, d_norm_w, d_norm_b, None, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b
+        # recompute what was not kept: the GELU output
+        d_w = d_out2.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1]) if need[1] else None
+        d_b = d_out2.sum(0) if need[2] and ctx.has_bias else None
+        d_hidden = torch.ops.aten.gelu_backward(d_out @ weight, hidden) if need[0] else None
+        return d_hidden, d_w, d_b
 
 
 class _NormLinears(torch.autograd.Function):
@@ -105,15 +105,14 @@ class _NormLinears(torch.autograd.Function):
 def norm_linears(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
                  weights: List[Tensor], biases: List[Optional[Tensor]]) -> Tuple[Tensor, ...]:
     """linear(layer_norm(x), w_i, b_i) for each i, (..., C) -> (..., C_i) each, keeping x but not the
-    LayerNorm output (recomputed in backward). Autocast precisions as in `norm_mlp`."""
+    LayerNorm output (recomputed in backward). Under autocast the LayerNorm runs in float32 and the
+    linears in the autocast dtype, as autocast runs them."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
         x = x.float()
-        weights = [w.to(dtype) for w in weights]
-        biases = [None if b is None else b.to(dtype) for b in biases]
+    params = lowered(device, list(weights) + list(biases))
     with torch.autocast(device, enabled=False):
-        return _NormLinears.apply(x, norm_weight, norm_bias, eps, len(weights), *weights, *biases)
+        return _NormLinears.apply(x, norm_weight, norm_bias, eps, len(weights), *params)
 
 
 @torch.jit.unused
@@ -121,18 +120,13 @@ def norm_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tenso
              fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:
     """fc2(gelu(fc1(layer_norm(x)))) for x (..., C) -> (..., C_out), keeping only x and fc1's output.
 
-    Same values and gradients as the plain modules; under autocast the LayerNorm runs in float32 and
-    the linears in the autocast dtype, as autocast runs them.
+    Same values and gradients as the plain modules, autocast precisions as in `norm_linears`.
     """
+    hidden = norm_linears(x, norm_weight, norm_bias, eps, [fc1_weight], [fc1_bias])[0]
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x = x.float()
-        fc1_weight, fc2_weight = fc1_weight.to(dtype), fc2_weight.to(dtype)
-        fc1_bias = None if fc1_bias is None else fc1_bias.to(dtype)
-        fc2_bias = None if fc2_bias is None else fc2_bias.to(dtype)
+    fc2_weight, fc2_bias = lowered(device, [fc2_weight, fc2_bias])
     with torch.autocast(device, enabled=False):
-        return _NormMlp.apply(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        return _GeluLinear.apply(hidden, fc2_weight, fc2_bias)
 
 
 class _DepthwiseConvFloat32Backward(torch.autograd.Function):
@@ -165,8 +159,6 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: List[int], padding: List[i
     the backward: training keeps the low-precision input, as autocast would.
     """
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = lowered(device, [x, weight])
     with torch.autocast(device, enabled=False):
         return _DepthwiseConvFloat32Backward.apply(x, weight, list(stride), list(padding))

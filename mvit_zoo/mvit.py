@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import rel_pos_attention, rel_pos_bias
-from .fused import compute_dtype, depthwise_conv, norm_linears, norm_mlp
+from .fused import compute_dtype, depthwise_conv, norm_linears, norm_mlp, tracing
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -230,7 +230,7 @@ _cached_rel_pos_index = functools.lru_cache(maxsize=256)(rel_pos_index)
 @torch.jit.unused
 def _cached_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
     # (inference-mode tensors cannot be saved for a later backward, so none enter the cache)
-    if _tracing() or torch.is_inference_mode_enabled():
+    if tracing() or torch.is_inference_mode_enabled():
         return rel_pos_index(q_size, k_size, device)
     return _cached_rel_pos_index(q_size, k_size, device)
 
@@ -251,17 +251,12 @@ def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
     return F.embedding(index, table)
 
 
-@torch.jit.unused
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
 def _training_graph() -> bool:
     """Whether autograd records this eager forward (not scripted, compiled or exported: those graphs
     decide on their own what to keep for backward)."""
     if torch.jit.is_scripting() or not torch.is_grad_enabled():
         return False
-    return not _tracing()
+    return not tracing()
 
 
 @torch.jit.unused
@@ -398,13 +393,18 @@ class MultiScaleAttention(nn.Module):
         Three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
         channels-last pooling reads it without a copy.
         """
-        w_q, w_k, w_v = self.qkv.weight.chunk(3)
-        b_q: Optional[Tensor] = None
-        b_k: Optional[Tensor] = None
-        b_v: Optional[Tensor] = None
-        if self.qkv.bias is not None:
-            b_q, b_k, b_v = self.qkv.bias.chunk(3)
-        return F.linear(x, w_q, b_q), F.linear(x, w_k, b_k), F.linear(x, w_v, b_v)
+        weights, biases = self.qkv_params()
+        return F.linear(x, weights[0], biases[0]), F.linear(x, weights[1], biases[1]), F.linear(x, weights[2], biases[2])
+
+    def qkv_params(self) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+        """The fused qkv weight and bias as [q, k, v] slices (views: gradients reach `qkv`)."""
+        weights = list(self.qkv.weight.chunk(3))
+        biases: List[Optional[Tensor]] = [None, None, None]
+        bias = self.qkv.bias
+        if bias is not None:
+            for i, b in enumerate(bias.chunk(3)):
+                biases[i] = b
+        return weights, biases
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
@@ -517,17 +517,16 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
+        in_grid = grid
         if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
             q, k, v, shortcut = self._norm_qkv(x)
-            if self.shortcut_pool_attn is not None:
-                shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
             x, grid = self.attn.attend(q, k, v, grid)
         else:
             x_norm = self.norm1(x)
             shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
-            if self.shortcut_pool_attn is not None:
-                shortcut, _ = self.shortcut_pool_attn(shortcut, grid)
             x, grid = self.attn(x_norm, grid)
+        if self.shortcut_pool_attn is not None:
+            shortcut, _ = self.shortcut_pool_attn(shortcut, in_grid)
         # residual adds in place on the branch output, a fresh tensor whose backward needs no value of it
         x = self.drop_path1(x)
         x += shortcut
@@ -544,9 +543,8 @@ class MultiScaleBlock(nn.Module):
     @torch.jit.unused
     def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """norm1, q, k, v (and the shortcut projection) as one autograd function that keeps only x."""
-        qkv, proj = self.attn.qkv, self.shortcut_proj_attn
-        weights = list(qkv.weight.chunk(3))
-        biases = list(qkv.bias.chunk(3)) if qkv.bias is not None else [None] * 3
+        proj = self.shortcut_proj_attn
+        weights, biases = self.attn.qkv_params()
         if proj is not None:
             weights.append(proj.weight)
             biases.append(proj.bias)
@@ -787,7 +785,7 @@ class MViT(nn.Module):
             raise ValueError(
                 f"expected {self.in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
                 f"create the model with in_chans={x.shape[1]} to use other channel counts")
-        if self.check_finite and not _tracing() and not torch.isfinite(x).all():
+        if self.check_finite and not tracing() and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values; clean the input (the check is on because "
                              "model.check_finite = True)")
         small = [
