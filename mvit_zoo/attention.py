@@ -1,6 +1,7 @@
 """Attention with the decomposed relative-position bias of MViTv2 (Li et al. 2022, eq. 4).
 
 `rel_pos_bias` builds the additive bias for `F.scaled_dot_product_attention` (inference, CUDA).
+`augmented_attention` folds the bias into q . k instead (inference on CPU, where it pays): no mask at all.
 `rel_pos_attention` is the CPU training path: SDPA on CPU cannot give a gradient for an additive
 mask, so with a bias that needs one it falls back to its math path, which keeps the probabilities
 and the bias (B, heads, Nq, Nk), and float32 copies of q, k, v under bf16 autocast, for the backward.
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import lowered, tracing
+from .fused import compute_dtype, lowered, tracing
 
-__all__ = ["rel_pos_bias", "rel_pos_attention"]
+__all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qkv", "augmented_attention", "augmenting_pays"]
 
 
 def _axes(nd: int) -> str:
@@ -71,6 +72,87 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     if p > 0:
         bias = F.pad(bias, [p, 0, p, 0])
     return bias
+
+
+def _key_positions(k_grid: List[int], axes: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One-hot key coordinates (N_k, sum of k_grid[a] for a in axes): key j has a 1 in the column of its
+    coordinate along each listed axis."""
+    n_k = 1
+    for g in k_grid:
+        n_k *= g
+    width = 0
+    for a in axes:
+        width += k_grid[a]
+    index = torch.arange(n_k, device=device)
+    onehot = torch.zeros(n_k, width, device=device, dtype=dtype)
+    offset, step = 0, n_k
+    columns: List[Tensor] = []
+    for a in range(len(k_grid)):
+        step //= k_grid[a]
+        if a in axes:
+            columns.append(index // step % k_grid[a] + offset)
+            offset += k_grid[a]
+    for column in columns:
+        onehot[index, column] = 1.0
+    return onehot
+
+
+def augment_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+                rel: List[Optional[Tensor]], num_prefix: int) -> List[Tensor]:
+    """q, k, v (B, heads, P + N, d) -> q', k', v' (B, heads, P + N, d + S + pad) with
+    q' . k' * scale = q . k * scale + rel_pos_bias(q, ...) and the same values v.
+
+    The decomposed bias of query i and key j is sum_a q_i . R_a[i_a, j_a] = sum_a T_a[i, j_a] (MViTv2
+    eq. 4), a dot product of the per-axis terms T_a[i, :] / scale with the one-hot coordinates of key
+    j: appended to q and k (S = sum of the key grid sizes), they make the bias part of the QK GEMM,
+    no (Nq, Nk) mask needed. v is padded with zeros to the same width (SDPA's CPU kernel wants
+    one head size); the output's first d channels are the attention's. Prefix rows and columns get
+    zeros: no bias for the class token.
+    """
+    B, H, d = q.shape[0], q.shape[1], q.shape[3]
+    p, nd = num_prefix, len(q_grid)
+    letters = _axes(nd)
+    axes = [a for a in range(nd) if rel[a] is not None]
+    extra = 0
+    for a in axes:
+        extra += k_grid[a]
+    width = d + extra
+    if q.element_size() < 4:  # 16-bit kernels run best on head sizes in multiples of 32 (measured, CPU)
+        width += -width % 32
+    r_q = q[:, :, p:].reshape([B, H] + q_grid + [d])
+    q_aug = q.new_zeros([B, H, q.shape[2], width])
+    q_aug[..., :d] = q
+    offset = d
+    for a in axes:
+        r = rel[a]
+        assert r is not None
+        term = torch.einsum("bn" + letters + "c," + letters[a] + "kc->bn" + letters + "k", r_q, (r * (1.0 / scale)).to(q.dtype))
+        q_aug[:, :, p:, offset:offset + k_grid[a]] = term.reshape(B, H, -1, k_grid[a])
+        offset += k_grid[a]
+    k_aug = k.new_zeros([B, H, k.shape[2], width])
+    k_aug[..., :d] = k
+    k_aug[:, :, p:, d:d + extra] = _key_positions(k_grid, axes, k.device, k.dtype)
+    v_aug = F.pad(v, [0, width - d])
+    return [q_aug, k_aug, v_aug]
+
+
+@torch.jit.unused
+def augmenting_pays(q: Tensor, nd: int) -> bool:
+    """Whether eager CPU inference should use `augmented_attention` rather than the mask: measured
+    faster in bf16/fp16 (the broadcast adds that build a 16-bit mask are slow) and for video (three
+    terms, short rows), not for 2D float32, whose mask costs less than the longer heads."""
+    if q.device.type != "cpu" or tracing():
+        return False
+    return nd == 3 or compute_dtype(q) != torch.float32
+
+
+@torch.jit.unused
+def augmented_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+                        rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+    """softmax(q k^T * scale + rel_pos_bias) v, (B, heads, P + Nq, d) -> same shape (a view: the last
+    axis is strided), by SDPA on `augment_qkv`'s tensors: no mask is built, read or kept."""
+    q_aug, k_aug, v_aug = augment_qkv(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
+    return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=scale)[..., :q.shape[-1]]
 
 
 class _RelPosAttention(torch.autograd.Function):

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
-from .attention import rel_pos_attention, rel_pos_bias
+from .attention import augmented_attention, augmenting_pays, rel_pos_attention, rel_pos_bias
 from .fused import compute_dtype, depthwise_conv, norm_linears, norm_mlp, tracing
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
@@ -335,7 +335,8 @@ class MultiScaleAttention(nn.Module):
     Q, K and V are pooled on the token grid before attention: Q by the stage stride (so the block
     downsamples), K and V by a larger stride (cheaper attention). Decomposed relative positions and
     residual pooling are the MViTv2 additions. Attention runs through
-    `F.scaled_dot_product_attention` with the relative-position bias as an additive mask, unless
+    `F.scaled_dot_product_attention` with the relative-position bias as an additive mask (CPU inference
+    in 16-bit or on video: folded into q . k, no mask; CPU training: `rel_pos_attention`), unless
     `fused_attn` is False (the explicit softmax(QK^T + bias) V path).
     """
 
@@ -446,6 +447,8 @@ class MultiScaleAttention(nn.Module):
                 rel.append(None if table is None else rel_pos_lookup(table, q_grid[axis], k_grid[axis]))
             if self.fused_attn and self._keeps_no_attention(q):
                 out = rel_pos_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
+            elif not torch.jit.is_scripting() and self.fused_attn and augmenting_pays(q, len(grid)):
+                out = augmented_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
             else:
                 bias = rel_pos_bias(q, q_grid, k_grid, rel, self.num_prefix).to(q.dtype)
 

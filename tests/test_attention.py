@@ -1,6 +1,7 @@
-"""`rel_pos_attention` (the CPU training path) against SDPA with the `rel_pos_bias` mask: same values
-and gradients, 2D and 3D, with and without a prefix token, float64 / float32 / bf16 autocast, and it
-keeps no (Nq, Nk) tensor for the backward."""
+"""`rel_pos_attention` (the CPU training path) and `augmented_attention` (the bias folded into q . k)
+against SDPA with the `rel_pos_bias` mask: same values (and gradients), 2D and 3D, with and without a
+prefix token, float64 / float32 / bf16 autocast; the training path keeps no (Nq, Nk) tensor for the
+backward."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.attention import rel_pos_attention, rel_pos_bias
+from mvit_zoo.attention import augment_qkv, augmented_attention, rel_pos_attention, rel_pos_bias
 
 CASES = [  # q grid, k grid, prefix tokens, axes with a table
     ([4, 3], [2, 3], 0, [0, 1]),
@@ -106,3 +107,27 @@ def test_bias_without_autograd_equals_bias_with(q_grid, k_grid, prefix, axes) ->
         fast = rel_pos_bias(q, q_grid, k_grid, rel, prefix)
     assert torch.equal(fast, rel_pos_bias(q, q_grid, k_grid, rel, prefix))
     assert (fast[:, :, :prefix] == 0).all() and (fast[:, :, :, :prefix] == 0).all()
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+def test_augmented_logits_are_logits_plus_bias(q_grid, k_grid, prefix, axes) -> None:
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float64)
+    q_aug, k_aug, v_aug = augment_qkv(q, k, v, 0.3, q_grid, k_grid, rel, prefix)
+    logits = q @ k.transpose(-2, -1) * 0.3 + rel_pos_bias(q, q_grid, k_grid, rel, prefix)
+    torch.testing.assert_close(q_aug @ k_aug.transpose(-2, -1) * 0.3, logits, rtol=0, atol=1e-12)
+    assert torch.equal(v_aug[..., :v.shape[-1]], v) and not v_aug[..., v.shape[-1]:].any()
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16_autocast"])
+def test_augmented_attention_matches_sdpa_with_mask(q_grid, k_grid, prefix, axes, dtype, tol) -> None:
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32, d=8)
+    if dtype != torch.float32:  # as in the model under autocast: bf16 q, k, v and float32 tables
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = augmented_attention(q, k, v, 0.3, q_grid, k_grid, rel, prefix)
+        ref = _reference(q, k, v, q_grid, k_grid, [r if r is None else r.to(dtype) for r in rel], prefix)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+    assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+    if dtype != torch.float32:  # 16-bit heads are padded to a multiple of 32
+        assert augment_qkv(q, k, v, 0.3, q_grid, k_grid, rel, prefix)[0].shape[-1] % 32 == 0
