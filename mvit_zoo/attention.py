@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .fused import compute_dtype, lowered, tracing
 
-__all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qkv", "augmented_attention", "augmenting_pays"]
+__all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qk", "augmented_attention", "augmenting_pays"]
 
 
 def _axes(nd: int) -> str:
@@ -97,17 +97,16 @@ def _key_positions(k_grid: List[int], axes: List[int], device: torch.device, dty
     return onehot
 
 
-def augment_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
-                rel: List[Optional[Tensor]], num_prefix: int) -> List[Tensor]:
-    """q, k, v (B, heads, P + N, d) -> q', k', v' (B, heads, P + N, d + S + pad) with
-    q' . k' * scale = q . k * scale + rel_pos_bias(q, ...) and the same values v.
+def augment_qk(q: Tensor, k: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+               rel: List[Optional[Tensor]], num_prefix: int) -> List[Tensor]:
+    """q, k (B, heads, P + N, d) -> q', k' (B, heads, P + N, d + S + pad) with
+    q' . k' * scale = q . k * scale + rel_pos_bias(q, ...).
 
     The decomposed bias of query i and key j is sum_a q_i . R_a[i_a, j_a] = sum_a T_a[i, j_a] (MViTv2
-    eq. 4), a dot product of the per-axis terms T_a[i, :] / scale with the one-hot coordinates of key
-    j: appended to q and k (S = sum of the key grid sizes), they make the bias part of the QK GEMM,
-    no (Nq, Nk) mask needed. v is padded with zeros to the same width (SDPA's CPU kernel wants
-    one head size); the output's first d channels are the attention's. Prefix rows and columns get
-    zeros: no bias for the class token.
+    eq. 4), the dot product of the per-axis terms T_a[i, :] / scale, appended to q (after its d
+    channels, axis by axis), with the one-hot coordinates of key j, appended to k (S = sum of the
+    key grid sizes): the bias becomes part of the QK GEMM, no (Nq, Nk) mask needed. Prefix rows
+    get zeros: no bias for the class token.
     """
     B, H, d = q.shape[0], q.shape[1], q.shape[3]
     p, nd = num_prefix, len(q_grid)
@@ -132,8 +131,12 @@ def augment_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int]
     k_aug = k.new_zeros([B, H, k.shape[2], width])
     k_aug[..., :d] = k
     k_aug[:, :, p:, d:d + extra] = _key_positions(k_grid, axes, k.device, k.dtype)
-    v_aug = F.pad(v, [0, width - d])
-    return [q_aug, k_aug, v_aug]
+    return [q_aug, k_aug]
+
+
+def _pad_to(v: Tensor, width: int) -> Tensor:
+    """v (..., d) with zero channels up to `width`: SDPA's CPU kernel wants one head size for q, k, v."""
+    return F.pad(v, [0, width - v.shape[-1]])
 
 
 @torch.jit.unused
@@ -150,63 +153,53 @@ def augmenting_pays(q: Tensor, nd: int) -> bool:
 def augmented_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                         rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """softmax(q k^T * scale + rel_pos_bias) v, (B, heads, P + Nq, d) -> same shape (a view: the last
-    axis is strided), by SDPA on `augment_qkv`'s tensors: no mask is built, read or kept."""
-    q_aug, k_aug, v_aug = augment_qkv(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
-    return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=scale)[..., :q.shape[-1]]
+    axis is strided), by SDPA on `augment_qk`'s tensors: no mask is built, read or kept."""
+    q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, rel, num_prefix)
+    return F.scaled_dot_product_attention(q_aug, k_aug, _pad_to(v, q_aug.shape[-1]), scale=scale)[..., :q.shape[-1]]
 
 
 class _RelPosAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias(q, R)) v, keeping no (Nq, Nk) tensor between forward and backward."""
+    """softmax(q k^T * scale + bias(q, R)) v as SDPA's fused CPU kernels, forward and backward, on
+    `augment_qk`'s q', k' (and v zero-padded): no (Nq, Nk) tensor is built, or kept for the backward.
+    The kernel's gradient of q' holds, in its extra channels, the bias terms' gradients (dS summed
+    per key axis) times the scale, which the chain rule takes into q and the embeddings."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                 num_prefix: int, *rel: Optional[Tensor]) -> Tensor:
-        bias = rel_pos_bias(q, q_grid, k_grid, list(rel), num_prefix)
+        q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, list(rel), num_prefix)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+            q_aug, k_aug, _pad_to(v, q_aug.shape[-1]), 0.0, False, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse, *rel)
         ctx.meta = (scale, q_grid, k_grid, num_prefix)
-        return out
+        return out[..., :q.shape[-1]]
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
         q, k, v, out, lse, *rel = ctx.saved_tensors
         scale, q_grid, k_grid, p = ctx.meta
         B, H, d = q.shape[0], q.shape[1], q.shape[3]
-        f32 = torch.float32
-        # recompute the probabilities from the saved log-sum-exp, in float32
-        bias = rel_pos_bias(q, q_grid, k_grid, rel, p).to(f32)
-        logits = torch.matmul(q, k.transpose(-2, -1)).to(f32).mul_(scale).add_(bias)
-        del bias
-        prob = logits.sub_(lse.unsqueeze(-1)).exp_()
-        d_out = d_out.contiguous()
-        # dS = P * (dP - rowsum(dO * O)), the gradient of the logits (and of the bias)
-        d_logits = torch.matmul(d_out, v.transpose(-2, -1)).to(f32)
-        d_logits.sub_((d_out.to(f32) * out.to(f32)).sum(-1, keepdim=True)).mul_(prob)
-        d_v = torch.matmul(prob.to(v.dtype).transpose(-2, -1), d_out)
-        del prob
-        d_low = d_logits.to(q.dtype)
-        d_q = torch.matmul(d_low, k).mul_(scale)
-        d_k = torch.matmul(d_low.transpose(-2, -1), q).mul_(scale)
-        # the bias: per axis, dS summed over the other key axes, then into q and the embeddings
-        nd = len(q_grid)
-        letters = _axes(nd)
-        d_bias = d_logits[:, :, p:, p:].reshape([B, H] + q_grid + k_grid)
+        q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, rel, p)
+        width = q_aug.shape[-1]
+        d_q_aug, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _pad_to(d_out, width), q_aug, k_aug, _pad_to(v, width), out, lse, 0.0, False, scale=scale)
+        del q_aug, k_aug
+        d_q = d_q_aug[..., :d]
+        # q' carries T_a / scale for T_a = r_q . R_a, the bias term of axis a: dL/dT_a into q and R_a
+        letters = _axes(len(q_grid))
         r_q = q[:, :, p:].reshape([B, H] + q_grid + [d])
         d_rel: List[Optional[Tensor]] = []
-        d_rq: Optional[Tensor] = None
+        offset = d
         for axis, r in enumerate(rel):
             if r is None:
                 d_rel.append(None)
                 continue
-            others = [nd + 2 + a for a in range(nd) if a != axis]
-            d_term = (d_bias.sum(dim=others) if others else d_bias).to(q.dtype)  # (B, H, *q_grid, k_a)
-            grad = torch.einsum(f"bn{letters}k,{letters[axis]}kc->bn{letters}c", d_term, r.to(q.dtype))
-            d_rq = grad if d_rq is None else d_rq + grad
-            d_rel.append(torch.einsum(f"bn{letters}k,bn{letters}c->{letters[axis]}kc", d_term, r_q).to(r.dtype))
-        if d_rq is not None:
-            d_q[:, :, p:] += d_rq.reshape(B, H, -1, d)
-        return (d_q, d_k, d_v, None, None, None, None, *d_rel)
+            size = k_grid[axis]
+            d_term = (d_q_aug[:, :, p:, offset:offset + size] * (1.0 / scale)).reshape([B, H] + q_grid + [size])
+            offset += size
+            d_q[:, :, p:] += torch.einsum(f"bn{letters}k,{letters[axis]}kc->bn{letters}c", d_term, r).reshape(B, H, -1, d)
+            d_rel.append(torch.einsum(f"bn{letters}k,bn{letters}c->{letters[axis]}kc", d_term, r_q))
+        return (d_q, d_k[..., :d], d_v[..., :d], None, None, None, None, *d_rel)
 
 
 @torch.jit.unused

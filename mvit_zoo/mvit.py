@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import augmented_attention, augmenting_pays, rel_pos_attention, rel_pos_bias
-from .fused import compute_dtype, depthwise_conv, norm_linears, norm_mlp, tracing
+from .fused import compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, tracing
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -188,7 +188,9 @@ class TokenPool(nn.Module):
             else:
                 x = F.conv3d(x, weight, None, self.stride, self.padding, ones, C)
         elif self.mode == "max":
-            if self.nd == 2:
+            if not torch.jit.is_scripting() and _training_graph():
+                x = max_pool(x, self.kernel_size, self.stride, self.padding)  # keeps no int64 indices
+            elif self.nd == 2:
                 x = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
             else:
                 x = F.max_pool3d(x, self.kernel_size, self.stride, self.padding)

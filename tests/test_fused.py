@@ -1,4 +1,4 @@
-"""`norm_mlp` against the plain modules (LayerNorm, Linear, GELU, Linear): same values and gradients in
+"""`norm_mlp` (and `norm_linears`, `depthwise_conv`, `max_pool`) against the plain modules: same values and gradients in
 float64 (gradcheck), float32 and bf16 autocast, without biases too, and it keeps neither the LayerNorm
 nor the GELU output for the backward."""
 from __future__ import annotations
@@ -150,3 +150,39 @@ def test_norm_linears_bf16_autocast_matches_plain() -> None:
     assert torch.equal(out, ref)
     for a, b in zip(grads, ref_grads):
         assert a.dtype == b.dtype and (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_norm_linears_keeps_a_bf16_input_in_bf16_under_autocast() -> None:
+    """A bf16 residual stream is kept as it is (not as the float32 copy the norm runs on); same results."""
+    x = torch.randn(4, 10, 6).to(torch.bfloat16)
+    params = _params(torch.float32)
+    nw, nb, w1, b1 = params[:4]
+    tensors = [x, nw, nb, w1, b1]
+    kept = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out, grads = _grads(lambda x, nw, nb, w, b: norm_linears(x, nw, nb, 1e-6, [w], [b])[0], tensors)
+        ref, ref_grads = _grads(lambda x, nw, nb, w, b: F.linear(F.layer_norm(x, (6,), nw, nb, 1e-6), w, b), tensors)
+    assert not [t for t in kept if t.shape == x.shape and t.dtype != torch.bfloat16]
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
+# -- max_pool -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
+                         ids=["2d", "3d"])
+def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None:
+    from mvit_zoo.fused import max_pool
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    padding = [k // 2 for k in kernel]
+    plain = F.max_pool2d if len(shape) == 4 else F.max_pool3d
+    assert torch.autograd.gradcheck(lambda x: max_pool(x, kernel, stride, padding), (x,))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
+        out = max_pool(x, kernel, stride, padding)
+    assert torch.equal(out, plain(x, kernel, stride, padding)) and torch.int64 not in kept
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(plain(x, kernel, stride, padding), x, g)[0])
