@@ -9,6 +9,8 @@
 - `norm_linears`: LayerNorm then several linears (the block's q, k, v and shortcut projections) keeping
   the LayerNorm input only.
 - `depthwise_conv`: the pooling conv with its backward in float32 when the forward runs in bf16/fp16.
+- `residual_linear`: the attention's residual pooling (out + q) and output projection, keeping out and
+  q, which the attention keeps anyway, instead of their sum.
 - `max_pool`: max pooling that keeps no int64 indices (recomputed in backward from the kept input, which
   the residual stream keeps anyway): 4x the size of a bf16 activation, 2x a float32 one.
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "compute_dtype", "tracing", "lowered"]
+__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "compute_dtype", "tracing", "lowered"]
 
 
 @torch.jit.unused
@@ -195,3 +197,52 @@ class _MaxPoolRecomputeIndices(torch.autograd.Function):
 def max_pool(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]) -> Tensor:
     """Max pooling of x (B, C, *grid) that keeps x, not the argmax indices, for its backward."""
     return _MaxPoolRecomputeIndices.apply(x, list(kernel), list(stride), list(padding))
+
+
+def _merge_heads(out: Tensor, residual: Optional[Tensor], skip: int) -> Tensor:
+    """(out + residual, rows after `skip` only) (B, heads, L, d) -> (B, L, heads * d)."""
+    if residual is not None:
+        out = out + residual if skip == 0 else torch.cat((out[:, :, :skip], out[:, :, skip:] + residual[:, :, skip:]), 2)
+    B, H, L, d = out.shape
+    return out.transpose(1, 2).reshape(B, L, H * d)
+
+
+class _ResidualLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(out, residual, weight)
+        ctx.skip, ctx.has_bias = skip, bias is not None
+        x = _merge_heads(out, residual, skip)
+        # written through a view into a fresh (B, L, C_out) tensor: the output must not be a view (the
+        # block adds its shortcut in place)
+        y = x.new_empty(x.shape[:-1] + weight.shape[:1])
+        y2 = y.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x.reshape(y2.shape[0], -1), weight.t(), out=y2)
+        else:
+            torch.addmm(bias, x.reshape(y2.shape[0], -1), weight.t(), out=y2)
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y: Tensor):
+        out, residual, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_y2 = d_y.reshape(-1, d_y.shape[-1])
+        d_w = d_y2.t() @ _merge_heads(out, residual, ctx.skip).reshape(d_y2.shape[0], -1) if need[3] else None
+        d_b = d_y2.sum(0) if need[4] and ctx.has_bias else None
+        B, H, L, d = out.shape
+        d_out = (d_y @ weight).view(B, L, H, d).transpose(1, 2)
+        d_res: Optional[Tensor] = None
+        if residual is not None and need[1]:
+            d_res = d_out if ctx.skip == 0 else F.pad(d_out[:, :, ctx.skip:], [0, 0, ctx.skip, 0])
+        return d_out, d_res, None, d_w, d_b
+
+
+@torch.jit.unused
+def residual_linear(out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """linear(out + residual) with heads merged: out, residual (B, heads, L, d) -> (B, L, C_out); the
+    first `skip` rows get no residual. Keeps out and residual (not their sum) for the backward."""
+    device = out.device.type
+    out, residual, weight, bias = lowered(device, [out, residual, weight, bias])
+    with torch.autocast(device, enabled=False):
+        return _ResidualLinear.apply(out, residual, skip, weight, bias)

@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import augmented_attention, augmenting_pays, rel_pos_attention, rel_pos_bias
-from .fused import compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, tracing
+from .fused import compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, residual_linear, tracing
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -419,8 +419,11 @@ class MultiScaleAttention(nn.Module):
         gradient themselves) when autograd records an eager forward."""
         return q.device.type == "cpu" and _training_graph()
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int], keep_less: bool = False) -> Tuple[Tensor, List[int]]:
+        """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid.
+
+        keep_less: in a recorded eager forward, the residual pooling and the output projection run as
+        `residual_linear`, which keeps no tensor of its own for the backward."""
         B, h, d = q.shape[0], self.num_heads, self.head_dim
         q_grid, k_grid = grid, grid
         # pool, then normalise per head (heads are folded in the channels)
@@ -463,6 +466,10 @@ class MultiScaleAttention(nn.Module):
                     attn = attn + bias
                 out = attn.softmax(dim=-1) @ v
 
+        if not torch.jit.is_scripting() and keep_less and _training_graph():
+            residual = q if self.residual_pooling else None
+            p = 0 if self.residual_pool_cls else self.num_prefix
+            return residual_linear(out, residual, p, self.proj.weight, self.proj.bias), q_grid
         if self.residual_pooling:
             p = 0 if self.residual_pool_cls else self.num_prefix
             if torch.is_grad_enabled():
@@ -525,7 +532,7 @@ class MultiScaleBlock(nn.Module):
         in_grid = grid
         if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
             q, k, v, shortcut = self._norm_qkv(x)
-            x, grid = self.attn.attend(q, k, v, grid)
+            x, grid = self.attn.attend(q, k, v, grid, keep_less=True)
         else:
             x_norm = self.norm1(x)
             shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
