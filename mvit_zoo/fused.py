@@ -60,10 +60,16 @@ class _GeluLinear(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         d_out2 = d_out.reshape(-1, d_out.shape[-1])
-        # recompute what was not kept: the GELU output
-        d_w = d_out2.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1]) if need[1] else None
+        # recompute what was not kept: the GELU output; then reuse its buffer for the input gradient
+        # (one fresh hidden-sized buffer instead of three)
+        act = F.gelu(hidden)
+        d_w = d_out2.t() @ act.reshape(-1, hidden.shape[-1]) if need[1] else None
         d_b = d_out2.sum(0) if need[2] and ctx.has_bias else None
-        d_hidden = torch.ops.aten.gelu_backward(d_out @ weight, hidden) if need[0] else None
+        d_hidden: Optional[Tensor] = None
+        if need[0]:
+            d_hidden = act
+            torch.matmul(d_out, weight, out=d_hidden)
+            torch.ops.aten.gelu_backward.grad_input(d_hidden, hidden, grad_input=d_hidden)
         return d_hidden, d_w, d_b
 
 
@@ -99,12 +105,15 @@ class _NormLinears(torch.autograd.Function):
                 d_weights[i] = d2.t() @ x_norm2
             if need[first + n + i] and ctx.has_bias[i]:
                 d_biases[i] = d2.sum(0)
-            d_norm = d @ w if d_norm is None else d_norm + d @ w
+            if d_norm is None:
+                d_norm = d2 @ w
+            else:
+                d_norm.addmm_(d2, w)  # in place: no fresh buffer per linear
         if d_norm is None:
             return (None,) * (first + 2 * n)
         mask = [need[0], need[1] and norm_weight is not None, need[2] and norm_bias is not None]
         d_x, d_norm_w, d_norm_b = torch.ops.aten.native_layer_norm_backward(
-            d_norm.to(x.dtype), x, shape, mean, rstd, norm_weight, norm_bias, mask)
+            d_norm.view(x.shape).to(x.dtype), x, shape, mean, rstd, norm_weight, norm_bias, mask)
         return (None if d_x is None else d_x.to(x_in.dtype), d_norm_w, d_norm_b, None, None, None, *d_weights, *d_biases)
 
 
