@@ -1,12 +1,14 @@
 """Attention with the decomposed relative-position bias of MViTv2 (Li et al. 2022, eq. 4).
 
 `rel_pos_bias` builds the additive bias for `F.scaled_dot_product_attention` (inference, CUDA).
-`augmented_attention` folds the bias into q . k instead (inference on CPU, where it pays): no mask at all.
+`augment_qk` folds the bias into q . k instead: per-axis terms appended to q, one-hot key coordinates
+to k. `augmented_attention` (CPU inference, where it pays) runs SDPA on them without any mask.
 `rel_pos_attention` is the CPU training path: SDPA on CPU cannot give a gradient for an additive
 mask, so with a bias that needs one it falls back to its math path, which keeps the probabilities
 and the bias (B, heads, Nq, Nk), and float32 copies of q, k, v under bf16 autocast, for the backward.
-`rel_pos_attention` runs the fused CPU kernel forward, keeps only q, k, v, the output and the row
-log-sum-exp, and recomputes the bias and the probabilities in the backward, as flash attention does.
+`rel_pos_attention` runs SDPA's fused CPU kernels, forward and backward, on the augmented q and k:
+it keeps q, k, v, the output and the row log-sum-exp, and the bias gradient comes out of the
+kernel's gradient of q'.
 """
 
 from typing import List, Optional

@@ -169,8 +169,10 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: List[int], padding: List[i
     """Depthwise conv (groups = channels) of x (B, C, *grid) with weight (C, 1, *kernel), whose backward
     runs in float32 whatever the forward's dtype (autocast's, for a bf16/fp16 forward).
 
-    On CPU the bf16 kernels' backward is 2-3x slower than float32's (3D, 2 x 96 x 8 x 56 x 56: 257 vs
-    84 ms, measured), while their forward is the faster one. Only the backward's inputs are upcast, in
+    On CPU the bf16 kernels' backward is slower than float32's, casts included (measured, channels-last,
+    backward of x and weight: 3D 2 x 96 x 8 x 56 x 56 stride 1: 271 vs 84 ms; 2D 8 x 192 x 56 x 56 stride 2:
+    23 vs 9 ms; 8 x 768 x 14 x 14 stride 2: 16 vs 0.9 ms), except for 2D stride 1 (8 x 96 x 56 x 56: 1.7 vs
+    10 ms), which the model leaves to autocast; their forward is the faster one. Only the backward's inputs are upcast, in
     the backward: training keeps the low-precision input, as autocast would.
     """
     device = x.device.type

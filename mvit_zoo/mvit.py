@@ -164,6 +164,9 @@ class TokenPool(nn.Module):
         self.kernel_size = list(kernel)
         self.stride = list(stride)
         self.padding = [k // 2 for k in kernel]
+        # CPU bf16 depthwise conv backward is slower than float32's with the casts, 3-30x, except 2D stride 1
+        # (2-6x faster there; measured per shape, see fused.depthwise_conv)
+        self.slow_16bit_backward = nd == 3 or max(stride) > 1
         self.weight: Optional[nn.Parameter] = None
         if mode == "conv":
             self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
@@ -181,7 +184,7 @@ class TokenPool(nn.Module):
         if self.weight is not None:
             weight = self.weight.repeat([self.heads] + [1] * (self.weight.dim() - 1))
             ones = [1] * self.nd
-            if not torch.jit.is_scripting() and _training_graph() and compute_dtype(x) != torch.float32:
+            if not torch.jit.is_scripting() and _training_graph() and self.slow_16bit_backward and compute_dtype(x) != torch.float32:
                 x = depthwise_conv(x, weight, self.stride, self.padding)  # its backward in float32: faster
             elif self.nd == 2:
                 x = F.conv2d(x, weight, None, self.stride, self.padding, ones, C)
