@@ -26,6 +26,24 @@ def _axes(nd: int) -> str:
     return "thw"[3 - nd:]
 
 
+def _axis_terms(q: Tensor, q_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int,
+                factor: float) -> List[Optional[Tensor]]:
+    """Per grid axis a, the bias term T_a = factor * q . R_a[q_a, k_a] (B, heads, *q_grid, k_a) of the
+    grid queries, or None where the axis has no table."""
+    B, H, d = q.shape[0], q.shape[1], q.shape[3]
+    letters = _axes(len(q_grid))
+    r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
+    terms: List[Optional[Tensor]] = []
+    for axis, r in enumerate(rel):
+        if r is None:
+            terms.append(None)
+        else:
+            if factor != 1.0:
+                r = (r * factor).to(q.dtype)
+            terms.append(torch.einsum("bn" + letters + "c," + letters[axis] + "kc->bn" + letters + "k", r_q, r))
+    return terms
+
+
 def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
 
@@ -33,18 +51,14 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     R_a (q_a, k_a, d) or None. The bias of a query/key pair is the sum over axes of q . R_a[q_a, k_a];
     the P prefix rows and columns are 0.
     """
-    B, H, d = q.shape[0], q.shape[1], q.shape[3]
+    B, H = q.shape[0], q.shape[1]
     nd = len(q_grid)
-    letters = _axes(nd)
     n_q = 1
     for g in q_grid:
         n_q *= g
-    r_q = q[:, :, num_prefix:].reshape([B, H] + q_grid + [d])
     terms: List[Tensor] = []
-    for axis in range(nd):
-        r = rel[axis]
-        if r is not None:
-            term = torch.einsum("bn" + letters + "c," + letters[axis] + "kc->bn" + letters + "k", r_q, r)
+    for axis, term in enumerate(_axis_terms(q, q_grid, rel, num_prefix, 1.0)):
+        if term is not None:
             shape = [B, H, n_q]
             for a in range(nd):
                 shape.append(k_grid[a] if a == axis else 1)
@@ -111,25 +125,21 @@ def augment_qk(q: Tensor, k: Tensor, scale: float, q_grid: List[int], k_grid: Li
     get zeros: no bias for the class token.
     """
     B, H, d = q.shape[0], q.shape[1], q.shape[3]
-    p, nd = num_prefix, len(q_grid)
-    letters = _axes(nd)
-    axes = [a for a in range(nd) if rel[a] is not None]
+    p = num_prefix
+    axes = [a for a in range(len(q_grid)) if rel[a] is not None]
     extra = 0
     for a in axes:
         extra += k_grid[a]
     width = d + extra
     if q.element_size() < 4:  # 16-bit kernels run best on head sizes in multiples of 32 (measured, CPU)
         width += -width % 32
-    r_q = q[:, :, p:].reshape([B, H] + q_grid + [d])
     q_aug = q.new_zeros([B, H, q.shape[2], width])
     q_aug[..., :d] = q
     offset = d
-    for a in axes:
-        r = rel[a]
-        assert r is not None
-        term = torch.einsum("bn" + letters + "c," + letters[a] + "kc->bn" + letters + "k", r_q, (r * (1.0 / scale)).to(q.dtype))
-        q_aug[:, :, p:, offset:offset + k_grid[a]] = term.reshape(B, H, -1, k_grid[a])
-        offset += k_grid[a]
+    for a, term in enumerate(_axis_terms(q, q_grid, rel, p, 1.0 / scale)):
+        if term is not None:
+            q_aug[:, :, p:, offset:offset + k_grid[a]] = term.reshape(B, H, -1, k_grid[a])
+            offset += k_grid[a]
     k_aug = k.new_zeros([B, H, k.shape[2], width])
     k_aug[..., :d] = k
     k_aug[:, :, p:, d:d + extra] = _key_positions(k_grid, axes, k.device, k.dtype)

@@ -167,6 +167,7 @@ class TokenPool(nn.Module):
         # CPU bf16 depthwise conv backward is slower than float32's with the casts, 3-30x, except 2D stride 1
         # (2-6x faster there; measured per shape, see fused.depthwise_conv)
         self.slow_16bit_backward = nd == 3 or max(stride) > 1
+        self.memory_efficient = True  # max pooling keeps no indices when training (MViT.set_memory_efficient)
         self.weight: Optional[nn.Parameter] = None
         if mode == "conv":
             self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
@@ -191,7 +192,7 @@ class TokenPool(nn.Module):
             else:
                 x = F.conv3d(x, weight, None, self.stride, self.padding, ones, C)
         elif self.mode == "max":
-            if not torch.jit.is_scripting() and _training_graph():
+            if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
                 x = max_pool(x, self.kernel_size, self.stride, self.padding)  # keeps no int64 indices
             elif self.nd == 2:
                 x = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
@@ -724,9 +725,10 @@ class MViT(nn.Module):
 
     def set_memory_efficient(self, enable: bool = True) -> None:
         """Train through `mvit_zoo.fused` (default): norm1 + q/k/v and norm2 + MLP as autograd functions that
-        recompute the LayerNorm and GELU outputs in backward instead of keeping them (same gradients)."""
+        recompute the LayerNorm and GELU outputs in backward instead of keeping them, residual pooling +
+        projection and max pooling keeping only their inputs (same gradients)."""
         for m in self.modules():
-            if isinstance(m, MultiScaleBlock):
+            if isinstance(m, (MultiScaleBlock, TokenPool)):
                 m.memory_efficient = enable
 
     def set_fused_attn(self, enable: bool = True) -> None:

@@ -250,13 +250,36 @@ def test_timm_gradient_parity(cls_token: bool) -> None:
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = references.image_input()
     ref_dx, ref_grads = _input_and_param_grads(ref, x)
-    for fused in (True, False):
+    for fused, efficient in [(True, True), (False, True), (True, False)]:
         ours.set_fused_attn(fused)
+        ours.set_memory_efficient(efficient)
         dx, grads = _input_and_param_grads(ours, x)
-        assert _rel_close(dx, ref_dx), f"fused={fused}: input grad"
+        assert _rel_close(dx, ref_dx), f"fused={fused}, memory_efficient={efficient}: input grad"
         assert grads.keys() == ref_grads.keys()
         bad = [n for n in grads if not _rel_close(grads[n], ref_grads[n])]
-        assert not bad, f"fused={fused}: gradients differ for {bad}"
+        assert not bad, f"fused={fused}, memory_efficient={efficient}: gradients differ for {bad}"
+
+
+def test_memory_efficient_training_keeps_less() -> None:
+    """`set_memory_efficient` (on by default) is what makes a training step keep less for backward."""
+    model = mvit_zoo.create_model("mvit_tiny", depths=(1, 2, 1, 1)).train()
+    x = torch.randn(2, 3, 224, 224)
+
+    def saved_bytes() -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    efficient = saved_bytes()
+    model.set_memory_efficient(False)
+    plain = saved_bytes()
+    assert efficient < 0.8 * plain, (efficient, plain)
 
 
 @pytest.mark.parametrize("v2", [True, False], ids=["mvit_v2_s", "mvit_v1_b"])
