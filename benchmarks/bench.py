@@ -511,7 +511,8 @@ def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str
             res[impl].update(ms=ms, ms_min=min(ts) * 1e3, ms_all=[t * 1e3 for t in ts], samples_per_s=batch / ms * 1e3)
             # one count for both: the same computation (the reference's, whose ops FlopCounterMode counts as
             # the math has them; it counts a grouped conv's weight gradient as ungrouped, and ours folds the
-            # heads into the pooling conv's channels: 4x the reference's count on mvit_tiny training)
+            # heads into the pooling conv's channels: 3.7x the reference's count for those convs, 1.45x for
+            # a whole mvit_tiny training step)
             fl = flops.get(("ref", mode)) or flops.get(("ours", mode))
             if fl:
                 res[impl]["gflop"] = fl / 1e9

@@ -102,14 +102,11 @@ def _key_positions(k_grid: List[int], axes: List[int], device: torch.device, dty
     index = torch.arange(n_k, device=device)
     onehot = torch.zeros(n_k, width, device=device, dtype=dtype)
     offset, step = 0, n_k
-    columns: List[Tensor] = []
     for a in range(len(k_grid)):
-        step //= k_grid[a]
+        step //= k_grid[a]  # key j's coordinate on axis a is j // step % k_grid[a] (row-major grid)
         if a in axes:
-            columns.append(index // step % k_grid[a] + offset)
+            onehot[index, index // step % k_grid[a] + offset] = 1.0
             offset += k_grid[a]
-    for column in columns:
-        onehot[index, column] = 1.0
     return onehot
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "compute_dtype", "tracing", "lowered"]
+__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "add_residual", "compute_dtype", "tracing", "lowered"]
 
 
 @torch.jit.unused
@@ -172,8 +172,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: List[int], padding: List[i
     On CPU the bf16 kernels' backward is slower than float32's, casts included (measured, channels-last,
     backward of x and weight: 3D 2 x 96 x 8 x 56 x 56 stride 1: 271 vs 84 ms; 2D 8 x 192 x 56 x 56 stride 2:
     23 vs 9 ms; 8 x 768 x 14 x 14 stride 2: 16 vs 0.9 ms), except for 2D stride 1 (8 x 96 x 56 x 56: 1.7 vs
-    10 ms), which the model leaves to autocast; their forward is the faster one. Only the backward's inputs are upcast, in
-    the backward: training keeps the low-precision input, as autocast would.
+    10 ms), which the model leaves to autocast; their forward is the faster one. Only the backward's
+    inputs are upcast, in the backward: training keeps the low-precision input, as autocast would.
     """
     device = x.device.type
     x, weight = lowered(device, [x, weight])
@@ -210,10 +210,17 @@ def max_pool(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]
     return _MaxPoolRecomputeIndices.apply(x, list(kernel), list(stride), list(padding))
 
 
+def add_residual(out: Tensor, residual: Tensor, skip: int) -> Tensor:
+    """out + residual (B, heads, L, d), out of place, on the rows after the first `skip` only."""
+    if skip == 0:
+        return out + residual
+    return torch.cat((out[:, :, :skip], out[:, :, skip:] + residual[:, :, skip:]), 2)
+
+
 def _merge_heads(out: Tensor, residual: Optional[Tensor], skip: int) -> Tensor:
     """(out + residual, rows after `skip` only) (B, heads, L, d) -> (B, L, heads * d)."""
     if residual is not None:
-        out = out + residual if skip == 0 else torch.cat((out[:, :, :skip], out[:, :, skip:] + residual[:, :, skip:]), 2)
+        out = add_residual(out, residual, skip)
     B, H, L, d = out.shape
     return out.transpose(1, 2).reshape(B, L, H * d)
 

@@ -30,7 +30,7 @@ from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
 from .attention import augmented_attention, augmenting_pays, rel_pos_attention, rel_pos_bias
-from .fused import compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, residual_linear, tracing
+from .fused import add_residual, compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, residual_linear, tracing
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -470,14 +470,13 @@ class MultiScaleAttention(nn.Module):
                     attn = attn + bias
                 out = attn.softmax(dim=-1) @ v
 
+        p = 0 if self.residual_pool_cls else self.num_prefix  # rows without residual pooling
         if not torch.jit.is_scripting() and keep_less and _training_graph():
             residual = q if self.residual_pooling else None
-            p = 0 if self.residual_pool_cls else self.num_prefix
             return residual_linear(out, residual, p, self.proj.weight, self.proj.bias), q_grid
         if self.residual_pooling:
-            p = 0 if self.residual_pool_cls else self.num_prefix
             if torch.is_grad_enabled():
-                out = out + q if p == 0 else torch.cat((out[:, :, :p], out[:, :, p:] + q[:, :, p:]), dim=2)
+                out = add_residual(out, q, p)
             else:  # in place: no new (B, heads, L, d) buffer (SDPA's backward would need the old value)
                 out[:, :, p:] += q[:, :, p:]
 
