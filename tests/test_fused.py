@@ -1,6 +1,6 @@
-"""`norm_mlp` (and `norm_linears`, `depthwise_conv`, `max_pool`) against the plain modules: same values and gradients in
-float64 (gradcheck), float32 and bf16 autocast, without biases too, and it keeps neither the LayerNorm
-nor the GELU output for the backward."""
+"""`mvit_zoo.fused` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv`, `max_pool` and
+`residual_linear` give the same values and gradients in float64 (gradcheck), float32 and bf16 autocast,
+without biases too, and keep for the backward only what they say they keep."""
 from __future__ import annotations
 
 import pytest
