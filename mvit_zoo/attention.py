@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import compute_dtype, lowered, tracing
+from .fused import BLOCK_BYTES, compute_dtype, lowered, splitting_pays, tracing
 
-__all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qk", "augmented_attention", "augmenting_pays"]
+__all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qk", "augmented_attention", "augmenting_pays",
+           "attention_in_row_blocks", "mask_in_row_blocks_pays"]
 
 
 def _axes(nd: int) -> str:
@@ -44,13 +45,9 @@ def _axis_terms(q: Tensor, q_grid: List[int], rel: List[Optional[Tensor]], num_p
     return terms
 
 
-def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
-    """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
-
-    q: (B, heads, P + Nq, d) on `q_grid`. `rel` has, per grid axis a, the looked-up embeddings
-    R_a (q_a, k_a, d) or None. The bias of a query/key pair is the sum over axes of q . R_a[q_a, k_a];
-    the P prefix rows and columns are 0.
-    """
+def _bias_terms(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> List[Tensor]:
+    """The per-axis bias terms of the grid queries, each (B, heads, Nq, *k_grid with 1 on the other axes):
+    they broadcast to the bias (B, heads, Nq, *k_grid)."""
     B, H = q.shape[0], q.shape[1]
     nd = len(q_grid)
     n_q = 1
@@ -64,30 +61,80 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
                 shape.append(k_grid[a] if a == axis else 1)
             terms.append(term.reshape(shape))
     assert len(terms) > 0, "rel_pos_bias needs a table for at least one axis"
-    # the axes' terms broadcast to (B, H, Nq, *k_grid): all but the last one add up at a fraction of that size
+    return terms
+
+
+def _sum_terms(terms: List[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """The sum of `_bias_terms` (B, heads, Nq, *k_grid), written into `out` when given. All but the last
+    term add up at a fraction of the full size."""
     partial = terms[0]
     for term in terms[1:-1]:
         partial = partial + term
+    if out is None:
+        return partial + terms[-1] if len(terms) > 1 else partial
+    if len(terms) > 1:
+        return torch.add(partial, terms[-1], out=out)
+    return out.copy_(partial.expand(out.shape))
+
+
+def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+    """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
+
+    q: (B, heads, P + Nq, d) on `q_grid`. `rel` has, per grid axis a, the looked-up embeddings
+    R_a (q_a, k_a, d) or None. The bias of a query/key pair is the sum over axes of q . R_a[q_a, k_a];
+    the P prefix rows and columns are 0.
+    """
+    B, H = q.shape[0], q.shape[1]
+    terms = _bias_terms(q, q_grid, k_grid, rel, num_prefix)
+    n_q = terms[0].shape[2]
     p = num_prefix
     if p > 0 and not torch.is_grad_enabled() and not torch.jit.is_scripting() and not tracing():
         # one write into the padded bias instead of a full-size sum then a full-size padded copy
         n_k = 1
         for g in k_grid:
             n_k *= g
-        bias = q.new_empty([B, H, p + n_q, p + n_k], dtype=partial.dtype)
+        bias = q.new_empty([B, H, p + n_q, p + n_k], dtype=terms[0].dtype)
         bias[:, :, :p].zero_()
         bias[:, :, p:, :p].zero_()
-        inner = bias[:, :, p:, p:].view([B, H, n_q] + k_grid)
-        if len(terms) > 1:
-            torch.add(partial, terms[-1], out=inner)
-        else:
-            inner.copy_(partial.expand([B, H, n_q] + k_grid))
+        _sum_terms(terms, bias[:, :, p:, p:].view([B, H, n_q] + k_grid))
         return bias
-    full = partial + terms[-1] if len(terms) > 1 else partial
-    bias = full.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
+    bias = _sum_terms(terms).expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
     if p > 0:
         bias = F.pad(bias, [p, 0, p, 0])
     return bias
+
+
+@torch.jit.unused
+def mask_in_row_blocks_pays(q: Tensor, k: Tensor) -> bool:
+    """Whether `attention_in_row_blocks` should run instead of SDPA on the whole mask (q, k: (B, heads,
+    L, d)): CPU inference, when the mask would come in fresh pages (fused.FRESH_PAGES_BYTES)."""
+    return splitting_pays(q, q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+
+
+@torch.jit.unused
+def attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
+                            rel: List[Optional[Tensor]], num_prefix: int, block_bytes: int = 0) -> Tensor:
+    """SDPA with the `rel_pos_bias` mask without autograd, a block of query rows at a time: the mask is
+    built `block_bytes` (default fused.BLOCK_BYTES) at a time in one buffer, never whole.
+    (B, heads, P + Nq, d) -> same shape, laid out (B, P + Nq, heads, d) as SDPA's output is. Same values
+    as SDPA on the whole mask."""
+    B, H, L, d = q.shape
+    p = num_prefix
+    terms = _bias_terms(q, q_grid, k_grid, rel, p)
+    n_k = k.shape[2]
+    step = max(1, (block_bytes or BLOCK_BYTES) // (B * H * n_k * q.element_size()))
+    out = q.new_empty(B, L, H, v.shape[3]).transpose(1, 2)
+    mask = q.new_empty(B, H, min(step, L), n_k)
+    mask[..., :p].zero_()  # the prefix keys' columns, in every block
+    for start in range(0, L, step):
+        stop = min(L, start + step)
+        block = mask[:, :, :stop - start]
+        first = max(start, p)  # the block's first grid query; rows before it are prefix queries: no bias
+        block[:, :, :first - start].zero_()
+        rows = [t[:, :, first - p:stop - p] for t in terms]
+        _sum_terms(rows, block[:, :, first - start:, p:].view([B, H, stop - first] + k_grid))
+        out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=block, scale=scale)
+    return out
 
 
 def _key_positions(k_grid: List[int], axes: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:

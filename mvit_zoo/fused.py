@@ -13,6 +13,8 @@
   q, which the attention keeps anyway, instead of their sum.
 - `max_pool`: max pooling that keeps no int64 indices (recomputed in backward from the kept input, which
   the residual stream keeps anyway): 4x the size of a bf16 activation, 2x a float32 one.
+- `mlp_in_row_blocks`: inference only. fc1 -> GELU -> fc2 a block of rows at a time through one hidden
+  buffer, for the MLPs whose hidden tensor would be larger than `FRESH_PAGES_BYTES` (`splitting_pays`).
 
 The model uses them only when autograd records an eager forward; scripted, compiled and exported graphs
 keep the plain ops (their compilers decide what to keep).
@@ -23,7 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "add_residual", "compute_dtype", "tracing", "lowered"]
+__all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "add_residual", "compute_dtype",
+           "tracing", "lowered", "mlp_in_row_blocks", "splitting_pays", "FRESH_PAGES_BYTES", "BLOCK_BYTES"]
+
+# glibc's malloc (the CPU allocator under PyTorch on Linux) serves every block larger than 32 MiB, its
+# largest mmap threshold on 64-bit, with fresh pages from the kernel: the first write into such a tensor
+# takes a page fault per 4 KiB, about as long as the GEMM that fills it (measured: mvit_tiny's stage-1
+# fc1 output at batch 8, 38.5 MB, 17 ms into fresh pages, 6 ms into a buffer that exists). Smaller
+# blocks come back from the heap. CPU inference computes the few tensors above this size (the first
+# stage's MLP hidden tensor, the largest attention masks) a block of rows at a time, through one
+# buffer of BLOCK_BYTES, which also stays in cache between the ops that fill and read it.
+FRESH_PAGES_BYTES = 32 << 20
+BLOCK_BYTES = 8 << 20
 
 
 @torch.jit.unused
@@ -39,6 +52,15 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+@torch.jit.unused
+def splitting_pays(x: Tensor, numel: int) -> bool:
+    """Whether an inference op on x should make a tensor of `numel` elements (in x's compute dtype) in
+    row blocks: on CPU, without autograd, eager, when it is larger than FRESH_PAGES_BYTES."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or tracing():
+        return False
+    return numel * torch.finfo(compute_dtype(x)).bits // 8 > FRESH_PAGES_BYTES
+
+
 def lowered(device: str, tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """`tensors` cast to autocast's dtype where autocast is on for `device` (as autocast casts the
     inputs of the ops it lowers); else as they are. For the functions here, which run with autocast off."""
@@ -46,6 +68,36 @@ def lowered(device: str, tensors: List[Optional[Tensor]]) -> List[Optional[Tenso
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return [None if t is None else t.to(dtype) for t in tensors]
+
+
+@torch.jit.unused
+def mlp_in_row_blocks(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                      fc2_bias: Optional[Tensor], block_bytes: int = 0) -> Tensor:
+    """fc2(GELU(fc1(x))) without autograd, (..., C_in) -> (..., C_out): `block_bytes` (default
+    BLOCK_BYTES) of the hidden tensor at a time, in one buffer, never the whole (..., hidden) tensor.
+    Same values as the plain ops, in autocast's dtype where it is on."""
+    device = x.device.type
+    x, w1, b1, w2, b2 = lowered(device, [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias])
+    assert x is not None and w1 is not None and w2 is not None
+    rows_in = x.reshape(-1, x.shape[-1])
+    n, hidden = rows_in.shape[0], w1.shape[0]
+    step = max(1, (block_bytes or BLOCK_BYTES) // (hidden * x.element_size()))
+    out = x.new_empty(n, w2.shape[0])
+    buffer = x.new_empty(min(step, n), hidden)
+    with torch.autocast(device, enabled=False):
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            h = buffer[:stop - start]
+            if b1 is None:
+                torch.mm(rows_in[start:stop], w1.t(), out=h)
+            else:
+                torch.addmm(b1, rows_in[start:stop], w1.t(), out=h)
+            torch.ops.aten.gelu_(h)
+            if b2 is None:
+                torch.mm(h, w2.t(), out=out[start:stop])
+            else:
+                torch.addmm(b2, h, w2.t(), out=out[start:stop])
+    return out.view(x.shape[:-1] + w2.shape[:1])
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -29,8 +29,10 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
-from .attention import augmented_attention, augmenting_pays, rel_pos_attention, rel_pos_bias
-from .fused import add_residual, compute_dtype, depthwise_conv, max_pool, norm_linears, norm_mlp, residual_linear, tracing
+from .attention import (attention_in_row_blocks, augmented_attention, augmenting_pays, mask_in_row_blocks_pays,
+                        rel_pos_attention, rel_pos_bias)
+from .fused import (add_residual, compute_dtype, depthwise_conv, max_pool, mlp_in_row_blocks, norm_linears, norm_mlp,
+                    residual_linear, splitting_pays, tracing)
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -458,6 +460,8 @@ class MultiScaleAttention(nn.Module):
                 out = rel_pos_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
             elif not torch.jit.is_scripting() and self.fused_attn and augmenting_pays(q, len(grid)):
                 out = augmented_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
+            elif not torch.jit.is_scripting() and self.fused_attn and mask_in_row_blocks_pays(q, k):
+                out = attention_in_row_blocks(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
             else:
                 bias = rel_pos_bias(q, q_grid, k_grid, rel, self.num_prefix).to(q.dtype)
 
@@ -498,6 +502,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if splitting_pays(x, x.numel() // x.shape[-1] * self.fc1.out_features):
+                # CPU inference: a hidden tensor this large would come in fresh pages (fused.FRESH_PAGES_BYTES)
+                return mlp_in_row_blocks(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         x = self.fc1(x)
         # without autograd, GELU in place: no second (..., hidden) buffer, the largest of the block
         x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)

@@ -1,7 +1,7 @@
-"""`rel_pos_attention` (the CPU training path) and `augmented_attention` (the bias folded into q . k)
-against SDPA with the `rel_pos_bias` mask: same values (and gradients), 2D and 3D, with and without a
-prefix token, float64 / float32 / bf16 autocast; the training path keeps no (Nq, Nk) tensor for the
-backward."""
+"""`rel_pos_attention` (the CPU training path), `augmented_attention` (the bias folded into q . k) and
+`attention_in_row_blocks` (the mask a block of query rows at a time) against SDPA with the whole
+`rel_pos_bias` mask: same values (and gradients), 2D and 3D, with and without a prefix token, float64 /
+float32 / bf16 autocast; the training path keeps no (Nq, Nk) tensor for the backward."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.attention import augment_qk, augmented_attention, rel_pos_attention, rel_pos_bias
+from mvit_zoo import fused
+from mvit_zoo.attention import (attention_in_row_blocks, augment_qk, augmented_attention, mask_in_row_blocks_pays,
+                                rel_pos_attention, rel_pos_bias)
 
 CASES = [  # q grid, k grid, prefix tokens, axes with a table
     ([4, 3], [2, 3], 0, [0, 1]),
@@ -130,3 +132,30 @@ def test_augmented_attention_matches_sdpa_with_mask(q_grid, k_grid, prefix, axes
     assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
     if dtype != torch.float32:  # 16-bit heads are padded to a multiple of 32
         assert augment_qk(q, k, 0.3, q_grid, k_grid, rel, prefix)[0].shape[-1] % 32 == 0
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 5, 1000])
+def test_attention_in_row_blocks_matches_sdpa_with_mask(q_grid, k_grid, prefix, axes, rows) -> None:
+    """Blocks of 1, 3, 5 query rows (a first block with the prefix row and grid rows, a short last block)
+    and one block holding every row."""
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32, d=8)
+    block_bytes = rows * q.shape[0] * q.shape[1] * k.shape[2] * q.element_size()
+    with torch.no_grad():
+        out = attention_in_row_blocks(q, k, v, 0.3, q_grid, k_grid, rel, prefix, block_bytes)
+        ref = _reference(q, k, v, q_grid, k_grid, rel, prefix)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert out.transpose(1, 2).is_contiguous()  # SDPA's (B, L, heads, d) layout: merging heads is a view
+
+
+def test_mask_in_row_blocks_only_above_fresh_pages_size_without_autograd(monkeypatch) -> None:
+    q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 32, 8)
+    mask_bytes = 2 * 2 * 64 * 32 * 4
+    monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", mask_bytes - 1)
+    with torch.no_grad():
+        assert mask_in_row_blocks_pays(q, k)
+    assert not mask_in_row_blocks_pays(q, k)  # autograd records: the training paths decide
+    monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", mask_bytes)
+    with torch.no_grad():
+        assert not mask_in_row_blocks_pays(q, k)

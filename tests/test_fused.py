@@ -1,13 +1,14 @@
 """`mvit_zoo.fused` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv`, `max_pool` and
 `residual_linear` give the same values and gradients in float64 (gradcheck), float32 and bf16 autocast,
-without biases too, and keep for the backward only what they say they keep."""
+without biases too, and keep for the backward only what they say they keep; `mlp_in_row_blocks` gives
+the plain MLP's values."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.fused import depthwise_conv, norm_linears, norm_mlp
+from mvit_zoo.fused import depthwise_conv, mlp_in_row_blocks, norm_linears, norm_mlp
 
 
 def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
@@ -214,3 +215,17 @@ def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None
         y = fused(out, res, weight, bias)
     assert all(t is out or t is res or t is weight for t in kept)
     y += 1  # the output is not a view: the block adds its shortcut in place
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 4, 7, 1000])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_mlp_in_row_blocks_matches_plain(bias: bool, rows: int, autocast: bool) -> None:
+    """Blocks of 1, 4 and 7 rows of 3 * 5 (a short last block) and one block of every row."""
+    _, _, w1, b1, w2, b2 = _params(torch.float32, bias=bias)
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = mlp_in_row_blocks(x, w1, b1, w2, b2, block_bytes=rows * w1.shape[0] * (2 if autocast else 4))
+        ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    assert out.shape == ref.shape == (3, 5, 5) and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,8 @@ import torchvision.models.video.mvit as tv_mvit
 from timm.models import mvitv2 as timm_mvitv2
 
 import mvit_zoo
+from mvit_zoo import attention, fused
+from mvit_zoo import mvit as mvit_module
 from mvit_zoo.convert import convert_state_dict
 from mvit_zoo.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
 
@@ -303,20 +305,57 @@ def test_torchvision_input_gradient_parity(v2: bool) -> None:
         assert _rel_close(grads[n], ref_grads[tv_name]), n
 
 
+def _small_reference_pair(which: str) -> tuple[torch.nn.Module, MViT, dict, torch.Tensor]:
+    """references' small timm model (which: 'timm', 'timm_cls') or torchvision mvit_v2_s ('torchvision_v2'),
+    ours with its weights, our build kwargs and an input."""
+    if which.startswith("timm"):
+        ref, name, kwargs = references.timm_reference(cls_token=which == "timm_cls")
+        ours = mvit_zoo.create_model(name, **kwargs).eval()
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        return ref.eval(), ours, kwargs, references.image_input()
+    ref, name, kwargs = references.tv_reference(True)
+    ours = mvit_zoo.create_model(name, **kwargs).eval()
+    ours.load_state_dict(convert_state_dict(ref.state_dict(), ours), strict=True)
+    return ref.eval(), ours, kwargs, references.video_input()
+
+
+@pytest.mark.parametrize("which", ["timm", "timm_cls", "torchvision_v2"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_inference_in_row_blocks_matches_reference(which: str, autocast: bool, monkeypatch) -> None:
+    """With every MLP hidden tensor and attention mask above the fresh-pages size (the threshold set to
+    0, blocks of a few rows), CPU inference takes the row-block paths and gives the reference's logits
+    (in float32) and the whole-tensor path's (both dtypes)."""
+    ref, ours, kwargs, x = _small_reference_pair(which)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        whole = ours(x)
+        ref_logits = ref.eval()(x)
+        calls = {"mlp": 0, "attention": 0}
+
+        def counted(key, fn):
+            def wrapper(*args, **kw):
+                calls[key] += 1
+                return fn(*args, **kw)
+            return wrapper
+
+        monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", 0)
+        monkeypatch.setattr(fused, "BLOCK_BYTES", 3 * 96 * 4)  # a few rows per block
+        monkeypatch.setattr(mvit_module, "mlp_in_row_blocks", counted("mlp", fused.mlp_in_row_blocks))
+        monkeypatch.setattr(mvit_module, "attention_in_row_blocks", counted("attention", attention.attention_in_row_blocks))
+        blocks = ours(x)
+    depth = sum(kwargs["depths"])
+    assert calls["mlp"] == depth
+    # the mask path is for 2D float32 (16-bit and video CPU inference fold the bias into q . k)
+    assert calls["attention"] == (depth if which.startswith("timm") and not autocast else 0)
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5 if not autocast else 0.05 * whole.abs().max().item())
+    if not autocast:
+        assert _max_diff(blocks, ref_logits) < ATOL
+
+
 @pytest.mark.parametrize("which", ["timm", "torchvision_v2"])
 def test_bf16_autocast_matches_reference_and_float32(which: str) -> None:
     """CPU bf16 autocast: logits agree with the reference under the same autocast, and the training
     gradients (through the memory-saving paths) point where the float32 ones do."""
-    if which == "timm":
-        ref, name, kwargs = references.timm_reference(cls_token=True)
-        ours = mvit_zoo.create_model(name, **kwargs).eval()
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        x = references.image_input()
-    else:
-        ref, name, kwargs = references.tv_reference(True)
-        ours = mvit_zoo.create_model(name, **kwargs).eval()
-        ours.load_state_dict(convert_state_dict(ref.state_dict(), ours), strict=True)
-        x = references.video_input()
+    ref, ours, _, x = _small_reference_pair("timm_cls" if which == "timm" else which)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, ref_logits = ours(x), ref.eval()(x)
     assert logits.dtype == torch.bfloat16
