@@ -19,14 +19,15 @@
 The model uses them only when autograd records an eager forward; scripted, compiled and exported graphs
 keep the plain ops (their compilers decide what to keep).
 """
-from typing import List, Optional, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["norm_mlp", "norm_linears", "depthwise_conv", "max_pool", "residual_linear", "add_residual", "compute_dtype",
-           "tracing", "lowered", "mlp_in_row_blocks", "splitting_pays", "FRESH_PAGES_BYTES", "BLOCK_BYTES"]
+           "tracing", "lowered", "autocast_off", "mlp_in_row_blocks", "splitting_pays", "FRESH_PAGES_BYTES", "BLOCK_BYTES"]
 
 # glibc's malloc (the CPU allocator under PyTorch on Linux) serves every block larger than 32 MiB, its
 # largest mmap threshold on 64-bit, with fresh pages from the kernel: the first write into such a tensor
@@ -59,6 +60,18 @@ def splitting_pays(x: Tensor, numel: int) -> bool:
     if x.device.type != "cpu" or torch.is_grad_enabled() or tracing():
         return False
     return numel * torch.finfo(compute_dtype(x)).bits // 8 > FRESH_PAGES_BYTES
+
+
+def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """For the backward of the autograd functions here: run it with autocast off. Autograd runs a
+    backward under the autocast state of whoever calls `.backward()`, and inside an autocast region
+    that would lower the float32 ops a backward chose (its recomputed logits, float32 GEMMs) to 16 bits."""
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Optional[Tensor]) -> Any:
+        device = next((g.device.type for g in grads if g is not None), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+    return run
 
 
 def lowered(device: str, tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
@@ -108,6 +121,7 @@ class _GeluLinear(torch.autograd.Function):
         return F.linear(F.gelu(hidden), weight, bias)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, d_out: Tensor):
         hidden, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -139,6 +153,7 @@ class _NormLinears(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @autocast_off
     def backward(ctx, *d_outs: Optional[Tensor]):
         x_in, mean, rstd, norm_weight, norm_bias, *weights = ctx.saved_tensors
         x = x_in.to(ctx.norm_dtype)
@@ -205,6 +220,7 @@ class _DepthwiseConvFloat32Backward(torch.autograd.Function):
         return conv(x, weight, None, stride, padding, 1, x.shape[1])
 
     @staticmethod
+    @autocast_off
     def backward(ctx, d_out: Tensor):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.args
@@ -242,6 +258,7 @@ class _MaxPoolRecomputeIndices(torch.autograd.Function):
         return pool(x, kernel, stride, padding)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, d_out: Tensor):
         (x,) = ctx.saved_tensors
         kernel, stride, padding = ctx.args
@@ -294,6 +311,7 @@ class _ResidualLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, d_y: Tensor):
         out, residual, weight = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo import fused
+from mvit_zoo import attention, fused
 from mvit_zoo.attention import (attention_in_row_blocks, augment_qk, augmented_attention, mask_in_row_blocks_pays,
                                 rel_pos_attention, rel_pos_bias)
 
@@ -159,3 +159,41 @@ def test_mask_in_row_blocks_only_above_fresh_pages_size_without_autograd(monkeyp
     monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", mask_bytes)
     with torch.no_grad():
         assert not mask_in_row_blocks_pays(q, k)
+
+
+def test_explicit_backward_equals_kernel_backward_float32() -> None:
+    """The GEMM backward of the 16-bit path is the same math as SDPA's CPU kernel backward."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 20, 12, generator=g), torch.randn(2, 3, 9, 12, generator=g)
+    v, d_out = torch.randn(2, 3, 9, 12, generator=g), torch.randn(2, 3, 20, 12, generator=g)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=0.3)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(d_out, q, k, v, out, lse, 0.0, False, scale=0.3)
+    for ours, ref in zip(attention._explicit_backward(d_out, q, k, v, 0.3), kernel):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES)
+def test_bf16_training_gradients_as_accurate_as_the_kernel(q_grid, k_grid, prefix, axes, monkeypatch) -> None:
+    """bf16 gradients of `rel_pos_attention` through the explicit backward (these sizes take it) and through
+    the kernel's, against float64 on the same (bf16-representable) inputs, `.backward()` called inside
+    the autocast region: the relative RMS error of each gradient within 1.1x the kernel's."""
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float64, heads=4, d=32)
+    tensors = [t.to(torch.bfloat16).double() for t in [q, k, v] + [r for r in rel if r is not None]]
+
+    def fn(q, k, v, *tables):
+        it = iter(tables)
+        return rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, [next(it) if r is not None else None for r in rel], prefix)
+
+    _, exact = _grads(fn, tensors)
+    calls = []
+    explicit = attention._explicit_backward
+    monkeypatch.setattr(attention, "_explicit_backward", lambda *a: calls.append(1) or explicit(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ours = _grads(fn, [t.float() for t in tensors])
+        assert calls, "these sizes take the explicit backward in 16-bit"
+        monkeypatch.setattr(attention, "EXPLICIT_BACKWARD_MAX", 0)
+        _, kernel = _grads(fn, [t.float() for t in tensors])
+    assert len(calls) == 1
+    for a, b, ref in zip(ours, kernel, exact):
+        err = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(a) <= 1.1 * err(b), (err(a), err(b))

@@ -229,3 +229,4 @@ def test_mlp_in_row_blocks_matches_plain(bias: bool, rows: int, autocast: bool) 
         ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     assert out.shape == ref.shape == (3, 5, 5) and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
