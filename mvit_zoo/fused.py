@@ -139,14 +139,25 @@ class _GeluLinear(torch.autograd.Function):
         return d_hidden, d_w, d_b
 
 
+def _layer_norm_to(dtype: torch.dtype, x: Tensor, norm_dtype: torch.dtype, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of x over its last axis computed in norm_dtype, output in `dtype`, and its mean and rstd.
+    A 16-bit x with a 16-bit output runs the mixed-precision kernel (float32 inside, like
+    autocast's float32 LayerNorm then a cast: at most 1 ulp apart) without the two casts, 1.6-6x
+    faster on CPU (measured, bf16 stage sizes of mvit_tiny)."""
+    if x.dtype == dtype and x.element_size() < 4 and norm_dtype == torch.float32:
+        return torch.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+    out, mean, rstd = torch.native_layer_norm(x.to(norm_dtype), [x.shape[-1]], weight, bias, eps)
+    return out.to(dtype), mean, rstd
+
+
 class _NormLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
                 norm_dtype: torch.dtype, n: int, *weights_and_biases: Optional[Tensor]) -> Tuple[Tensor, ...]:
         weights, biases = weights_and_biases[:n], weights_and_biases[n:]
-        # x is kept in its own dtype (a bf16 stream stays bf16), upcast for the norm in both passes
-        x_norm, mean, rstd = torch.native_layer_norm(x.to(norm_dtype), [x.shape[-1]], norm_weight, norm_bias, eps)
-        x_norm = x_norm.to(weights[0].dtype)
+        # x is kept in its own dtype (a bf16 stream stays bf16); the norm computes in norm_dtype
+        x_norm, mean, rstd = _layer_norm_to(weights[0].dtype, x, norm_dtype, norm_weight, norm_bias, eps)
         outs = tuple(F.linear(x_norm, w, b) for w, b in zip(weights, biases))
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, *weights)
         ctx.eps, ctx.norm_dtype, ctx.n, ctx.has_bias = eps, norm_dtype, n, [b is not None for b in biases]
@@ -156,10 +167,10 @@ class _NormLinears(torch.autograd.Function):
     @autocast_off
     def backward(ctx, *d_outs: Optional[Tensor]):
         x_in, mean, rstd, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        x_norm = _layer_norm_to(weights[0].dtype, x_in, ctx.norm_dtype, norm_weight, norm_bias, ctx.eps)[0]
         x = x_in.to(ctx.norm_dtype)
         shape, n, need = [x.shape[-1]], ctx.n, ctx.needs_input_grad
         first = 6  # forward's argument index of the first weight
-        x_norm = torch.native_layer_norm(x, shape, norm_weight, norm_bias, ctx.eps)[0].to(weights[0].dtype)
         x_norm2 = x_norm.reshape(-1, shape[0])
         d_weights: List[Optional[Tensor]] = [None] * n
         d_biases: List[Optional[Tensor]] = [None] * n
