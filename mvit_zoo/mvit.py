@@ -267,6 +267,16 @@ def _training_graph() -> bool:
     return not tracing()
 
 
+def _plain(*modules: Optional[nn.Module]) -> bool:
+    """Whether the fast paths may use these modules' parameters directly instead of calling them: each is
+    exactly nn.Linear or nn.LayerNorm with no forward hooks. A subclass or wrapper put in their place
+    (LoRA, quantisation, a patched forward) or a hook must run, so the plain module calls are taken."""
+    for m in modules:
+        if m is not None and (type(m) not in (nn.Linear, nn.LayerNorm) or m._forward_hooks or m._forward_pre_hooks):
+            return False
+    return True
+
+
 @torch.jit.unused
 def _export_layout(x: Tensor) -> Tensor:
     """Under torch.export, `x` copied to the contiguous layout its strides claim; else `x` itself."""
@@ -402,8 +412,16 @@ class MultiScaleAttention(nn.Module):
         Three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
         channels-last pooling reads it without a copy.
         """
+        if not torch.jit.is_scripting():
+            if not self._qkv_is_plain():
+                q, k, v = self.qkv(x).chunk(3, dim=-1)
+                return q, k, v
         weights, biases = self.qkv_params()
         return F.linear(x, weights[0], biases[0]), F.linear(x, weights[1], biases[1]), F.linear(x, weights[2], biases[2])
+
+    @torch.jit.unused
+    def _qkv_is_plain(self) -> bool:
+        return _plain(self.qkv)
 
     def qkv_params(self) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
         """The fused qkv weight and bias as [q, k, v] slices (views: gradients reach `qkv`)."""
@@ -501,9 +519,13 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim_out)
 
+    @torch.jit.unused
+    def _is_plain(self) -> bool:
+        return _plain(self.fc1, self.fc2)
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            if splitting_pays(x, x.numel() // x.shape[-1] * self.fc1.out_features):
+            if self._is_plain() and splitting_pays(x, x.numel() // x.shape[-1] * self.fc1.out_features):
                 # CPU inference: a hidden tensor this large would come in fresh pages (fused.FRESH_PAGES_BYTES)
                 return mlp_in_row_blocks(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         x = self.fc1(x)
@@ -541,10 +563,14 @@ class MultiScaleBlock(nn.Module):
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
         in_grid = grid
-        if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
-            q, k, v, shortcut = self._norm_qkv(x)
-            x, grid = self.attn.attend(q, k, v, grid, keep_less=True)
-        else:
+        shortcut, fused = x, False
+        # (TorchScript: the eager-only calls sit in ifs nested under is_scripting(), which it skips)
+        if not torch.jit.is_scripting():
+            if self.memory_efficient and _training_graph() and self._attn_fusable():
+                q, k, v, shortcut = self._norm_qkv(x)
+                x, grid = self.attn.attend(q, k, v, grid, keep_less=True)
+                fused = True
+        if not fused:
             x_norm = self.norm1(x)
             shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
             x, grid = self.attn(x_norm, grid)
@@ -554,14 +580,25 @@ class MultiScaleBlock(nn.Module):
         x = self.drop_path1(x)
         x += shortcut
 
-        if not torch.jit.is_scripting() and self.shortcut_proj_mlp is None and self.memory_efficient and _training_graph():
-            # (out of place: autograd forbids writing into a custom function's output, a view of its GEMM's)
-            return x + self.drop_path2(self._norm_mlp(x)), grid
+        if not torch.jit.is_scripting():
+            if self.shortcut_proj_mlp is None and self.memory_efficient and _training_graph() and self._mlp_fusable():
+                # (out of place: autograd forbids writing into a custom function's output, a view of its GEMM's)
+                return x + self.drop_path2(self._norm_mlp(x)), grid
         x_norm = self.norm2(x)
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
         out = self.drop_path2(self.mlp(x_norm))
         out += shortcut
         return out, grid
+
+    @torch.jit.unused
+    def _attn_fusable(self) -> bool:
+        """Whether the memory-saving path may use the attention branch's parameters directly (`_plain`)."""
+        return _plain(self.norm1, self.attn.qkv, self.attn.proj, self.shortcut_proj_attn)
+
+    @torch.jit.unused
+    def _mlp_fusable(self) -> bool:
+        """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`)."""
+        return _plain(self.norm2, self.mlp.fc1, self.mlp.fc2)
 
     @torch.jit.unused
     def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -6,6 +6,7 @@ timm, converted for the others), and logits compared on random input.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from unittest import mock
 
@@ -368,3 +369,51 @@ def test_bf16_autocast_matches_reference_and_float32(which: str) -> None:
     flat16 = torch.cat([grads16[n].flatten().float() for n in grads32])
     assert torch.isfinite(flat16).all()
     assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.99
+
+
+class _ShiftedLinear(torch.nn.Linear):
+    """A Linear whose forward differs from its weights' (as a LoRA or quantised wrapper's does): +0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.5
+
+
+def _shifted(linear: torch.nn.Linear) -> _ShiftedLinear:
+    out = _ShiftedLinear(linear.in_features, linear.out_features)
+    out.load_state_dict(linear.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["eval", "eval_row_blocks", "train"])
+def test_replaced_or_hooked_linears_are_called(mode: str, monkeypatch) -> None:
+    """The fast paths read qkv/proj/fc1/fc2 weights directly; a module put in their place (here one that
+    adds 0.5) must still be called, in inference, CPU row blocks and memory-saving training: the model
+    then equals one whose biases carry the +0.5. A forward hook on a plain linear runs too."""
+    _, ours, _, x = _small_reference_pair("timm")
+    baked = copy.deepcopy(ours)
+    names = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    for block, ref_block in zip(ours.modules(), baked.modules()):
+        if isinstance(block, mvit_module.MultiScaleBlock):
+            for name in names:
+                parent, attr = name.split(".")
+                linear = getattr(getattr(block, parent), attr)
+                setattr(getattr(block, parent), attr, _shifted(linear))
+                with torch.no_grad():
+                    getattr(getattr(ref_block, parent), attr).bias += 0.5
+    if mode == "eval_row_blocks":
+        monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", 0)
+    if mode == "train":
+        ours.train(), baked.train()
+        d_x, grads = _input_and_param_grads(ours, x)
+        ref_d_x, ref_grads = _input_and_param_grads(baked, x)
+        assert _rel_close(d_x, ref_d_x)
+        for name in ref_grads:
+            assert _rel_close(grads[name], ref_grads[name]), name
+    else:
+        with torch.no_grad():
+            assert _max_diff(ours(x), baked(x)) < ATOL
+    calls = []
+    baked.stages[0].blocks[0].attn.qkv.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        baked(x)
+    assert calls == [1]
