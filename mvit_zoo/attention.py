@@ -8,7 +8,7 @@ mask, so with a bias that needs one it falls back to its math path, which keeps 
 and the bias (B, heads, Nq, Nk), and float32 copies of q, k, v under bf16 autocast, for the backward.
 `rel_pos_attention` runs SDPA's fused CPU kernels, forward and backward, on the augmented q and k:
 it keeps q, k, v, the output and the row log-sum-exp, and the bias gradient comes out of the
-kernel's gradient of q' (16-bit attentions up to EXPLICIT_BACKWARD_MAX query-key pairs: the same
+kernel's gradient of q' (bf16 attentions up to EXPLICIT_BACKWARD_MAX query-key pairs: the same
 backward as batched GEMMs, faster there). `attention_in_row_blocks` is CPU inference with the mask
 for the masks too large to allocate whole (fused.FRESH_PAGES_BYTES).
 """
@@ -216,9 +216,10 @@ def augmented_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
     return F.scaled_dot_product_attention(q_aug, k_aug, _pad_to(v, q_aug.shape[-1]), scale=scale)[..., :q.shape[-1]]
 
 
-# 16-bit CPU training: attentions with at most this many query-key pairs (per image and head) take
+# bf16 CPU training: attentions with at most this many query-key pairs (per image and head) take
 # `_explicit_backward`, 1.5-4x faster than the fused kernel's there (measured with mvit_tiny/small's
-# shapes: 196 x 196, 49 x 196, 49 x 49) and as accurate; the kernel is faster on larger ones.
+# shapes: 196 x 196, 49 x 196, 49 x 49) and as accurate; the kernel is faster on larger ones. Not
+# fp16: its dS, whose entries are small, would lose digits in the GEMMs' 16-bit inputs.
 EXPLICIT_BACKWARD_MAX = 64 * 1024
 
 
@@ -266,7 +267,7 @@ class _RelPosAttention(torch.autograd.Function):
         B, H, d = q.shape[0], q.shape[1], q.shape[3]
         q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, rel, p)
         width = q_aug.shape[-1]
-        if q.element_size() < 4 and q.shape[2] * k.shape[2] <= EXPLICIT_BACKWARD_MAX:
+        if q.dtype == torch.bfloat16 and q.shape[2] * k.shape[2] <= EXPLICIT_BACKWARD_MAX:
             d_q_aug, d_k, d_v = _explicit_backward(d_out, q_aug, k_aug, v, scale)
         else:
             d_q_aug, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -190,10 +190,19 @@ def test_bf16_training_gradients_as_accurate_as_the_kernel(q_grid, k_grid, prefi
     monkeypatch.setattr(attention, "_explicit_backward", lambda *a: calls.append(1) or explicit(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, ours = _grads(fn, [t.float() for t in tensors])
-        assert calls, "these sizes take the explicit backward in 16-bit"
+        assert calls, "these sizes take the explicit backward in bf16"
         monkeypatch.setattr(attention, "EXPLICIT_BACKWARD_MAX", 0)
         _, kernel = _grads(fn, [t.float() for t in tensors])
     assert len(calls) == 1
     for a, b, ref in zip(ours, kernel, exact):
         err = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
         assert err(a) <= 1.1 * err(b), (err(a), err(b))
+
+
+def test_fp16_keeps_the_kernel_backward(monkeypatch) -> None:
+    """fp16's small dS entries would lose digits in the GEMM backward's 16-bit inputs: fp16 stays on the kernel."""
+    q_grid, k_grid, prefix, axes = CASES[0]
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32, d=16)
+    monkeypatch.setattr(attention, "_explicit_backward", lambda *a: pytest.fail("took the GEMM backward"))
+    with torch.autocast("cpu", dtype=torch.float16):
+        _grads(lambda q, k, v: rel_pos_attention(q, k, v, 0.3, q_grid, k_grid, rel, prefix), [q, k, v])
