@@ -170,7 +170,7 @@ class TokenPool(nn.Module):
         # (2-6x faster there; measured per shape, see fused.depthwise_conv)
         self.slow_16bit_backward = nd == 3 or max(stride) > 1
         self.memory_efficient = True  # max pooling keeps no indices when training (MViT.set_memory_efficient)
-        self.weight: Optional[nn.Parameter] = None
+        self.register_parameter("weight", None)
         if mode == "conv":
             self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv's default init
@@ -385,9 +385,9 @@ class MultiScaleAttention(nn.Module):
         self.pool_k, self.norm_k = pool(spec.kernel_kv, spec.stride_kv)
         self.pool_v, self.norm_v = pool(spec.kernel_kv, spec.stride_kv)
 
-        self.rel_pos_h: Optional[nn.Parameter] = None
-        self.rel_pos_w: Optional[nn.Parameter] = None
-        self.rel_pos_t: Optional[nn.Parameter] = None
+        self.register_parameter("rel_pos_h", None)
+        self.register_parameter("rel_pos_w", None)
+        self.register_parameter("rel_pos_t", None)
         if cfg.rel_pos:
             # table lengths as in the reference code: from the build grid, by floor division
             def length(axis: int) -> int:
@@ -547,7 +547,7 @@ class MultiScaleBlock(nn.Module):
 
         self.norm1 = norm_layer(dim)
         self.shortcut_proj_attn = nn.Linear(dim, dim_out) if cfg.expand_attn and dim != dim_out else None
-        self.shortcut_pool_attn: Optional[TokenPool] = None
+        self.shortcut_pool_attn = None  # (no annotation: TorchScript warns on an Optional one in __init__)
         if _prod(spec.stride_q) > 1:
             kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
             self.shortcut_pool_attn = TokenPool("max", nd, dim, kernel, spec.stride_q, self.num_prefix)
@@ -692,10 +692,10 @@ class MViT(nn.Module):
         self.patch_grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
         self._patch_grid = list(self.patch_grid)  # (as a list, the type the forward's grids have)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim0)) if cfg.use_cls_token else None
-        self.pos_embed: Optional[nn.Parameter] = None
-        self.pos_embed_spatial: Optional[nn.Parameter] = None
-        self.pos_embed_temporal: Optional[nn.Parameter] = None
-        self.pos_embed_class: Optional[nn.Parameter] = None
+        self.register_parameter("pos_embed", None)
+        self.register_parameter("pos_embed_spatial", None)
+        self.register_parameter("pos_embed_temporal", None)
+        self.register_parameter("pos_embed_class", None)
         if cfg.abs_pos == "joint":
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + _prod(self.patch_grid), dim0))
         elif cfg.abs_pos == "separable":

@@ -2,6 +2,8 @@
 2D and 3D, at several input sizes with dynamic shapes."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -61,7 +63,10 @@ SCRIPT_CASES = [
 @pytest.mark.parametrize("name,overrides,shapes", SCRIPT_CASES, ids=[c[0] + "-" + str(i) for i, c in enumerate(SCRIPT_CASES)])
 def test_torchscript_matches_eager_and_round_trips(name: str, overrides: dict, shapes: list, tmp_path) -> None:
     model = mvit_zoo.create_model(name, img_size=shapes[0][2:], **SMALL, **overrides).eval()
-    scripted = torch.jit.script(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        scripted = torch.jit.script(model)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], "scripting warns"
     path = tmp_path / "model.pt"
     torch.jit.save(scripted, str(path))
     loaded = torch.jit.load(str(path))
