@@ -79,6 +79,17 @@ def _sum_terms(terms: List[Tensor], out: Optional[Tensor] = None) -> Tensor:
     return out.copy_(partial.expand(out.shape))
 
 
+def _write_bias(terms: List[Tensor], out: Tensor, start: int, num_prefix: int, k_grid: List[int]) -> None:
+    """Rows start .. start + out.shape[2] of the bias (B, heads, P + Nq, P + Nk) written into `out`: 0 in the
+    P prefix rows and columns, the sum of `_bias_terms` elsewhere."""
+    B, H, p = out.shape[0], out.shape[1], num_prefix
+    stop = start + out.shape[2]
+    first = max(start, p)  # the first grid query; the rows before it are prefix queries
+    out[:, :, :first - start].zero_()
+    out[:, :, first - start:, :p].zero_()
+    _sum_terms([t[:, :, first - p:stop - p] for t in terms], out[:, :, first - start:, p:].view([B, H, stop - first] + k_grid))
+
+
 def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """Decomposed relative-position bias (B, heads, P + Nq, P + Nk) for the attention logits.
 
@@ -96,9 +107,7 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
         for g in k_grid:
             n_k *= g
         bias = q.new_empty([B, H, p + n_q, p + n_k], dtype=terms[0].dtype)
-        bias[:, :, :p].zero_()
-        bias[:, :, p:, :p].zero_()
-        _sum_terms(terms, bias[:, :, p:, p:].view([B, H, n_q] + k_grid))
+        _write_bias(terms, bias, 0, p, k_grid)
         return bias
     bias = _sum_terms(terms).expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
     if p > 0:
@@ -127,14 +136,10 @@ def attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, q_gri
     step = max(1, (block_bytes or BLOCK_BYTES) // (B * H * n_k * q.element_size()))
     out = q.new_empty(B, L, H, v.shape[3]).transpose(1, 2)
     mask = q.new_empty(B, H, min(step, L), n_k)
-    mask[..., :p].zero_()  # the prefix keys' columns, in every block
     for start in range(0, L, step):
         stop = min(L, start + step)
         block = mask[:, :, :stop - start]
-        first = max(start, p)  # the block's first grid query; rows before it are prefix queries: no bias
-        block[:, :, :first - start].zero_()
-        rows = [t[:, :, first - p:stop - p] for t in terms]
-        _sum_terms(rows, block[:, :, first - start:, p:].view([B, H, stop - first] + k_grid))
+        _write_bias(terms, block, start, p, k_grid)
         out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=block, scale=scale)
     return out
 

@@ -83,6 +83,13 @@ def lowered(device: str, tensors: List[Optional[Tensor]]) -> List[Optional[Tenso
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
+def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """x (N, C_in) @ weight.T (+ bias) written into out (N, C_out)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 @torch.jit.unused
 def mlp_in_row_blocks(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                       fc2_bias: Optional[Tensor], block_bytes: int = 0) -> Tensor:
@@ -100,16 +107,8 @@ def mlp_in_row_blocks(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
     with torch.autocast(device, enabled=False):
         for start in range(0, n, step):
             stop = min(n, start + step)
-            h = buffer[:stop - start]
-            if b1 is None:
-                torch.mm(rows_in[start:stop], w1.t(), out=h)
-            else:
-                torch.addmm(b1, rows_in[start:stop], w1.t(), out=h)
-            torch.ops.aten.gelu_(h)
-            if b2 is None:
-                torch.mm(h, w2.t(), out=out[start:stop])
-            else:
-                torch.addmm(b2, h, w2.t(), out=out[start:stop])
+            h = _linear_into(rows_in[start:stop], w1, b1, buffer[:stop - start])
+            _linear_into(torch.ops.aten.gelu_(h), w2, b2, out[start:stop])
     return out.view(x.shape[:-1] + w2.shape[:1])
 
 
@@ -315,10 +314,7 @@ class _ResidualLinear(torch.autograd.Function):
         # block adds its shortcut in place)
         y = x.new_empty(x.shape[:-1] + weight.shape[:1])
         y2 = y.view(-1, weight.shape[0])
-        if bias is None:
-            torch.mm(x.reshape(y2.shape[0], -1), weight.t(), out=y2)
-        else:
-            torch.addmm(bias, x.reshape(y2.shape[0], -1), weight.t(), out=y2)
+        _linear_into(x.reshape(y2.shape[0], -1), weight, bias, y2)
         return y
 
     @staticmethod

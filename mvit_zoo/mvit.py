@@ -598,7 +598,7 @@ class MultiScaleBlock(nn.Module):
     @torch.jit.unused
     def _mlp_fusable(self) -> bool:
         """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`)."""
-        return _plain(self.norm2, self.mlp.fc1, self.mlp.fc2)
+        return _plain(self.norm2) and self.mlp._is_plain()
 
     @torch.jit.unused
     def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
