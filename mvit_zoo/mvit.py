@@ -24,6 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, trunc_normal_tf_
@@ -270,9 +271,13 @@ def _training_graph() -> bool:
 def _plain(*modules: Optional[nn.Module]) -> bool:
     """Whether the fast paths may use these modules' parameters directly instead of calling them: each is
     exactly nn.Linear or nn.LayerNorm with no forward hooks. A subclass or wrapper put in their place
-    (LoRA, quantisation, a patched forward) or a hook must run, so the plain module calls are taken."""
+    (LoRA, quantisation, a forward patched on the instance) or a hook, the module's own or a global one
+    (`nn.modules.module.register_module_forward_hook`), must run, so the plain module calls are taken."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
     for m in modules:
-        if m is not None and (type(m) not in (nn.Linear, nn.LayerNorm) or m._forward_hooks or m._forward_pre_hooks):
+        if m is not None and (type(m) not in (nn.Linear, nn.LayerNorm) or "forward" in m.__dict__
+                              or m._forward_hooks or m._forward_pre_hooks):
             return False
     return True
 
@@ -592,13 +597,16 @@ class MultiScaleBlock(nn.Module):
 
     @torch.jit.unused
     def _attn_fusable(self) -> bool:
-        """Whether the memory-saving path may use the attention branch's parameters directly (`_plain`)."""
-        return _plain(self.norm1, self.attn.qkv, self.attn.proj, self.shortcut_proj_attn)
+        """Whether the memory-saving path may use the attention branch's parameters directly (`_plain`;
+        an attention module put in place of ours is called as it is)."""
+        attn = self.attn
+        return type(attn) is MultiScaleAttention and _plain(self.norm1, attn.qkv, attn.proj, self.shortcut_proj_attn)
 
     @torch.jit.unused
     def _mlp_fusable(self) -> bool:
-        """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`)."""
-        return _plain(self.norm2) and self.mlp._is_plain()
+        """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`; an MLP
+        module put in place of ours is called as it is)."""
+        return type(self.mlp) is Mlp and _plain(self.norm2) and self.mlp._is_plain()
 
     @torch.jit.unused
     def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

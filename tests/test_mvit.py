@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Callable
 from unittest import mock
 
 import pytest
@@ -371,6 +372,22 @@ def test_bf16_autocast_matches_reference_and_float32(which: str) -> None:
     assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.99
 
 
+def _assert_same_function(model: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor, train: bool,
+                          ref_name: Callable[[str], str] = lambda name: name) -> None:
+    """model equals ref: logits in eval, or input and parameter gradients in train mode (ref's parameter
+    `name` is model's `ref_name(name)`)."""
+    model.train(train), ref.train(train)
+    if train:
+        d_x, grads = _input_and_param_grads(model, x)
+        ref_d_x, ref_grads = _input_and_param_grads(ref, x)
+        assert _rel_close(d_x, ref_d_x)
+        for name, grad in ref_grads.items():
+            assert _rel_close(grads[ref_name(name)], grad), name
+    else:
+        with torch.no_grad():
+            assert _max_diff(model(x), ref(x)) < ATOL
+
+
 class _ShiftedLinear(torch.nn.Linear):
     """A Linear whose forward differs from its weights' (as a LoRA or quantised wrapper's does): +0.5."""
 
@@ -402,18 +419,62 @@ def test_replaced_or_hooked_linears_are_called(mode: str, monkeypatch) -> None:
                     getattr(getattr(ref_block, parent), attr).bias += 0.5
     if mode == "eval_row_blocks":
         monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", 0)
-    if mode == "train":
-        ours.train(), baked.train()
-        d_x, grads = _input_and_param_grads(ours, x)
-        ref_d_x, ref_grads = _input_and_param_grads(baked, x)
-        assert _rel_close(d_x, ref_d_x)
-        for name in ref_grads:
-            assert _rel_close(grads[name], ref_grads[name]), name
-    else:
-        with torch.no_grad():
-            assert _max_diff(ours(x), baked(x)) < ATOL
+    _assert_same_function(ours, baked, x, train=mode == "train")
     calls = []
     baked.stages[0].blocks[0].attn.qkv.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         baked(x)
     assert calls == [1]
+
+
+class _Wrapper(torch.nn.Module):
+    """Another module in place of a block's attention or MLP (as adapter libraries put there)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_replaced_attention_and_mlp_modules_are_called(train: bool) -> None:
+    """A block whose `attn` or `mlp` is another module calls it, in inference and memory-saving training,
+    with the same values as before (no AttributeError from a fast path that expects ours)."""
+    _, ours, _, x = _small_reference_pair("timm")
+    wrapped = copy.deepcopy(ours)
+    blocks = [b for b in wrapped.modules() if isinstance(b, mvit_module.MultiScaleBlock)]
+    for block in blocks:
+        block.attn, block.mlp = _Wrapper(block.attn), _Wrapper(block.mlp)
+    _assert_same_function(wrapped, ours, x, train,
+                          lambda name: name.replace(".attn.", ".attn.inner.").replace(".mlp.", ".mlp.inner."))
+    assert all(b.attn.calls == 1 and b.mlp.calls == 1 for b in blocks)
+
+@pytest.mark.parametrize("train", [False, True])
+def test_instance_patched_forward_and_global_hooks_are_called(train: bool) -> None:
+    """A forward patched on a plain nn.Linear instance (as LoRA injectors do) runs on the fast paths,
+    and a global forward hook (nn.modules.module.register_module_forward_hook) sees every linear."""
+    _, ours, _, x = _small_reference_pair("timm")
+    baked = copy.deepcopy(ours)
+    for block, ref_block in zip(ours.modules(), baked.modules()):
+        if isinstance(block, mvit_module.MultiScaleBlock):
+            for parent, ref_parent, attr in ((block.attn, ref_block.attn, "qkv"), (block.mlp, ref_block.mlp, "fc1")):
+                linear = getattr(parent, attr)
+                linear.forward = lambda t, plain=linear.forward: plain(t) + 0.5
+                with torch.no_grad():
+                    getattr(ref_parent, attr).bias += 0.5
+    _assert_same_function(ours, baked, x, train)
+    seen: list = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        if train:
+            _input_and_param_grads(baked, x)
+        else:
+            with torch.no_grad():
+                baked(x)
+    finally:
+        handle.remove()
+    linears = [m for m in baked.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(any(m is s for s in seen) for m in linears)
