@@ -24,7 +24,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, trunc_normal_tf_
@@ -268,16 +269,16 @@ def _training_graph() -> bool:
     return not tracing()
 
 
-def _plain(*modules: Optional[nn.Module]) -> bool:
+def _plain(*modules: Optional[nn.Module], types: Tuple[type, ...] = (nn.Linear, nn.LayerNorm)) -> bool:
     """Whether the fast paths may use these modules' parameters directly instead of calling them: each is
-    exactly nn.Linear or nn.LayerNorm with no forward hooks. A subclass or wrapper put in their place
-    (LoRA, quantisation, a forward patched on the instance) or a hook, the module's own or a global one
-    (`nn.modules.module.register_module_forward_hook`), must run, so the plain module calls are taken."""
-    if _global_forward_hooks or _global_forward_pre_hooks:
+    exactly one of `types` with no hooks. A subclass or wrapper put in their place (LoRA, quantisation, a
+    forward patched on the instance) or a forward or backward hook, the module's own or a global one
+    (`nn.modules.module.register_module_forward_hook`, ...), must run, so the plain module calls are taken."""
+    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
         return False
     for m in modules:
-        if m is not None and (type(m) not in (nn.Linear, nn.LayerNorm) or "forward" in m.__dict__
-                              or m._forward_hooks or m._forward_pre_hooks):
+        if m is not None and (type(m) not in types or "forward" in m.__dict__ or m._forward_hooks
+                              or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
             return False
     return True
 
@@ -539,6 +540,15 @@ class Mlp(nn.Module):
         return self.fc2(x)
 
 
+def _residual(branch: Tensor, shortcut: Tensor) -> Tensor:
+    """branch + shortcut: without autograd in place on the branch output (no second buffer); out of place
+    when autograd records, where a backward hook on the branch module makes its output a view that
+    autograd forbids writing into."""
+    if torch.is_grad_enabled():
+        return branch + shortcut
+    return branch.add_(shortcut)
+
+
 class MultiScaleBlock(nn.Module):
     """Pooling attention and MLP, each with a residual; the attention shortcut is max-pooled by the
     Q stride, and a linear projection on it changes channels where the block does."""
@@ -581,9 +591,7 @@ class MultiScaleBlock(nn.Module):
             x, grid = self.attn(x_norm, grid)
         if self.shortcut_pool_attn is not None:
             shortcut, _ = self.shortcut_pool_attn(shortcut, in_grid)
-        # residual adds in place on the branch output, a fresh tensor whose backward needs no value of it
-        x = self.drop_path1(x)
-        x += shortcut
+        x = _residual(self.drop_path1(x), shortcut)
 
         if not torch.jit.is_scripting():
             if self.shortcut_proj_mlp is None and self.memory_efficient and _training_graph() and self._mlp_fusable():
@@ -591,22 +599,21 @@ class MultiScaleBlock(nn.Module):
                 return x + self.drop_path2(self._norm_mlp(x)), grid
         x_norm = self.norm2(x)
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
-        out = self.drop_path2(self.mlp(x_norm))
-        out += shortcut
-        return out, grid
+        return _residual(self.drop_path2(self.mlp(x_norm)), shortcut), grid
 
     @torch.jit.unused
     def _attn_fusable(self) -> bool:
         """Whether the memory-saving path may use the attention branch's parameters directly (`_plain`;
         an attention module put in place of ours is called as it is)."""
         attn = self.attn
-        return type(attn) is MultiScaleAttention and _plain(self.norm1, attn.qkv, attn.proj, self.shortcut_proj_attn)
+        return (_plain(attn, types=(MultiScaleAttention,))
+                and _plain(self.norm1, attn.qkv, attn.proj, self.shortcut_proj_attn))
 
     @torch.jit.unused
     def _mlp_fusable(self) -> bool:
         """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`; an MLP
         module put in place of ours is called as it is)."""
-        return type(self.mlp) is Mlp and _plain(self.norm2) and self.mlp._is_plain()
+        return _plain(self.mlp, types=(Mlp,)) and _plain(self.norm2) and self.mlp._is_plain()
 
     @torch.jit.unused
     def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

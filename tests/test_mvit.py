@@ -478,3 +478,22 @@ def test_instance_patched_forward_and_global_hooks_are_called(train: bool) -> No
         handle.remove()
     linears = [m for m in baked.modules() if isinstance(m, torch.nn.Linear)]
     assert all(any(m is s for s in seen) for m in linears)
+
+
+@pytest.mark.parametrize("on", ["linears_and_norms", "branches"])
+def test_hooks_run_in_training(on: str) -> None:
+    """Forward and full backward hooks (attention maps, gradient inspection, Grad-CAM) fire in training
+    with the same gradients: on a block's linears and LayerNorms the memory-saving path, which would not
+    call them, steps aside; on its attention or MLP module the residual add does not write into the
+    hooked output (autograd forbids that)."""
+    _, ours, _, x = _small_reference_pair("timm")
+    hooked = copy.deepcopy(ours)
+    block = next(m for m in hooked.modules() if isinstance(m, mvit_module.MultiScaleBlock))
+    modules = ([block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc1, block.mlp.fc2]
+               if on == "linears_and_norms" else [block.attn, block.mlp])
+    seen: list = []
+    for module in modules:
+        module.register_full_backward_hook(lambda m, d_in, d_out: seen.append(("backward", m)))
+        module.register_forward_hook(lambda m, args, out: seen.append(("forward", m)))
+    _assert_same_function(hooked, ours, x, train=True)
+    assert len(seen) == 2 * len(modules)
