@@ -452,6 +452,7 @@ def test_replaced_attention_and_mlp_modules_are_called(train: bool) -> None:
                           lambda name: name.replace(".attn.", ".attn.inner.").replace(".mlp.", ".mlp.inner."))
     assert all(b.attn.calls == 1 and b.mlp.calls == 1 for b in blocks)
 
+
 @pytest.mark.parametrize("train", [False, True])
 def test_instance_patched_forward_and_global_hooks_are_called(train: bool) -> None:
     """A forward patched on a plain nn.Linear instance (as LoRA injectors do) runs on the fast paths,
