@@ -108,7 +108,7 @@ def _torchvision_block_setting(cfg: Any) -> list:
     """torchvision MSBlockConfig list equal to the blocks of our config (for the shrunken --quick models)."""
     from torchvision.models.video.mvit import MSBlockConfig
 
-    from mvit_zoo.mvit import block_specs
+    from mvit_zoo.model.mvit import block_specs
 
     out = []
     for stage in block_specs(cfg):

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from .mvit import MViT
+from .model.mvit import MViT
 
 __all__ = [
     "PyramidLevel", "MViTBackbone", "MViTFPN", "mvit_fpn_backbone", "MViTD2Backbone", "ShapeSpec",
@@ -85,7 +85,7 @@ def output_size(input_size: Sequence[int], strides: Sequence[int]) -> tuple[int,
 
 def _as_model(model: Union[MViT, str, nn.Module], pretrained: bool, **kwargs: Any) -> MViT:
     if isinstance(model, str):
-        from .zoo import create_model
+        from .model.registry import create_model
 
         model = create_model(model, pretrained=pretrained, **kwargs)
     elif kwargs or pretrained:

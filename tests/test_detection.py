@@ -330,8 +330,8 @@ def _fake_detectron2(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
 def test_d2_backbone_registers_with_detectron2(monkeypatch: pytest.MonkeyPatch) -> None:
     """With detectron2 importable, the backbone is a detectron2 Backbone and both builders are registered."""
     fake = _fake_detectron2(monkeypatch)
-    create = mvit_zoo.zoo.create_model  # the builders create cfg.MODEL.MVIT_ZOO.NAME; keep it small here
-    monkeypatch.setattr(mvit_zoo.zoo, "create_model", lambda name, **kw: create(name, **SMALL, **kw))
+    create = mvit_zoo.model.registry.create_model  # the builders create cfg.MODEL.MVIT_ZOO.NAME; keep it small here
+    monkeypatch.setattr(mvit_zoo.model.registry, "create_model", lambda name, **kw: create(name, **SMALL, **kw))
     spec = importlib.util.spec_from_file_location("mvit_zoo._detection_with_d2", Path(detection.__file__))
     assert spec is not None and spec.loader is not None
     d2_detection = importlib.util.module_from_spec(spec)

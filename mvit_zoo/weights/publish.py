@@ -10,7 +10,7 @@ A Hub-ready folder holds
 * `README.md`: the model card (Hub metadata header, data, licence, source and its hash, usage, citation).
 
 `publish` does this for every official checkpoint whose tag points at this project's Hub organisation
-(`mvit_zoo.hub.hub_org()`), and with `--push` uploads each folder with huggingface_hub.
+(`mvit_zoo.weights.hub.hub_org()`), and with `--push` uploads each folder with huggingface_hub.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def _pcfg_dict(name: str) -> dict[str, Any]:
     default tag (the weights being converted are not that tag's: no source, accuracy or `arch`)."""
     import timm
 
-    from .mvit import MODEL_CFGS
-    from .zoo import create_model  # noqa: F401 - registers the models
+    from ..model.mvit import MODEL_CFGS
+    from ..model.registry import create_model  # noqa: F401 - registers the models
 
     arch, _, tag = name.partition(".")
     if arch not in MODEL_CFGS:
@@ -100,7 +100,7 @@ def official_tags(pattern: str = "*") -> list[str]:
     this project's organisation (the 2-D ImageNet tags load timm's repositories instead)."""
     import timm
 
-    from .zoo import list_pretrained
+    from ..model.registry import list_pretrained
 
     out = []
     for name in list_pretrained():
@@ -141,7 +141,7 @@ def model_config(model: nn.Module, name: str, pcfg: Mapping[str, Any], model_arg
     }
     label_set = pcfg.get("label_set")
     if label_set:
-        path = Path(__file__).resolve().parent / "data" / f"{label_set}.txt"  # shipped label lists
+        path = Path(__file__).resolve().parent.parent / "data" / f"{label_set}.txt"  # shipped label lists
         labels = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
         if labels and len(labels) == model.num_classes:
             config["label_names"] = list(labels)
@@ -256,9 +256,9 @@ def convert_checkpoint(
     the class count is read from the checkpoint's classifier. The written file is read back and
     compared tensor by tensor, so the folder is known to be lossless.
     """
-    from .zoo import create_model
+    from ..model.registry import create_model
 
-    from .mvit import MODEL_CFGS, MViTCfg, make_cfg
+    from ..model.mvit import MODEL_CFGS, MViTCfg, make_cfg
 
     out_dir = Path(out_dir)
     pcfg = _pcfg_dict(name)

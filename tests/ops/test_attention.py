@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo import attention, fused
-from mvit_zoo.attention import (attention_in_row_blocks, augment_qk, augmented_attention, mask_in_row_blocks_pays,
+from mvit_zoo.ops import attention, memory as fused
+from mvit_zoo.ops.attention import (attention_in_row_blocks, augment_qk, augmented_attention, mask_in_row_blocks_pays,
                                 rel_pos_attention, rel_pos_bias)
 
 CASES = [  # q grid, k grid, prefix tokens, axes with a table

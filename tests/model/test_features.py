@@ -52,7 +52,7 @@ def _check_features(fm: nn.Module, size: tuple[int, ...]) -> None:
 def test_features_only_image_family(name: str) -> None:
     fm = timm.create_model(name, features_only=True, **SMALL).eval()
     assert fm.feature_info.reduction() == [4, 8, 16, 32]
-    assert fm.feature_info.channels() == [s[-1].dim_out for s in mvit_zoo.mvit.block_specs(fm.model.cfg)]
+    assert fm.feature_info.channels() == [s[-1].dim_out for s in mvit_zoo.model.mvit.block_specs(fm.model.cfg)]
     for size in [fm.model.img_size] + SPATIAL:
         _check_features(fm, tuple(size))
 

@@ -1,4 +1,4 @@
-"""`mvit_zoo.publish`: upstream checkpoints -> Hub-ready folders that load back exactly, through
+"""`mvit_zoo.weights.publish`: upstream checkpoints -> Hub-ready folders that load back exactly, through
 mvit_zoo.create_model, a tag pointing at the Hub, and timm's `hf-hub:` route (config.json)."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 
 import mvit_zoo
 from hub_server import HubServer
-from mvit_zoo import hub as weights
-from mvit_zoo import publish
-from mvit_zoo.convert import convert_state_dict
+from mvit_zoo.weights import hub as weights
+from mvit_zoo.weights import publish
+from mvit_zoo.weights.convert import convert_state_dict
 from references import max_diff, pv_checkpoint, pv_reference, tv_reference, video_input
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -23,8 +23,8 @@ from torch import nn
 
 import mvit_zoo
 from hub_server import REPO_ROOT, HubServer, hub_endpoint, run_py
-from mvit_zoo import hub as weights
-from mvit_zoo.convert import CheckpointMismatchError, convert_state_dict
+from mvit_zoo.weights import hub as weights
+from mvit_zoo.weights.convert import CheckpointMismatchError, convert_state_dict
 from references import (image_input, max_diff, pv_checkpoint, pv_reference, slowfast_checkpoint, timm_reference,
                         tv_reference, video_input)
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 import timm
 import mvit_zoo
-from mvit_zoo import finetune
-from mvit_zoo.finetune import ShardSampler, Trainer, scan_data
-from mvit_zoo.video import write_video
+from mvit_zoo.apps import finetune
+from mvit_zoo.apps.finetune import ShardSampler, Trainer, scan_data
+from mvit_zoo.data.video import write_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_2D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": 32}
 SMALL_3D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [8, 32, 32]}
 # digits are upright and already centred: no flips, mild crops, no colour jitter
@@ -189,7 +189,7 @@ def test_torchrun_two_processes_match_single(digits_small: Path, tmp_path: Path)
     assert finetune.main(finetune_args(digits_small, single, *extra, "--batch-size", "32")) == 0
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "mvit_zoo.finetune", *finetune_args(digits_small, ddp, *extra, "--batch-size", "16")]
+           "-m", "mvit_zoo", "finetune", *finetune_args(digits_small, ddp, *extra, "--batch-size", "16")]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 process(es)" in proc.stderr

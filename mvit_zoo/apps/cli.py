@@ -2,10 +2,10 @@
 
 Commands (each in its own module, which exposes `configure_parser(parser)` and `run(args) -> int`):
 
-    convert   convert an upstream checkpoint into a Hub-ready folder      (mvit_zoo.publish)
-    publish   convert every official checkpoint, optionally upload them   (mvit_zoo.publish)
-    finetune  fine-tune a model on an image / video folder                (mvit_zoo.finetune)
-    predict   classify images or videos                                   (mvit_zoo.predict)
+    convert   convert an upstream checkpoint into a Hub-ready folder      (mvit_zoo.weights.publish)
+    publish   convert every official checkpoint, optionally upload them   (mvit_zoo.weights.publish)
+    finetune  fine-tune a model on an image / video folder                (mvit_zoo.apps.finetune)
+    predict   classify images or videos                                   (mvit_zoo.apps.predict)
 
 A command's module is imported only when that command runs, so a command whose module cannot be
 imported (a missing optional dependency, say) reports why, and the other commands keep working.
@@ -28,13 +28,13 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "convert": Command("mvit_zoo.publish", "configure_convert_parser", "run_convert",
+    "convert": Command("mvit_zoo.weights.publish", "configure_convert_parser", "run_convert",
                        "convert a checkpoint (any upstream layout) into model.safetensors + config.json + README.md"),
-    "publish": Command("mvit_zoo.publish", "configure_parser", "run",
+    "publish": Command("mvit_zoo.weights.publish", "configure_parser", "run",
                        "convert every official checkpoint into Hub-ready folders (--push uploads them)"),
-    "finetune": Command("mvit_zoo.finetune", "configure_parser", "run",
+    "finetune": Command("mvit_zoo.apps.finetune", "configure_parser", "run",
                         "fine-tune a pretrained model on a folder of images or videos"),
-    "predict": Command("mvit_zoo.predict", "configure_parser", "run", "classify images or videos"),
+    "predict": Command("mvit_zoo.apps.predict", "configure_parser", "run", "classify images or videos"),
 }
 
 
@@ -70,8 +70,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 def _errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'the input or the environment is wrong': reported in one line, no traceback."""
-    from .convert import CheckpointMismatchError
-    from .hub import WeightsError
+    from ..weights.convert import CheckpointMismatchError
+    from ..weights.hub import WeightsError
 
     return (WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
 

@@ -18,10 +18,10 @@ import torchvision.models.video.mvit as tv_mvit
 from timm.models import mvitv2 as timm_mvitv2
 
 import mvit_zoo
-from mvit_zoo import attention, fused
-from mvit_zoo import mvit as mvit_module
-from mvit_zoo.convert import convert_state_dict
-from mvit_zoo.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
+from mvit_zoo.ops import attention, memory as fused
+from mvit_zoo.model import mvit as mvit_module
+from mvit_zoo.weights.convert import convert_state_dict
+from mvit_zoo.model.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
 
 import references
 

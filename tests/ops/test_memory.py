@@ -1,4 +1,4 @@
-"""`mvit_zoo.fused` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv`, `max_pool` and
+"""`mvit_zoo.ops.memory` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv`, `max_pool` and
 `residual_linear` give the same values and gradients in float64 (gradcheck), float32 and bf16 autocast,
 without biases too, and keep for the backward only what they say they keep; `mlp_in_row_blocks` gives
 the plain MLP's values."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.fused import depthwise_conv, mlp_in_row_blocks, norm_linears, norm_mlp
+from mvit_zoo.ops.memory import depthwise_conv, mlp_in_row_blocks, norm_linears, norm_mlp
 
 
 def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
@@ -175,7 +175,7 @@ def test_norm_linears_keeps_a_bf16_input_in_bf16_under_autocast() -> None:
 @pytest.mark.parametrize("shape,kernel,stride", [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
                          ids=["2d", "3d"])
 def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None:
-    from mvit_zoo.fused import max_pool
+    from mvit_zoo.ops.memory import max_pool
 
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     padding = [k // 2 for k in kernel]
@@ -193,7 +193,7 @@ def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None
 
 @pytest.mark.parametrize("skip,with_residual", [(0, True), (1, True), (0, False)], ids=["all_rows", "skip_prefix", "no_residual"])
 def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None:
-    from mvit_zoo.fused import residual_linear
+    from mvit_zoo.ops.memory import residual_linear
 
     g = torch.Generator().manual_seed(0)
     out, res = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))

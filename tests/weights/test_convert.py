@@ -1,4 +1,4 @@
-"""`mvit_zoo.convert`: every upstream layout maps onto our models and computes what the reference
+"""`mvit_zoo.weights.convert`: every upstream layout maps onto our models and computes what the reference
 computes; conversion is lossless; resizing and image -> video inflation behave as the model does at
 run time; mismatches are reported by name."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import mvit_zoo
-from mvit_zoo import convert
-from mvit_zoo.convert import (CheckpointMismatchError, convert_state_dict, describe_checkpoint, detect_layout,
+from mvit_zoo.weights import convert
+from mvit_zoo.weights.convert import (CheckpointMismatchError, convert_state_dict, describe_checkpoint, detect_layout,
                               inflate_image_to_video, matching_architectures, to_native, unwrap_checkpoint)
-from mvit_zoo.hub import read_checkpoint, save_safetensors
+from mvit_zoo.weights.hub import read_checkpoint, save_safetensors
 from references import (fb_mvit_checkpoint, image_input, max_diff, pv_checkpoint, pv_reference, slowfast_checkpoint,
                         timm_reference, tv_reference, video_input)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import mvit_zoo
-from mvit_zoo.mvit import MViT
+from mvit_zoo.model.mvit import MViT
 
 SMALL: dict[str, Any] = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import BLOCK_BYTES, autocast_off, compute_dtype, lowered, splitting_pays, tracing
+from .memory import BLOCK_BYTES, autocast_off, compute_dtype, lowered, splitting_pays, tracing
 
 __all__ = ["rel_pos_bias", "rel_pos_attention", "augment_qk", "augmented_attention", "augmenting_pays",
            "attention_in_row_blocks", "mask_in_row_blocks_pays"]

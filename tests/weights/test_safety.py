@@ -19,7 +19,7 @@ import torch
 import mvit_zoo
 from mvit_zoo import CorruptCheckpointError, UnsafeCheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL: dict[str, Any] = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=32, num_classes=10)
 
 # tiny models: one torch thread is many times faster than two on a busy 2-core machine (conftest.py)

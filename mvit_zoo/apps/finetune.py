@@ -3,7 +3,7 @@
 Usage::
 
     mvit-zoo finetune --model mvit_small.fb_in1k --data DIR --epochs 30 --output runs/flowers
-    torchrun --nproc_per_node=4 -m mvit_zoo.finetune --model mvit_v2_s_16x4.fb_k400 --data clips/ ...
+    torchrun --nproc_per_node=4 -m mvit_zoo finetune --model mvit_v2_s_16x4.fb_k400 --data clips/ ...
 
 ``DIR`` holds one folder per class (``DIR/<class>/<file>``), or ``train/`` and ``val/``
 trees of class folders. Image models read images; video models (``model.is_video``) read
@@ -53,7 +53,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from .video import VIDEO_EXTENSIONS, ClipTransform, VideoFolder
+from ..data.video import VIDEO_EXTENSIONS, ClipTransform, VideoFolder
 
 __all__ = [
     'DataConfig',
@@ -145,7 +145,7 @@ def build_transform(
         auto_augment: Optional[str] = None,
         re_prob: float = 0.0,
 ) -> Callable:
-    """timm's image transforms, or :class:`~mvit_zoo.video.ClipTransform` for video models."""
+    """timm's image transforms, or :class:`~mvit_zoo.data.video.ClipTransform` for video models."""
     if data_cfg.is_video:
         return ClipTransform(
             data_cfg.input_size, is_training, data_cfg.mean, data_cfg.std, crop_pct=data_cfg.crop_pct,

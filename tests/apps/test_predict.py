@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mvit_zoo import finetune, predict
-from mvit_zoo.video import write_video
+from mvit_zoo.apps import finetune, predict
+from mvit_zoo.data.video import write_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL_2D = json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": 32})
 SMALL_3D = json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [4, 32, 32]})
 IMAGENET = (REPO / "mvit_zoo" / "data" / "imagenet-1k.txt").read_text().splitlines()
@@ -105,7 +105,7 @@ def test_predict_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_python_m_predict() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mvit_zoo.predict", "--model", "mvit_tiny", "--no-pretrained",
+    proc = subprocess.run([sys.executable, "-m", "mvit_zoo.apps.predict", "--model", "mvit_tiny", "--no-pretrained",
                            "--model-kwargs", SMALL_2D], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(top_lines(proc.stdout)) == 5

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mvit_zoo
-from mvit_zoo.mvit import MViT
+from mvit_zoo.model.mvit import MViT
 
 SMALL: dict[str, Any] = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1)
 IMAGE_MODELS = ["mvit_tiny", "mvit_small_cls"]  # without / with a class token

@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from hub_server import HubServer, run_py
-from mvit_zoo import cli
+from mvit_zoo.apps import cli
 from references import max_diff, tv_reference, video_input
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,10 +104,10 @@ def test_commands_are_imported_lazily(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 
 def test_entry_point_runs_as_a_module(hf_env: dict[str, str]) -> None:
-    result = run_py("import sys; from mvit_zoo.cli import main; sys.exit(main(['publish', '--list']))",
+    result = run_py("import sys; from mvit_zoo.apps.cli import main; sys.exit(main(['publish', '--list']))",
                     {**hf_env, "OMP_NUM_THREADS": "1"})
     assert "mvit_v2_l_40x3.fb_ssv2\tmvit-zoo/mvit_v2_l_40x3.fb_ssv2\thttps://dl.fbaipublicfiles.com/" in result.stdout
     import tomllib
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["mvit-zoo"] == "mvit_zoo.cli:main"
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["mvit-zoo"] == "mvit_zoo.apps.cli:main"

@@ -296,7 +296,7 @@ def _inflate(weight: Tensor, kt: int, mode: str) -> Tensor:
 
 def _resize_pos(key: str, value: Tensor, target: Tensor, model: nn.Module) -> Tensor:
     """Absolute position embeddings to the model's build grid (bicubic in space, linear in time)."""
-    from .mvit import _resize_grid  # the model's own resize rule, so load-time and run-time agree
+    from ..model.mvit import _resize_grid  # the model's own resize rule, so load-time and run-time agree
 
     C = value.shape[-1]
     grid = tuple(model.patch_grid)
@@ -521,7 +521,7 @@ def _flat_signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
 def matching_architectures(state_dict: Mapping[str, Any]) -> list[str]:
     """Registered architectures whose structure (rank, depths, width, heads, class token, position
     encoding) matches a checkpoint of any supported layout. Empty if it cannot tell."""
-    from .mvit import MODEL_CFGS
+    from ..model.mvit import MODEL_CFGS
 
     try:
         sd = unwrap_checkpoint(state_dict)

@@ -16,7 +16,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
-from . import hub
+from ..weights import hub
 from .mvit import MODEL_CFGS, MViT, MViTCfg, make_cfg
 
 __all__ = ["MViTPretrainedCfg", "create_model", "list_models", "list_pretrained", "default_cfgs"]
@@ -182,7 +182,7 @@ def _entrypoint(name: str) -> None:
 
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
-    fn.__doc__ = f"MViT variant `{name}`; see mvit_zoo.mvit.MODEL_CFGS['{name}']."
+    fn.__doc__ = f"MViT variant `{name}`; see mvit_zoo.model.mvit.MODEL_CFGS['{name}']."
     globals()[name] = register_model(fn)
 
 

@@ -27,12 +27,12 @@ import torch.nn as nn
 import timm
 
 from .finetune import CONFIG_FILE, DataConfig, build_transform, parse_model_kwargs, resolve_data_config
-from .video import is_video_file, load_clip, read_video
+from ..data.video import is_video_file, load_clip, read_video
 
 __all__ = ['DATA_DIR', 'SAMPLE_IMAGE', 'label_names_for', 'load_label_set', 'load_model', 'predict',
            'configure_parser', 'run', 'main']
 
-DATA_DIR = Path(__file__).resolve().parent / 'data'
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_IMAGE = DATA_DIR / 'chelsea.jpg'
 DEFAULT_MODEL = 'mvit_base.fb_in1k'
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model_best.safetensors')

@@ -1,4 +1,4 @@
-"""mvit_zoo.video: PyAV decoding, temporal sampling (T frames at stride tau) and clip transforms."""
+"""mvit_zoo.data.video: PyAV decoding, temporal sampling (T frames at stride tau) and clip transforms."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvit_zoo.video import (ClipTransform, VideoFolder, is_video_file, load_clip, read_video,
+from mvit_zoo.data.video import (ClipTransform, VideoFolder, is_video_file, load_clip, read_video,
                             sample_clip_indices, write_video)
 
 

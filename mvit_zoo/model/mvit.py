@@ -31,9 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
-from .attention import (attention_in_row_blocks, augmented_attention, augmenting_pays, mask_in_row_blocks_pays,
+from ..ops.attention import (attention_in_row_blocks, augmented_attention, augmenting_pays, mask_in_row_blocks_pays,
                         rel_pos_attention, rel_pos_bias)
-from .fused import (add_residual, compute_dtype, depthwise_conv, max_pool, mlp_in_row_blocks, norm_linears, norm_mlp,
+from ..ops.memory import (add_residual, compute_dtype, depthwise_conv, max_pool, mlp_in_row_blocks, norm_linears, norm_mlp,
                     residual_linear, splitting_pays, tracing)
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward

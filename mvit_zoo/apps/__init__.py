@@ -1,0 +1,1 @@
+"""Command-line tools: `cli` (the one `mvit-zoo` front), `finetune`, `predict`."""

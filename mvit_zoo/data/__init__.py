@@ -1,0 +1,1 @@
+"""Data: video I/O and clip transforms (`video`), shipped label sets and the sample image."""

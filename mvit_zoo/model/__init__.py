@@ -1,0 +1,1 @@
+"""The MViT architecture (`mvit`) and its registered variants and pretrained tags (`registry`)."""

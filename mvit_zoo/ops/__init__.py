@@ -1,0 +1,1 @@
+"""Accelerated implementations of the model's operations, behind one dispatch."""

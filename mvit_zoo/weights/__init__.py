@@ -1,0 +1,1 @@
+"""Weights: download and cache (`hub`), upstream checkpoint layouts (`convert`), Hub-ready folders (`publish`)."""
