@@ -17,7 +17,12 @@ import importlib
 import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "CliError", "build_parser", "main"]
+
+
+class CliError(Exception):
+    """A mistake in a command's input or environment: printed as one line (`mvit-zoo CMD: error: ...`,
+    naming the problem and the fix), exit code 2, no traceback."""
 
 
 class Command(NamedTuple):
@@ -73,7 +78,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from ..weights.convert import CheckpointMismatchError
     from ..weights.hub import WeightsError
 
-    return (WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
+    return (CliError, WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
