@@ -145,15 +145,13 @@ def test_torchvision_parity_full_size(tv_name: str, name: str) -> None:
 # pytorchvideo (MViT v1, 2D and 3D)
 # ------------------------------------------------------------------------------------------------
 
-pytorchvideo_vt = pytest.importorskip("pytorchvideo.models.hub.vision_transformers")
-
-
 @pytest.mark.parametrize("builder,name,shape", [
     ("mvit_base_16x4", "mvit_b_16x4", (8, 96, 96)),
     ("mvit_base_32x3", "mvit_b_32x3", (16, 96, 96)),
     ("mvit_base_16", "mvit_v1_b_16", (224, 224)),
 ])
 def test_pytorchvideo_parity(builder: str, name: str, shape: tuple[int, ...]) -> None:
+    pytorchvideo_vt = pytest.importorskip("pytorchvideo.models.hub.vision_transformers")
     torch.manual_seed(0)
     video = len(shape) == 3
     size_kw = dict(spatial_size=shape[-1], temporal_size=shape[0]) if video else {}
