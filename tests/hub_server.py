@@ -342,7 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _take_corruption(self, repo_id: str | None, filename: str) -> Corruption | None:
         """The corruption to apply to this GET, consuming one of `corrupt_times` (repo None: a static file)."""
         with self.hub._lock:
-            hub_file = self.hub.static.get(filename) if repo_id is None else self.hub.repos.get(repo_id, {}).get(filename)
+            files = self.hub.static if repo_id is None else self.hub.repos.get(repo_id, {})
+            hub_file = files.get(filename)
             if hub_file is None or hub_file.corrupt is None:
                 return None
             if hub_file.corrupt_times is not None:
@@ -371,7 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------------------
 
-    def _json(self, status: int, payload: Mapping[str, object], head: bool, headers: dict[str, str] | None = None) -> None:
+    def _json(self, status: int, payload: Mapping[str, object], head: bool,
+              headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -457,7 +459,8 @@ def make_hf_env(url: str, home: str | os.PathLike[str]) -> dict[str, str]:
     return env
 
 
-def run_py(code: str, env: dict[str, str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_py(code: str, env: dict[str, str], *, timeout: float = 120,
+           check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``sys.executable -c code`` with `env` (repo root prepended to PYTHONPATH).
 
     Raises AssertionError showing stdout/stderr if it fails and `check` is true.

@@ -114,7 +114,8 @@ def slowfast_checkpoint(tv_model: nn.Module) -> dict[str, Any]:
         (r"^conv_proj\.", "patch_embed.proj."), (r"^pos_encoding\.class_token$", "cls_token"),
         (r"^pos_encoding\.spatial_pos$", "pos_embed_spatial"), (r"^pos_encoding\.temporal_pos$", "pos_embed_temporal"),
         (r"^pos_encoding\.class_pos$", "pos_embed_class"), (r"\.attn\.project\.0\.", ".attn.proj."),
-        (r"\.attn\.pool_([qkv])\.pool\.", r".attn.pool_\1."), (r"\.attn\.pool_([qkv])\.norm_act\.0\.", r".attn.norm_\1."),
+        (r"\.attn\.pool_([qkv])\.pool\.", r".attn.pool_\1."),
+        (r"\.attn\.pool_([qkv])\.norm_act\.0\.", r".attn.norm_\1."),
         (r"\.mlp\.0\.", ".mlp.fc1."), (r"\.mlp\.3\.", ".mlp.fc2."), (r"^(blocks\.\d+)\.project\.", r"\1.proj."),
         (r"^head\.1\.", "head.projection."),
     ]

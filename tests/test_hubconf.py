@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 Case = tuple[str, dict[str, Any], tuple[int, ...]]
 IMAGE: Case = ("mvit_tiny", dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=32, num_classes=10),
          (2, 3, 32, 32))
-VIDEO: Case = ("mvit_v2_s_16x4", dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=(4, 32, 32), num_classes=3),
+VIDEO: Case = ("mvit_v2_s_16x4",
+         dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=(4, 32, 32), num_classes=3),
          (2, 3, 4, 32, 32))
 
 # tiny models: one torch thread is many times faster than two on a busy 2-core machine (conftest.py)
