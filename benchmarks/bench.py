@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""mvit-zoo vs the reference implementations: same architecture, same weights, timed side by side.
+"""mvit-zoo vs a reference: same architecture, same weights, timed side by side in one process.
 
-For each model the script builds ours (`mvit_zoo.create_model`) and the reference (timm `mvitv2_*` for
-images, torchvision `mvit_v2_s` / `mvit_v1_b` for video), copies the reference's weights into ours
-(strict), checks that the fp32 outputs agree (abort otherwise), then measures in one process,
-alternating ours / reference round by round (warm-up, several rounds, median):
+The reference is the upstream implementation (timm `mvitv2_*` for images, torchvision `mvit_v2_s` /
+`mvit_v1_b` for video) or, with `--ref-commit REV`, mvit-zoo itself at git revision REV (an A/B run of
+the working tree against older code: `git archive REV mvit_zoo` imported under another package name,
+its models built directly, never registered with timm). For each model the script builds ours and the
+reference, copies the weights across (strict), checks that the fp32 outputs agree (abort otherwise),
+then measures, alternating ours / reference round by round (warm-up, several rounds, median):
 
     infer     inference at --batch images / --clip-batch clips: ms per batch and samples/s
     latency   inference at batch 1: ms per sample
@@ -18,30 +20,37 @@ memory_allocated. FLOPs come from FlopCounterMode (attention through the explici
 the counter sees) and are divided by the median time, then by the machine's matmul peak (a large
 torch.mm timed in the same run).
 
-Prints a table with ratios (speedup = reference time / our time; memory = ours / reference) and the
-issue's targets, writes benchmarks/RESULTS.md (the section for this device only) and, with --json, the
-raw results.
+Prints a table with ratios (speedup = reference time / our time; memory = ours / reference; an A/B
+run says new / old and checks both against --ab-tolerance), writes benchmarks/RESULTS.md (the section of
+this device and comparison only) and, with --json, the raw results.
 
     python benchmarks/bench.py --models mvit_tiny mvit_small mvit_v2_s_16x4 --batch 8 --clip-batch 1 \\
-        --rounds 5 --modes infer train --dtypes fp32 bf16 [--compile] [--device cuda] [--quick]
+        --rounds 5 --modes infer train --dtypes fp32 bf16 [--ref-commit REV] [--compile] [--device cuda] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
+import io
 import json
 import math
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,14 +86,6 @@ QUICK_IMAGE = 32
 QUICK_VIDEO = (4, 32, 32)
 QUICK_CLASSES = 10
 
-# the issue's targets (CPU, eager): minimum speedup, maximum memory ratio
-TARGETS = {
-    ("infer", "fp32"): dict(speedup_min=1.5),
-    ("infer", "bf16"): dict(speedup_min=1.3),
-    ("train", "fp32"): dict(speedup_min=1.3, mem_max=0.7),
-    ("train", "bf16"): dict(speedup_min=1.3, mem_max=0.7),
-}
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("infer", "latency", "train")
 
@@ -93,10 +94,58 @@ MODES = ("infer", "latency", "train")
 # Models
 # --------------------------------------------------------------------------------------------------
 
+# --ref-commit REV: the package at REV, imported once per process (rev -> module)
+_REF_PACKAGES: dict[str, types.ModuleType] = {}
+
+
+def resolve_commit(rev: str) -> str:
+    """The full hash of git revision `rev` in this repository (SystemExit naming the fix otherwise)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", rev + "^{commit}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"--ref-commit {rev!r} is not a commit of {ROOT}; give a hash, tag or branch (git log)")
+    return proc.stdout.strip()
+
+
+def ref_package(commit: str) -> types.ModuleType:
+    """mvit_zoo as of `commit`, imported as package `mvit_zoo_<hash>` from `git archive` (a temporary
+    folder for the life of the process). Its model registrations are skipped, so timm's registry keeps
+    the working tree's models."""
+    if commit in _REF_PACKAGES:
+        return _REF_PACKAGES[commit]
+    import importlib
+
+    import timm.models
+    import timm.models._registry
+
+    tmp = tempfile.mkdtemp(prefix="mvit_zoo_ref_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "mvit_zoo"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    package = f"mvit_zoo_{commit[:12]}"
+    os.rename(os.path.join(tmp, "mvit_zoo"), os.path.join(tmp, package))
+    sys.path.insert(0, tmp)
+    saved = timm.models.register_model, timm.models._registry.register_model
+    timm.models.register_model = timm.models._registry.register_model = lambda fn: fn
+    try:
+        module = importlib.import_module(package)  # relative imports inside resolve to this copy
+    finally:
+        timm.models.register_model, timm.models._registry.register_model = saved
+        sys.path.remove(tmp)
+    for attr in ("MViT", "MODEL_CFGS", "make_cfg"):
+        if not hasattr(module, attr):
+            raise SystemExit(f"mvit_zoo at {commit[:12]} has no {attr}: --ref-commit needs a revision whose "
+                             f"mvit_zoo/__init__.py exports MViT, MODEL_CFGS and make_cfg")
+    _REF_PACKAGES[commit] = module
+    return module
+
+
 @dataclasses.dataclass
 class Pair:
     name: str
-    ref_name: str  # e.g. "timm mvitv2_tiny"
+    ref_name: str  # e.g. "timm mvitv2_tiny" or "mvit-zoo 85be2bd"
     ours: nn.Module
     ref: nn.Module
     input_shape: tuple[int, ...]  # one sample: (C, H, W) or (C, T, H, W)
@@ -130,8 +179,9 @@ def is_video(name: str) -> bool:
 
 
 def num_classes_for(name: str, quick: bool) -> int:
-    """Classifier size of the reference (ours is built to match): timm 1000, torchvision 400 (Kinetics)."""
-    return QUICK_CLASSES if quick else (400 if REFERENCES[name][0] == "torchvision" else 1000)
+    """Classifier size of the reference (ours is built to match): images 1000 (ImageNet, timm), video 400
+    (Kinetics, torchvision)."""
+    return QUICK_CLASSES if quick else (400 if is_video(name) else 1000)
 
 
 def input_shape_for(name: str, quick: bool) -> tuple[int, ...]:
@@ -180,16 +230,42 @@ def build_ref(name: str, quick: bool) -> nn.Module:
     )
 
 
-def build_model(name: str, impl: str, quick: bool) -> nn.Module:
-    return build_ours(name, quick) if impl == "ours" else build_ref(name, quick)
+def build_old(name: str, quick: bool, commit: str) -> nn.Module:
+    """Our `name` as the code at `commit` builds it (same config overrides and head as build_ours)."""
+    old = ref_package(commit)
+    if name not in old.MODEL_CFGS:
+        raise SystemExit(f"{name!r} is not a model of mvit_zoo at {commit[:12]}; it has {', '.join(old.MODEL_CFGS)}")
+    overrides: dict[str, Any] = {}
+    if quick:
+        overrides.update(QUICK_ARCH, img_size=QUICK_VIDEO if is_video(name) else QUICK_IMAGE)
+    return old.MViT(old.make_cfg(old.MODEL_CFGS[name], **overrides), num_classes=num_classes_for(name, quick),
+                    drop_path_rate=0.0)
 
 
-def build_pair(name: str, quick: bool = False, load_weights: bool = True, seed: int = 0) -> Pair:
-    """Ours and the reference, with the reference's (random) weights copied into ours."""
-    if name not in REFERENCES:
-        raise SystemExit(f"no reference for {name!r}; benchmarkable models: {', '.join(REFERENCES)}")
+def build_model(name: str, impl: str, quick: bool, ref_commit: Optional[str] = None) -> nn.Module:
+    if impl == "ours":
+        return build_ours(name, quick)
+    return build_old(name, quick, ref_commit) if ref_commit else build_ref(name, quick)
+
+
+def build_pair(name: str, quick: bool = False, load_weights: bool = True, seed: int = 0,
+               ref_commit: Optional[str] = None) -> Pair:
+    """Ours and the reference with the same (random) weights: the upstream reference's copied into ours,
+    or, with `ref_commit` (a full hash), ours copied into the model of the code at that commit."""
     import mvit_zoo
 
+    if ref_commit:
+        torch.manual_seed(seed)
+        ours = build_ours(name, quick)
+        ref = build_old(name, quick, ref_commit)
+        if load_weights:
+            ref.load_state_dict(ours.state_dict(), strict=True)
+        return Pair(name=name, ref_name=f"mvit-zoo {ref_commit[:7]}", ours=ours, ref=ref,
+                    input_shape=input_shape_for(name, quick), num_classes=num_classes_for(name, quick),
+                    is_video=is_video(name))
+    if name not in REFERENCES:
+        raise SystemExit(f"no reference for {name!r}; benchmarkable models: {', '.join(REFERENCES)} "
+                         f"(any model with --ref-commit)")
     lib, ref_name = REFERENCES[name]
     torch.manual_seed(seed)
     ref = build_ref(name, quick)
@@ -321,13 +397,14 @@ def matmul_peak(device: torch.device, dtype: str, quick: bool) -> dict[str, Any]
     while True:
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
-        torch.mm(a, b)
-        t = _timed(lambda: torch.mm(a, b), 2, device)
+        mm = functools.partial(torch.mm, a, b)
+        mm()
+        t = _timed(mm, 2, device)
         if t >= budget or n >= limit:
             break
         n = min(limit, n * 2)
     reps = 2 if quick else 5
-    best = min(_timed(lambda: torch.mm(a, b), max(1, int(budget / max(t, 1e-6))), device) for _ in range(reps))
+    best = min(_timed(mm, max(1, int(budget / max(t, 1e-6))), device) for _ in range(reps))
     return dict(n=n, gflops=2 * n ** 3 / best / 1e9)
 
 
@@ -401,7 +478,7 @@ def run_child(job: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(job["model"], job["impl"], args.quick).to(device)
+    model = build_model(job["model"], job["impl"], args.quick, args.ref_commit).to(device)
     compiled: dict[bool, nn.Module] = {}
     out = []
     for spec in job["specs"]:
@@ -425,7 +502,7 @@ def measure_memory(model: str, impl: str, specs: list[dict[str, Any]],
         job = dict(model=model, impl=impl, specs=[dict(s, warmup=2 if s["compiled"] else 1,
                                                        iters=1) for s in group],
                    args=dict(threads=args.threads, device=args.device, quick=args.quick, sdpa=args.sdpa,
-                             optimizer=args.optimizer))
+                             optimizer=args.optimizer, ref_commit=args.ref_commit))
         env = dict(os.environ)
         # large blocks straight from mmap and back to the OS on free, so RSS follows the live tensors
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -528,7 +605,8 @@ def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str
 
 
 def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Peak memory (fresh subprocesses) for the rows of one model, then memory ratios and targets."""
+    """Peak memory (fresh subprocesses) for the rows of one model, then the memory ratios; an A/B run also
+    checks each eager row against --ab-tolerance (`row['ab_ok']`)."""
     for impl in ("ours", "ref"):
         todo = [r for r in rows if "error" not in r[impl]
                 and (args.memory == "all" or (args.memory == "eager" and not r["compiled"]))]
@@ -541,14 +619,16 @@ def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for row in rows:
         om, rm = row["ours"].get("memory", {}).get("growth_mb"), row["ref"].get("memory", {}).get("growth_mb")
         row["mem_ratio"] = om / rm if om is not None and rm else None
-        target = TARGETS.get((row["mode"], row["dtype"])) if not row["compiled"] else None
-        if target:
-            ok = row["speedup"] is not None and row["speedup"] >= target["speedup_min"]
-            if "mem_max" in target:
-                ok = ok and row["mem_ratio"] is not None and row["mem_ratio"] <= target["mem_max"]
-            row["target"] = dict(target, met=bool(ok))
-        else:
-            row["target"] = None
+        if args.ref_commit and not row["compiled"]:
+            row["ab_ok"] = ab_ok(row, args.ab_tolerance)
+
+
+def ab_ok(row: dict[str, Any], tolerance: float) -> bool:
+    """An A/B row holds when the new code is at most `tolerance` slower and, where memory was measured,
+    uses at most `tolerance` more peak memory than the old."""
+    if row["speedup"] is None or row["speedup"] < 1 / (1 + tolerance):
+        return False
+    return row["mem_ratio"] is None or row["mem_ratio"] <= 1 + tolerance
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -604,9 +684,11 @@ def _fmt(v: Any, spec: str = ".1f", none: str = "-") -> str:
     return format(v, spec)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "mode", "dtype", "compile", "batch", "ours ms", "ref ms", "speedup", "ours /s", "ref /s",
-            "ours MB", "ref MB", "mem x", "ours %pk", "ref %pk", "target"]
+def format_table(rows: list[dict[str, Any]], ab: bool = False) -> str:
+    """Markdown table of the rows: ours/ref columns, or new/old and an A/B check column when `ab`."""
+    a, b = ("new", "old") if ab else ("ours", "ref")
+    head = ["model", "mode", "dtype", "compile", "batch", f"{a} ms", f"{b} ms", "speedup", f"{a} /s", f"{b} /s",
+            f"{a} MB", f"{b} MB", "mem x", f"{a} %pk", f"{b} %pk"] + (["check"] if ab else [])
     lines = []
     for r in rows:
         o, f = r["ours"], r["ref"]
@@ -620,19 +702,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         def ms(d: dict[str, Any]) -> str:
             return "err" if "error" in d else _fmt(d.get("ms"), ".1f")
 
-        t = r.get("target")
-        if t:
-            want = f">={t['speedup_min']}x" + (f", <={t['mem_max']}x mem" if "mem_max" in t else "")
-            tgt = ("ok " if t["met"] else "MISS ") + want
-        else:
-            tgt = "-"
         lines.append([
             r["model"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch"]), ms(o), ms(f),
             _fmt(r.get("speedup"), ".2f"), _fmt(o.get("samples_per_s"), ".2f"), _fmt(f.get("samples_per_s"), ".2f"),
             mem(o), mem(f), _fmt(r.get("mem_ratio"), ".2f"),
             _fmt(o["frac_of_peak"] * 100 if "frac_of_peak" in o else None, ".1f"),
-            _fmt(f["frac_of_peak"] * 100 if "frac_of_peak" in f else None, ".1f"), tgt,
-        ])
+            _fmt(f["frac_of_peak"] * 100 if "frac_of_peak" in f else None, ".1f"),
+        ] + ([{True: "ok", False: "WORSE", None: "-"}[r.get("ab_ok")]] if ab else []))
     widths = [max(len(h), *(len(ln[i]) for ln in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -659,10 +735,17 @@ def device_key(info: dict[str, Any]) -> str:
     return f"cpu: {info['cpu']}, {info['torch_threads']} threads"
 
 
+def section_key(result: dict[str, Any]) -> str:
+    """RESULTS.md section of a run: one per device and comparison (upstream references, or A/B)."""
+    return ("A/B " if result.get("ref_commit") else "") + result["device_key"]
+
+
 def render_section(result: dict[str, Any]) -> str:
     info, ver = result["machine"], result["versions"]
-    key = result["device_key"]
-    lines = [f"<!-- bench:begin {key} -->", f"## {key}", ""]
+    key = section_key(result)
+    ab = bool(result.get("ref_commit"))
+    title = f"A/B: new (working tree) vs old ({result['ref_commit'][:12]}), {result['device_key']}" if ab else key
+    lines = [f"<!-- bench:begin {key} -->", f"## {title}", ""]
     lines.append(f"- date: {result['date']}")
     lines.append(f"- command: `{result['command']}`")
     if info["device"].startswith("cuda"):
@@ -681,9 +764,14 @@ def render_section(result: dict[str, Any]) -> str:
                  f"{result['settings']['optimizer']} step; memory = {result['settings']['memory_method']}")
     agree = "; ".join(f"{a['model']} vs {a['reference']}: {a['max_abs_diff']:.1e}" for a in result["agreement"])
     lines.append(f"- fp32 outputs agree (max |diff|, tol {result['settings']['tol']:g}): {agree}")
-    lines += ["", "speedup = reference ms / our ms; mem x = our peak-memory growth / the reference's; "
-              "%pk = achieved GFLOP/s (FlopCounterMode FLOPs / median time) as % of the matmul peak of that dtype.",
-              "", format_table(result["rows"]), ""]
+    pk_note = "%pk = achieved GFLOP/s (FlopCounterMode FLOPs / median time) as % of the matmul peak of that dtype."
+    if ab:
+        tol = result["settings"]["ab_tolerance"]
+        note = (f"speedup = old ms / new ms; mem x = new peak-memory growth / old; check = ok when new is at most "
+                f"{tol:.0%} slower and uses at most {tol:.0%} more peak memory. {pk_note}")
+    else:
+        note = f"speedup = reference ms / our ms; mem x = our peak-memory growth / the reference's; {pk_note}"
+    lines += ["", note, "", format_table(result["rows"], ab=ab), ""]
     errs = errors_text(result["rows"])
     if errs:
         lines += ["Errors:", ""] + [f"- {e}" for e in errs] + [""]
@@ -693,15 +781,16 @@ def render_section(result: dict[str, Any]) -> str:
 
 RESULTS_HEADER = """# mvit-zoo benchmark results
 
-Produced by `benchmarks/bench.py` (see benchmarks/README.md): mvit-zoo against the reference
-implementation of the same architecture with the same weights, timed alternately in one process.
-One section per device; re-running the script replaces only the section of the device it ran on.
+Generated by `benchmarks/bench.py` (see benchmarks/README.md); do not edit by hand. mvit-zoo against the
+reference implementation of the same architecture with the same weights (or, in the A/B sections, the
+working tree against an older revision of mvit-zoo), timed alternately in one process. One section per
+device and comparison; re-running the script replaces only the section it ran for.
 """
 
 
 def write_results(path: Path, result: dict[str, Any]) -> None:
     section = render_section(result)
-    key = result["device_key"]
+    key = section_key(result)
     text = path.read_text() if path.exists() else RESULTS_HEADER
     text = re.sub(r"\n*^No results recorded yet.*?(\n\n|\Z)", "\n\n", text, flags=re.M | re.S)  # placeholder
     pattern = re.compile(rf"<!-- bench:begin {re.escape(key)} -->.*?<!-- bench:end {re.escape(key)} -->", re.S)
@@ -742,6 +831,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(error rather than a silent math fallback), PyTorch's choice on CPU")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA in fp32 runs")
     p.add_argument("--tol", type=float, default=1e-4, help="max |ours - reference| of the fp32 outputs")
+    p.add_argument("--ref-commit", default=None, metavar="REV",
+                   help="A/B: the reference is mvit-zoo at git revision REV (any registered model), with the "
+                        "working tree's weights")
+    p.add_argument("--ab-tolerance", type=float, default=0.05,
+                   help="A/B check: new may be this much slower / use this much more peak memory than old")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny models (depths 1,1,1,1, dim 16, 32x32 / 4x32x32), 2 rounds, no RESULTS.md")
     p.add_argument("--results", type=Path, default=None,
@@ -758,6 +852,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.warmup = 5 if args.device.startswith("cuda") else 1
     if args.memory_procs is None:
         args.memory_procs = "impl" if args.quick else "config"
+    if args.ref_commit and args.child is None:
+        args.ref_commit = resolve_commit(args.ref_commit)
     if args.quick:
         args.rounds = min(args.rounds, 2)
         args.warmup = min(args.warmup, 1)
@@ -779,10 +875,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in argv)
     info = machine_info(device, args.threads)
     result: dict[str, Any] = dict(
-        schema=1, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), command=command,
-        machine=info, versions=versions(), device_key=device_key(info), quick=args.quick,
+        schema=2, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), command=command,
+        machine=info, versions=versions(), device_key=device_key(info), quick=args.quick, ref_commit=args.ref_commit,
         sdpa=args.sdpa, settings=dict(rounds=args.rounds, warmup=args.warmup, optimizer=args.optimizer, tol=args.tol,
                                       min_round_time=args.min_round_time, threads=args.threads,
+                                      ab_tolerance=args.ab_tolerance,
                                       memory_method=("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
                                                      else "peak RSS growth (VmHWM) in a fresh subprocess")),
         matmul_peak={}, agreement=[], rows=[],
@@ -802,7 +899,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for name in args.models:
         t0 = time.perf_counter()
-        pair = build_pair(name, quick=args.quick)
+        pair = build_pair(name, quick=args.quick, ref_commit=args.ref_commit)
         pair.ours.to(device)
         pair.ref.to(device)
         agree = check_agreement(pair, device, args.tol, args.clip_batch if pair.is_video else args.batch)
@@ -815,7 +912,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(result, indent=1))
             return 2
-        # FLOPs at the timed batch sizes (counted once per mode, ours and reference separately; %pk uses the reference's)
+        # FLOPs at the timed batch sizes (once per mode, ours and reference separately; %pk uses the reference's)
         flops: dict[Any, Optional[float]] = {}
         for mode in args.modes:
             b = batch_for(pair.is_video, mode, args)
@@ -849,9 +946,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                             row["ref_compiled_speedup"] = eager["ref"]["ms"] / row["ref"]["ms"]
                     result["rows"].append(row)
                     o, f = row["ours"], row["ref"]
-                    print(f"  {name} {mode} {dtype}{' compiled' if compiled else ''} batch {row['batch']}: ours "
-                          f"{o.get('ms', o.get('error'))} ms, reference {f.get('ms', f.get('error'))} ms, "
-                          f"speedup {_fmt(row['speedup'], '.2f')}", flush=True)
+                    a, b = ("new", "old") if args.ref_commit else ("ours", "reference")
+                    print(f"  {name} {mode} {dtype}{' compiled' if compiled else ''} batch {row['batch']}: {a} "
+                          f"{_fmt(o.get('ms'), '.1f', o.get('error', '-'))} ms, {b} "
+                          f"{_fmt(f.get('ms'), '.1f', f.get('error', '-'))} ms, speedup {_fmt(row['speedup'], '.2f')}",
+                          flush=True)
         del compiled_models
         t0 = time.perf_counter()
         add_memory([r for r in result["rows"] if r["model"] == name], args)
@@ -862,10 +961,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    targeted = [r for r in result["rows"] if r.get("target")]
-    result["targets_met"] = bool(targeted) and all(r["target"]["met"] for r in targeted)
     print()
-    print(format_table(result["rows"]))
+    print(format_table(result["rows"], ab=bool(args.ref_commit)))
     for note in errors_text(result["rows"]):
         print("error:", note)
     for r in result["rows"]:
@@ -873,15 +970,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"compiled vs eager, {r['model']} {r['mode']} {r['dtype']}: ours "
                   f"{_fmt(r.get('ours_compiled_speedup'), '.2f')}x, "
                   f"reference {_fmt(r.get('ref_compiled_speedup'), '.2f')}x")
-    print(f"targets (eager): {'all met' if result['targets_met'] else 'NOT all met'}"
-          f"{' (--quick: sizes are not the targets sizes)' if args.quick else ''}")
+    if args.ref_commit:
+        checked = [r for r in result["rows"] if "ab_ok" in r]
+        result["ab_ok"] = bool(checked) and all(r["ab_ok"] for r in checked)
+        print(f"A/B (new within {args.ab_tolerance:.0%} of old in time and peak memory): "
+              f"{'all rows hold' if result['ab_ok'] else 'NOT all rows hold'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     out = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
     if out is not None and not args.no_results:
         write_results(out, result)
-        print(f"wrote {out} (section '{result['device_key']}')")
+        print(f"wrote {out} (section '{section_key(result)}')")
     return 0
 
 

@@ -3,8 +3,9 @@
 
     python benchmarks/profile.py --model mvit_tiny --batch 8 --iters 3
     python benchmarks/profile.py --model mvit_v2_s_16x4 --batch 1 --mode train --dtype bf16 --by-shape
+    python benchmarks/profile.py --model mvit_tiny --ref-commit 85be2bd  # against mvit-zoo at that commit
 
-Builds the pair as benchmarks/bench.py does (reference weights copied into ours), warms each up, profiles
+Builds the pair as benchmarks/bench.py does (the same weights in both), warms each up, profiles
 `--iters` calls (inference) or training steps, and prints for each implementation the top operators by
 self time (CPU; CUDA kernels too with --device cuda), then one table with both side by side, per call.
 --trace-dir writes Chrome traces (open in chrome://tracing or https://ui.perfetto.dev).
@@ -42,7 +43,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mvit_tiny", choices=list(bench.REFERENCES))
+    p.add_argument("--model", default="mvit_tiny",
+                   help=f"our model name (references for {', '.join(bench.REFERENCES)}; any with --ref-commit)")
+    p.add_argument("--ref-commit", default=None, metavar="REV", help="reference: mvit-zoo at git revision REV")
     p.add_argument("--batch", type=int, default=None, help="samples per call (default: 8 images / 1 clip)")
     p.add_argument("--mode", choices=["infer", "train"], default="infer")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    pair = bench.build_pair(args.model, quick=args.quick)
+    pair = bench.build_pair(args.model, quick=args.quick,
+                            ref_commit=bench.resolve_commit(args.ref_commit) if args.ref_commit else None)
     batch = args.batch or (1 if pair.is_video else 8)
     torch.manual_seed(2)
     x = torch.randn((batch,) + pair.input_shape, device=device)
