@@ -122,8 +122,8 @@ def ref_package(commit: str) -> types.ModuleType:
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "mvit_zoo"],
                              capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(tmp, filter="data")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # our own tree; the "data" filter where Python has it
+        tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     package = f"mvit_zoo_{commit[:12]}"
     os.rename(os.path.join(tmp, "mvit_zoo"), os.path.join(tmp, package))
     sys.path.insert(0, tmp)
