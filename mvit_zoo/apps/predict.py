@@ -156,7 +156,17 @@ def load_model(
         pretrained = False
     assert name is not None
     _check_model_name(name)
-    model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except (TypeError, ValueError) as e:  # an argument the model does not take, or a value it cannot use
+        if not model_kwargs:
+            raise
+        source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else '--model-kwargs'
+        raise CliError(f'{name} does not take {source} {json.dumps(model_kwargs)} ({e}); pass only fields of its '
+                       f'config (timm.create_model arguments)') from e
+    if not getattr(model, 'num_classes', 0):
+        raise CliError(f'{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes '
+                       f'from --model-kwargs, or pass a checkpoint with a head')
     if state_dict is not None:
         _load_weights(model, state_dict, str(checkpoint), name)
     model.eval()

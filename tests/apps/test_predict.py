@@ -261,3 +261,13 @@ def test_python_m_predict() -> None:
                            "--model-kwargs", SMALL_2D], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(top_lines(proc.stdout)) == 5
+
+
+def test_model_kwargs_the_model_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = json.dumps({**json.loads(SMALL_2D), "bogus": 1})
+    assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", bogus]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"mvit_tiny does not take --model-kwargs {bogus} (") and "bogus" in line
+    headless = json.dumps({**json.loads(SMALL_2D), "num_classes": 0})
+    assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", headless]) == 2
+    assert error_line(capsys).startswith("mvit_tiny has no classifier (num_classes=0)")
