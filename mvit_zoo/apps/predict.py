@@ -162,8 +162,8 @@ def load_model(
         if not model_kwargs:
             raise
         source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else '--model-kwargs'
-        raise CliError(f'{name} does not take {source} {json.dumps(model_kwargs)} ({e}); pass only fields of its '
-                       f'config (timm.create_model arguments)') from e
+        raise CliError(f'cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields of '
+                       f'its config, with values it accepts') from e
     if not getattr(model, 'num_classes', 0):
         raise CliError(f'{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes '
                        f'from --model-kwargs, or pass a checkpoint with a head')

@@ -267,7 +267,7 @@ def test_model_kwargs_the_model_does_not_take(capsys: pytest.CaptureFixture[str]
     bogus = json.dumps({**json.loads(SMALL_2D), "bogus": 1})
     assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", bogus]) == 2
     line = error_line(capsys)
-    assert line.startswith(f"mvit_tiny does not take --model-kwargs {bogus} (") and "bogus" in line
+    assert line.startswith(f"cannot build mvit_tiny with --model-kwargs {bogus} (") and "bogus" in line
     headless = json.dumps({**json.loads(SMALL_2D), "num_classes": 0})
     assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", headless]) == 2
     assert error_line(capsys).startswith("mvit_tiny has no classifier (num_classes=0)")
