@@ -1,10 +1,22 @@
 """torch.hub entrypoints for mvit-zoo: works from a clone, without `pip install`.
 
+From a clone (no network needed for the code; `source="local"` is an argument of torch.hub.load only):
+
     import torch
     model = torch.hub.load("path/to/mvit-zoo", "mvit_small", source="local", pretrained=True)
     video = torch.hub.load("path/to/mvit-zoo", "mvit_v2_s_16x4", source="local", pretrained="fb_ssv2")
     backbone = torch.hub.load("path/to/mvit-zoo", "mvit_backbone", "mvit_base", source="local")
-    torch.hub.list("path/to/mvit-zoo", source="local")  # every registered model, plus mvit_backbone
+
+From GitHub ("owner/name:ref"; the ":ref" spares torch.hub a request that looks up the default
+branch, so a cached copy also works offline):
+
+    torch.hub.list("mvit-zoo/mvit-zoo:main")  # every registered model, plus mvit_backbone
+    print(torch.hub.help("mvit-zoo/mvit-zoo:main", "mvit_v2_s_16x4"))
+    model = torch.hub.load("mvit-zoo/mvit-zoo:main", "mvit_small", pretrained=True)
+
+torch.hub.list and torch.hub.help read GitHub repositories only: they take no `source` argument and
+refuse a local path. From a clone the same list is `mvit_zoo.list_models() + ["mvit_backbone"]`, and
+the help is each entrypoint's docstring.
 
 torch.hub puts the repository on sys.path while it imports this file, so `import mvit_zoo` finds the
 package next to it. There is one entrypoint per registered model (generated from

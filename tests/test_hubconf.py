@@ -1,7 +1,10 @@
 """torch.hub: hubconf.py at the repository root, loaded from a clone without `pip install`."""
 from __future__ import annotations
 
+import ast
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,3 +161,53 @@ def test_clone_without_install(tmp_path: Path) -> None:
     path, shapes = done.stdout.strip().splitlines()[-2:]
     assert Path(path).resolve().is_relative_to(clone.resolve())
     assert shapes == "(1, 5) (1, 3)"
+
+
+def _documented_calls() -> list[ast.Call]:
+    """The torch.hub calls shown in hubconf.py's docstring."""
+    doc = ast.get_docstring(ast.parse((REPO / "hubconf.py").read_text()))
+    assert doc is not None
+    code = "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    "))
+    calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+             and ast.unparse(node.func).startswith("torch.hub.")]
+    assert {"torch.hub.load", "torch.hub.list"} <= {ast.unparse(c.func) for c in calls}
+    return calls
+
+
+def test_documented_calls_fit_torch_hub_signatures() -> None:
+    """Every documented call binds to its torch.hub function: no `source=` where torch.hub has none."""
+    for call in _documented_calls():
+        fn = getattr(torch.hub, ast.unparse(call.func).rsplit(".", 1)[1])
+        args = [ast.literal_eval(a) for a in call.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        inspect.signature(fn).bind(*args, **kwargs)
+        if kwargs.get("source") != "local":  # a GitHub repository, with its ref: no network request to find it
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+:[\w.-]+", args[0]), ast.unparse(call)
+    # what the docstring says does not work, does not
+    with pytest.raises(TypeError, match="source"):
+        torch.hub.list(str(REPO), source="local")
+    with pytest.raises(ValueError):
+        torch.hub.list(str(REPO))
+
+
+def test_documented_calls_run(github_cache: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each documented call, run offline: GitHub ones on a torch.hub cache that holds this checkout,
+    local ones on it; loads build small random models (the weights are tested above)."""
+    small = {k: v for k, v in IMAGE[1].items() if k not in ("img_size", "num_classes")}
+    for call in _documented_calls():
+        fn = ast.unparse(call.func).rsplit(".", 1)[1]
+        args = [ast.literal_eval(a) for a in call.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        args[0] = str(REPO) if args[0] == "path/to/mvit-zoo" else args[0]
+        if args[0] != str(REPO):
+            assert args[0] == github_cache
+        if fn == "list":
+            assert sorted(torch.hub.list(*args, **kwargs)) == sorted(mvit_zoo.list_models() + ["mvit_backbone"])
+        elif fn == "help":
+            assert "pretrained" in torch.hub.help(*args, **kwargs)
+        else:
+            kwargs["pretrained"] = False
+            model = torch.hub.load(*args, **kwargs, **small)
+            assert isinstance(model, torch.nn.Module)
+            name = args[2] if len(args) > 2 else args[1]
+            assert model.pretrained_cfg["architecture"] == name

@@ -9,15 +9,22 @@ Commands (each in its own module, which exposes `configure_parser(parser)` and `
 
 A command's module is imported only when that command runs, so a command whose module cannot be
 imported (a missing optional dependency, say) reports why, and the other commands keep working.
+
+A mistake in the input or the environment is printed as one line, `mvit-zoo CMD: error: ...`, with exit
+code 2 (argparse's code for a usage error) and no traceback; `--debug`, before or after the command,
+prints the traceback too. Any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from typing import Callable, NamedTuple, Optional, Sequence
 
-__all__ = ["COMMANDS", "CliError", "build_parser", "main"]
+__all__ = ["COMMANDS", "CliError", "EXIT_USER_ERROR", "build_parser", "main"]
+
+EXIT_USER_ERROR = 2  # a user error, as argparse exits on a bad argument
 
 
 class CliError(Exception):
@@ -63,9 +70,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mvit-zoo", description="Multiscale Vision Transformers (MViT v1, MViTv2) for images and video.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
+        # NOTE: SUPPRESS, so that a sub-parser without --debug keeps the front's value instead of resetting it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, print its traceback too")
         if name == command:
             configure, run = _load(name)
             configure(p)
@@ -78,7 +89,15 @@ def _errors() -> tuple[type[BaseException], ...]:
     from ..weights.convert import CheckpointMismatchError
     from ..weights.hub import WeightsError
 
-    return (CliError, WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
+    return (CliError, WeightsError, CheckpointMismatchError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ValueError)
+
+
+def _message(e: BaseException) -> str:
+    """A user error's message on one line (the type's name when it has none)."""
+    text = str(e.code if isinstance(e, SystemExit) else e)
+    text = " ".join(text.split()).removeprefix("error: ")  # a command's SystemExit("error: ...")
+    return text or f"{type(e).__name__} (run with --debug for its traceback)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -98,9 +117,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # sys.exit(status): the command's own exit status
+            raise
+        return _user_error(args, e)
     except _errors() as e:
-        print(f"mvit-zoo {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _user_error(args, e)
+
+
+def _user_error(args: argparse.Namespace, e: BaseException) -> int:
+    if args.debug:
+        traceback.print_exception(e)
+    print(f"mvit-zoo {args.command}: error: {_message(e)}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

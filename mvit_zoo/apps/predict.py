@@ -2,9 +2,10 @@
 
 Usage::
 
-    mvit-zoo predict                                   # the shipped sample photo, mvit_base.fb_in1k
-    mvit-zoo predict cat.jpg --model mvit_small.fb_in1k
+    mvit-zoo predict                                   # the shipped sample photo, mvit_small.fb_in1k
+    mvit-zoo predict cat.jpg --model mvit_base.fb_in1k
     mvit-zoo predict clip.mp4 --model mvit_v2_s_16x4.fb_k400
+    mvit-zoo predict photos/                           # every image and video in a folder and its subfolders
     mvit-zoo predict photo.png --checkpoint runs/flowers   # a folder written by `mvit-zoo finetune`
 
 Label names come from a fine-tuned folder's ``config.json`` (``label_names``), or from the
@@ -12,10 +13,15 @@ label set of the model's pretrained config (ImageNet-1k and Kinetics-400 lists s
 package). A video is read with PyAV and one centred clip of ``T`` frames every ``tau`` frames
 is classified; an image given to a video model is repeated over time, and a video given to
 an image model is reduced to its middle frame.
+
+A bad input (a missing or unreadable file, a checkpoint that does not fit the model, a device that is
+not there) raises `CliError`, which `mvit-zoo` prints as one line; non-finite outputs are refused
+rather than printed as ``nan%`` or written as JSON ``NaN``.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -26,17 +32,23 @@ import torch.nn as nn
 
 import timm
 
-from .finetune import CONFIG_FILE, DataConfig, build_transform, parse_model_kwargs, resolve_data_config
-from ..data.video import is_video_file, load_clip, read_video
+from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
+from ..weights.convert import unwrap_checkpoint
+from ..weights.hub import CorruptCheckpointError, read_checkpoint
+from .cli import CliError
+from .finetune import (CONFIG_FILE, IMAGE_EXTENSIONS, DataConfig, build_transform, parse_model_kwargs,
+                       resolve_data_config)
 
-__all__ = ['DATA_DIR', 'SAMPLE_IMAGE', 'label_names_for', 'load_label_set', 'load_model', 'predict',
-           'configure_parser', 'run', 'main']
+__all__ = ['DATA_DIR', 'DEFAULT_MODEL', 'SAMPLE_IMAGE', 'find_inputs', 'label_names_for', 'load_label_set',
+           'load_input', 'load_model', 'predict', 'configure_parser', 'run', 'main']
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_IMAGE = DATA_DIR / 'chelsea.jpg'
-DEFAULT_MODEL = 'mvit_base.fb_in1k'
+DEFAULT_MODEL = 'mvit_small.fb_in1k'
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model_best.safetensors')
 _LABEL_SET_BY_CLASSES = {1000: 'imagenet-1k', 400: 'kinetics-400'}
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+_CHECKPOINT_HINT = 'pass a folder written by `mvit-zoo finetune` or a weights file (.safetensors, .pth, .bin)'
 
 
 def load_label_set(label_set: str) -> Optional[List[str]]:
@@ -69,7 +81,52 @@ def _weights_in(folder: Path) -> Path:
     for name in _WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f'no weights ({", ".join(_WEIGHT_FILES)}) in {folder}')
+    raise CliError(f'no weights ({", ".join(_WEIGHT_FILES)}) in the --checkpoint folder {folder}; {_CHECKPOINT_HINT}')
+
+
+def _read_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``--checkpoint`` file or folder, read without running code from it."""
+    if not checkpoint.exists():
+        raise CliError(f"no checkpoint found at '{checkpoint}': {_CHECKPOINT_HINT}")
+    weights = _weights_in(checkpoint) if checkpoint.is_dir() else checkpoint
+    if weights.suffix.lower() in INPUT_EXTENSIONS:
+        raise CliError(f"--checkpoint {weights} is an image or video, not a checkpoint: give it as an input "
+                       f"(mvit-zoo predict {weights} ...), and to --checkpoint {_CHECKPOINT_HINT}")
+    try:
+        return unwrap_checkpoint(read_checkpoint(weights, forget_if_corrupt=False))
+    except CorruptCheckpointError as e:  # its message quotes the reader's error, which can be a page long
+        raise CliError(f'--checkpoint {weights} is not a checkpoint (neither safetensors nor a weights-only torch '
+                       f'pickle), or a truncated one; {_CHECKPOINT_HINT}') from e
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse an unknown architecture or pretrained tag, naming the close ones."""
+    arch, _, tag = name.partition('.')
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f'did you mean {" or ".join(close)}?' if close else 'mvit_zoo.list_models() lists the MViT ones'
+        raise CliError(f"unknown model '{arch}': {hint}")
+    tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{arch}.*')]
+    if tag and tag not in tags:
+        known = ', '.join(tags) if tags else f'none: pass --no-pretrained, or --model {arch} with --checkpoint'
+        raise CliError(f"unknown pretrained tag '{tag}' for {arch}; its tags: {known}")
+
+
+def _load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
+    """``model.load_state_dict(state_dict)``, or one line naming the keys and shapes that disagree."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    resized = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+               for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f'{len(keys)} {what} ({", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""})'
+                for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                                   ('shapes differ: checkpoint vs model', resized)) if keys]
+    if problems:
+        raise CliError(f'checkpoint {checkpoint} does not fit {name}: {"; ".join(problems)}. Pass the --model and '
+                       f'--model-kwargs it was trained with, or the folder written with it (its config.json '
+                       f'names them)')
+    model.load_state_dict(state_dict)
 
 
 def load_model(
@@ -89,20 +146,29 @@ def load_model(
     state_dict = None
     if checkpoint:
         path = Path(checkpoint)
-        folder = path if path.is_dir() else path.parent
-        config = _read_config(folder)
-        weights = _weights_in(path) if path.is_dir() else path
-        state_dict = timm.models.load_state_dict(str(weights))
+        state_dict = _read_state_dict(path)
+        config = _read_config(path if path.is_dir() else path.parent)
         name = name or config.get('architecture')
         if not name:
-            raise SystemExit(f'error: --model is needed: no {CONFIG_FILE} with an architecture next to {checkpoint}')
+            raise CliError(f'--model is needed: no {CONFIG_FILE} with an architecture next to {checkpoint}')
         model_kwargs = {**parse_model_kwargs(json.dumps(config.get('model_args', {}))), **model_kwargs}
         model_kwargs['num_classes'] = _num_classes(name, state_dict, config)
         pretrained = False
     assert name is not None
-    model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    _check_model_name(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except (TypeError, ValueError) as e:  # an argument the model does not take, or a value it cannot use
+        if not model_kwargs:
+            raise
+        source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else '--model-kwargs'
+        raise CliError(f'cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields of '
+                       f'its config, with values it accepts') from e
+    if not getattr(model, 'num_classes', 0):
+        raise CliError(f'{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes '
+                       f'from --model-kwargs, or pass a checkpoint with a head')
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        _load_weights(model, state_dict, str(checkpoint), name)
     model.eval()
     labels = config.get('label_names') or label_names_for(model, model.num_classes)
     if len(labels) != model.num_classes:
@@ -129,22 +195,54 @@ def _num_classes(name: str, state_dict: Dict[str, torch.Tensor], config: Dict[st
     for key in (f'{classifier}.weight', 'head.fc.weight', 'head.weight', 'fc.weight'):
         if key in state_dict:
             return int(state_dict[key].shape[0])
-    raise SystemExit(f'error: cannot tell the class count of the checkpoint (no {classifier}.weight)')
+    raise CliError(f'cannot tell the class count of the checkpoint (no {classifier}.weight): pass the folder '
+                   f'written with it (its {CONFIG_FILE} has num_classes), or --model-kwargs \'{{"num_classes": N}}\'')
+
+
+def find_inputs(paths: Sequence[str]) -> List[Path]:
+    """The files to classify: each file as given, and for a folder every image and video in it and its
+    subfolders (sorted)."""
+    found: List[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob('*') if f.suffix.lower() in INPUT_EXTENSIONS and f.is_file())
+            if not files:
+                raise CliError(f'no image or video files in the folder {path} (nor its subfolders); predict reads '
+                               f'{", ".join(INPUT_EXTENSIONS)}')
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CliError(f'no such file or folder: {path}; pass image or video files, or folders of them')
+    return found
 
 
 def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
     """One preprocessed input, ``(C, H, W)`` or ``(C, T, H, W)`` as the model expects."""
+    from PIL import Image, UnidentifiedImageError
+
     transform = build_transform(data_cfg, is_training=False)
     if is_video_file(path):
-        if data_cfg.is_video:
-            return load_clip(path, data_cfg.num_frames, data_cfg.sampling_rate, random_start=False,
-                             transform=transform)
-        from PIL import Image
-        frames = read_video(path)
+        try:
+            if data_cfg.is_video:
+                return load_clip(path, data_cfg.num_frames, data_cfg.sampling_rate, random_start=False,
+                                 transform=transform)
+            frames = read_video(path)
+        except ValueError as e:  # no video stream, no frames, or data PyAV cannot decode (InvalidDataError)
+            raise CliError(f'cannot read the video {path}: {e}; pass a video with at least one decodable '
+                           f'frame') from e
         return transform(Image.fromarray(frames[len(frames) // 2]))
-    from PIL import Image
-    with open(path, 'rb') as f:
-        img = Image.open(f).convert('RGB')
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f).convert('RGB')
+    except UnidentifiedImageError as e:
+        raise CliError(f'{path} is not an image Pillow can read, nor a video ({", ".join(VIDEO_EXTENSIONS)}); '
+                       f'pass image or video files') from e
+    except Image.DecompressionBombError as e:
+        raise CliError(f'{path} is refused as a possible decompression bomb ({e}); pass a smaller image') from e
+    except OSError as e:  # a truncated or damaged image file
+        raise CliError(f'cannot read the image {path} ({e}); pass an intact image file') from e
     if data_cfg.is_video:
         import numpy as np
         frame = np.asarray(img)
@@ -154,18 +252,46 @@ def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, top_k: int = 5) -> List[Tuple[int, float]]:
-    """Top-``k`` (class index, probability) for one preprocessed input."""
+    """Top-``k`` (class index, probability) for one preprocessed input; ValueError if the outputs are
+    not finite (NaN or Inf)."""
     device = next(model.parameters()).device
-    probs = model(x.unsqueeze(0).to(device)).float().softmax(-1)[0]
+    logits = model(x.unsqueeze(0).to(device)).float()[0]
+    if not torch.isfinite(logits).all():
+        raise ValueError(f'the model gave non-finite outputs ({int((~torch.isfinite(logits)).sum())} of '
+                         f'{logits.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; '
+                         f'check the checkpoint and --model-kwargs')
+    probs = logits.softmax(-1)
     values, indices = probs.topk(min(top_k, probs.numel()))
-    return [(int(i), float(v)) for i, v in zip(indices, values)]
+    return [(int(i), float(v)) for i, v in zip(indices, values, strict=True)]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _device(spec: str) -> torch.device:
+    """The ``--device``: 'auto' is CUDA when torch sees a GPU, else the CPU; others must work here."""
+    if spec == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(spec)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without that backend
+        reason = str(e).strip().split('. ')[0] or type(e).__name__  # torch's first sentence says it
+        raise CliError(f'--device {spec} cannot be used here ({reason}); pass --device cpu, or auto (a GPU when '
+                       f'torch sees one)') from e
+    return device
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``predict`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
     parser.add_argument('inputs', nargs='*', metavar='PATH',
-                        help=f'image or video files (default: the shipped sample photo {SAMPLE_IMAGE.name})')
+                        help='image or video files, or folders of them (searched recursively; default: the shipped '
+                             f'sample photo {SAMPLE_IMAGE.name})')
     parser.add_argument('--model', default=None,
                         help=f'NAME[.tag] (default: from --checkpoint\'s config.json, else {DEFAULT_MODEL})')
     parser.add_argument('--checkpoint', default=None, metavar='PATH',
@@ -174,26 +300,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                         help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
     parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
-    parser.add_argument('--top-k', type=int, default=5, help='(default: %(default)s)')
+    parser.add_argument('--top-k', type=_positive_int, default=5, help='(default: %(default)s)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
     parser.add_argument('--json', action='store_true', help='print one JSON object per input')
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of each input; returns the exit status."""
+    inputs = find_inputs(args.inputs) if args.inputs else [SAMPLE_IMAGE]
+    device = _device(args.device)
     name = args.model or (None if args.checkpoint else DEFAULT_MODEL)
     model, labels, data_cfg = load_model(name, args.checkpoint, args.pretrained, parse_model_kwargs(args.model_kwargs))
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(device)
-    inputs = [Path(p) for p in args.inputs] or [SAMPLE_IMAGE]
     for path in inputs:
-        if not path.is_file():
-            print(f'error: no such file: {path}', file=sys.stderr)
-            return 2
-        top = predict(model, load_input(path, data_cfg), args.top_k)
+        x = load_input(path, data_cfg)
+        try:
+            top = predict(model, x, args.top_k)
+        except ValueError as e:
+            raise CliError(f'{path}: {e}') from e
         if args.json:
             print(json.dumps({'input': str(path), 'top': [
-                {'index': i, 'label': labels[i], 'probability': p} for i, p in top]}))
+                {'index': i, 'label': labels[i], 'probability': p} for i, p in top]}, allow_nan=False))
         else:
             print(f'{path}:')
             for rank, (i, p) in enumerate(top, 1):
@@ -202,9 +329,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='mvit-zoo predict')
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    """``mvit-zoo predict ARGV``: the same parser and one-line errors as the ``mvit-zoo`` front."""
+    from .cli import main as cli_main
+
+    return cli_main(['predict', *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == '__main__':

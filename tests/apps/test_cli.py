@@ -64,17 +64,17 @@ def test_convert_from_url_and_errors(tmp_path: Path, hub: HubServer, hub_cache: 
     capsys.readouterr()
 
     assert cli.main(["convert", url, "--model", "mvit_v2_s_16x4", "--out", str(tmp_path / "x"), "--sha256",
-                     "00ff"] + SMALL_ARGS) == 1
+                     "00ff"] + SMALL_ARGS) == 2
     assert "mvit-zoo convert: error: downloaded" in capsys.readouterr().err
-    assert cli.main(["convert", str(src), "--model", "mvit_b_16x4", "--out", str(tmp_path / "y")] + SMALL_ARGS) == 1
+    assert cli.main(["convert", str(src), "--model", "mvit_b_16x4", "--out", str(tmp_path / "y")] + SMALL_ARGS) == 2
     err = capsys.readouterr().err
     assert "mvit-zoo convert: error: checkpoint (torchvision layout) does not fit mvit_b_16x4" in err
-    assert cli.main(["convert", str(tmp_path / "none.pth"), "--model", "mvit_tiny", "--out", str(tmp_path)]) == 1
+    assert cli.main(["convert", str(tmp_path / "none.pth"), "--model", "mvit_tiny", "--out", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.bogus", "--out", str(tmp_path)]) == 1
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.bogus", "--out", str(tmp_path)]) == 2
     assert "unknown pretrained tag 'bogus' for mvit_v2_s_16x4" in capsys.readouterr().err
     assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4", "--out", str(tmp_path), "--model-arg",
-                     "depths"]) == 1
+                     "depths"]) == 2
     assert "--model-arg expects KEY=VALUE" in capsys.readouterr().err
 
 
@@ -88,9 +88,9 @@ def test_publish_list_and_push_without_token(tmp_path: Path, hub_cache: Path, ca
     assert len(lines) == 3 and all(line.split("\t")[1] == f"my-org/{line.split(chr(9))[0]}" for line in lines)
     assert any(line.endswith("mvit_v2_s-ae3be167.pth") for line in lines)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    assert cli.main(["publish", "--push", "--only", "mvit_v2_s_16x4.tv_k400", "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["publish", "--push", "--only", "mvit_v2_s_16x4.tv_k400", "--out", str(tmp_path / "o")]) == 2
     assert "needs a Hugging Face token" in capsys.readouterr().err
-    assert cli.main(["publish", "--only", "nothing*", "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["publish", "--only", "nothing*", "--out", str(tmp_path / "o")]) == 2
     assert "no official checkpoint matches 'nothing*'" in capsys.readouterr().err
 
 
@@ -111,3 +111,56 @@ def test_entry_point_runs_as_a_module(hf_env: dict[str, str]) -> None:
 
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["mvit-zoo"] == "mvit_zoo.apps.cli:main"
+
+
+def _fake_command(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Make `mvit-zoo finetune` a command whose run raises `error`."""
+    def run(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_load", lambda name: (lambda parser: None, run))
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (cli.CliError("no such file: x.jpg; pass image files"), "no such file: x.jpg; pass image files"),
+    (ValueError("a bad value\n  on two lines"), "a bad value on two lines"),
+    (FileNotFoundError(), "FileNotFoundError (run with --debug for its traceback)"),  # not an empty message
+    (NotADirectoryError(20, "Not a directory", "data.txt"), "[Errno 20] Not a directory: 'data.txt'"),
+    (SystemExit("error: data.txt must be a folder"), "data.txt must be a folder"),  # a command's SystemExit(text)
+], ids=["CliError", "ValueError", "empty", "NotADirectoryError", "SystemExit-text"])
+def test_user_error_is_one_line_exit_2(error: BaseException, message: str, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_command(monkeypatch, error)
+    assert cli.main(["finetune"]) == cli.EXIT_USER_ERROR == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"mvit-zoo finetune: error: {message}\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_prints_the_traceback(where: str, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_command(monkeypatch, cli.CliError("no such file: x.jpg"))
+    argv = ["--debug", "finetune"] if where == "before" else ["finetune", "--debug"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "CliError: no such file: x.jpg" in err
+    assert err.splitlines()[-1] == "mvit-zoo finetune: error: no such file: x.jpg"
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_command(monkeypatch, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["finetune"])
+    _fake_command(monkeypatch, SystemExit(3))  # sys.exit(status) of a command passes through
+    with pytest.raises(SystemExit) as info:
+        cli.main(["finetune"])
+    assert info.value.code == 3
+
+
+def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["predict", "--top-k", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "mvit-zoo predict: error: argument --top-k: must be at least 1, got 0")

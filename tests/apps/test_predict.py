@@ -11,6 +11,7 @@ from typing import List
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mvit_zoo.apps import finetune, predict
@@ -103,9 +104,170 @@ def test_predict_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no such file" in capsys.readouterr().err
 
 
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line `mvit-zoo predict` printed for a user error (and nothing on stdout)."""
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("mvit-zoo predict: error: ")
+    return line.removeprefix("mvit-zoo predict: error: ")
+
+
+def tiny(*argv: str, video: bool = False) -> List[str]:
+    """`argv` with a small random-init image (or video) model."""
+    if video:
+        return [*argv, "--model", "mvit_v2_s_16x4", "--no-pretrained", "--model-kwargs", SMALL_3D]
+    return [*argv, "--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", SMALL_2D]
+
+
+def test_default_model_is_the_readme_one() -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = re.findall(r"^mvit-zoo predict --model (\S+)$", readme, re.M)
+    assert shown and {name.split(".")[0] for name in shown} == {predict.DEFAULT_MODEL.split(".")[0]} == {"mvit_small"}
+
+
+def test_folder_input_predicts_every_image_and_video(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos"
+    (folder / "b").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "z.png")
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / "b" / "a.JPG")
+    write_video(folder / "b" / "clip.mp4", np.zeros((6, 40, 40, 3), np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    assert predict.main(tiny(str(folder), "--json")) == 0
+    inputs = [json.loads(line)["input"] for line in capsys.readouterr().out.splitlines()]
+    assert inputs == [str(folder / "b" / "a.JPG"), str(folder / "b" / "clip.mp4"), str(folder / "z.png")]
+    (tmp_path / "empty").mkdir()
+    assert predict.main(tiny(str(tmp_path / "empty"))) == 2
+    assert error_line(capsys).startswith(f"no image or video files in the folder {tmp_path / 'empty'}")
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert predict.main(tiny(str(text))) == 2
+    assert error_line(capsys).startswith(f"{text} is not an image Pillow can read, nor a video")
+
+    import av
+
+    empty = tmp_path / "empty.mp4"  # a valid container without a single frame
+    with av.open(str(empty), "w") as container:
+        container.add_stream("mpeg4", rate=10).width = 32
+        container.start_encoding()
+    assert empty.stat().st_size > 0
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 64)
+    for path in (empty, broken):
+        for video_model in (False, True):  # a video model reads a clip, an image model the middle frame
+            assert predict.main(tiny(str(path), video=video_model)) == 2
+            line = error_line(capsys)
+            assert line.startswith(f"cannot read the video {path}: ")
+            assert line.endswith("pass a video with at least one decodable frame")
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the sample photo is 135300 pixels: over twice that
+    assert predict.main(tiny(str(predict.SAMPLE_IMAGE))) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"{predict.SAMPLE_IMAGE} is refused as a possible decompression bomb")
+    assert line.endswith("pass a smaller image")
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1"])
+def test_top_k_must_be_positive(top_k: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        predict.main(tiny("--top-k", top_k))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mvit-zoo predict: error: argument --top-k: must be at least 1, got {top_k}")
+
+
+def test_device_that_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    devices = ["cuda:99", "gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert predict.main(tiny("--device", device)) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"--device {device} cannot be used here (")
+        assert line.endswith("pass --device cpu, or auto (a GPU when torch sees one)")
+
+
+def test_unknown_model_names_close_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert predict.main(["--model", "mvit_smal", "--no-pretrained"]) == 2
+    line = error_line(capsys)
+    assert line.startswith("unknown model 'mvit_smal': did you mean mvit_small")
+    assert predict.main(["--model", "mvit_small.fb_nope", "--no-pretrained"]) == 2
+    assert error_line(capsys) == "unknown pretrained tag 'fb_nope' for mvit_small; its tags: fb_in1k"
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import mvit_zoo
+
+    missing = tmp_path / "runs" / "none"
+    assert predict.main(["--checkpoint", str(missing)]) == 2
+    assert error_line(capsys).startswith(f"no checkpoint found at '{missing}': pass a folder written by")
+
+    assert predict.main(["--checkpoint", str(predict.SAMPLE_IMAGE), "--model", "mvit_tiny"]) == 2
+    assert error_line(capsys).startswith(f"--checkpoint {predict.SAMPLE_IMAGE} is an image or video, not a checkpoint")
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(b"PK\x03\x04 but not a zip, nor a pickle")
+    assert predict.main(["--checkpoint", str(junk), "--model", "mvit_tiny"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"--checkpoint {junk} is not a checkpoint") and "weights_only" not in line
+    (tmp_path / "run").mkdir()
+    assert predict.main(["--checkpoint", str(tmp_path / "run"), "--model", "mvit_tiny"]) == 2
+    assert error_line(capsys).startswith(f"no weights (model.safetensors, pytorch_model.bin, model_best.safetensors) "
+                                         f"in the --checkpoint folder {tmp_path / 'run'}")
+
+    small = json.loads(SMALL_2D)
+    weights = mvit_zoo.save_safetensors(mvit_zoo.create_model("mvit_tiny", num_classes=3, **small).state_dict(),
+                                        tmp_path / "w.safetensors")
+    other = json.dumps({**small, "embed_dim": 32, "depths": [1, 1, 2, 1]})
+    assert predict.main(["--checkpoint", str(weights), "--model", "mvit_tiny", "--model-kwargs", other]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"checkpoint {weights} does not fit mvit_tiny: ")
+    assert "missing keys (stages.2.blocks.1." in line and "shapes differ: checkpoint vs model (" in line
+    assert "patch_embed.proj.weight (16, 3, 7, 7) vs (32, 3, 7, 7)" in line
+    assert line.endswith("Pass the --model and --model-kwargs it was trained with, or the folder written with it "
+                         "(its config.json names them)")
+
+
+class NaNModel(torch.nn.Module):
+    """Gives NaN logits, as a model with a NaN weight does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.num_classes = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((-2, -1))) * float("nan")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_non_finite_outputs_are_refused(as_json: bool, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data_cfg = finetune.DataConfig(input_size=(3, 32, 32))
+    monkeypatch.setattr(predict, "load_model", lambda *args: (NaNModel(), ["a", "b", "c", "d"], data_cfg))
+    assert predict.main(["--model", "mvit_tiny"] + (["--json"] if as_json else [])) == 2
+    line = error_line(capsys)  # nothing on stdout: no `nan%`, no JSON NaN
+    assert line.startswith(f"{predict.SAMPLE_IMAGE}: the model gave non-finite outputs (4 of 4 are NaN or Inf)")
+    with pytest.raises(ValueError, match="non-finite"):
+        predict.predict(NaNModel(), torch.zeros(3, 8, 8))
+
+
 def test_python_m_predict() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mvit_zoo.apps.predict", "--model", "mvit_tiny", "--no-pretrained",
                            "--model-kwargs", SMALL_2D], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(top_lines(proc.stdout)) == 5
+
+
+def test_model_kwargs_the_model_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = json.dumps({**json.loads(SMALL_2D), "bogus": 1})
+    assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", bogus]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"cannot build mvit_tiny with --model-kwargs {bogus} (") and "bogus" in line
+    headless = json.dumps({**json.loads(SMALL_2D), "num_classes": 0})
+    assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", headless]) == 2
+    assert error_line(capsys).startswith("mvit_tiny has no classifier (num_classes=0)")
