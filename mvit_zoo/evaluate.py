@@ -184,7 +184,7 @@ def match_classes(
 
     In order: the checkpoint's own ``class_names`` (exact folder names, as ``finetune`` writes them),
     then the label set's names (Kinetics names with ``_`` or spaces, any case; ImageNet synsets,
-    names or unambiguous lemmas), then, with neither known, folders named by class index.
+    names or unambiguous lemmas), then folders named by class index (``0``, ``17``, ...).
     """
     if class_names:
         lookup = {name: i for i, name in enumerate(class_names)}
@@ -194,15 +194,18 @@ def match_classes(
         raise ValueError(f'class folder {unknown[0]!r} is not one of the checkpoint\'s {len(class_names)} classes '
                          f'(label_names of its config.json: {", ".join(map(repr, class_names[:5]))}, ...); '
                          'rename the folder or evaluate with the checkpoint it was fine-tuned for')
+    by_index = all(f.isdigit() and int(f) < num_classes for f in folders)
     if label_set_classes:
         table = _aliases(label_set, label_set_classes)
         unknown = [f for f in folders if _norm(f) not in table and f.lower() not in table]
         if not unknown:
             return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f'label set {label_set}'
+        if by_index:
+            return [int(f) for f in folders], 'class index'
         raise ValueError(f'class folder {unknown[0]!r} is not a class of the model\'s label set {label_set} '
                          f'({len(label_set_classes)} classes); name the folders after its classes (see '
                          f'mvit_zoo/data/{label_set}.txt), or pass the --checkpoint whose config.json lists them')
-    if all(f.isdigit() and int(f) < num_classes for f in folders):
+    if by_index:
         return [int(f) for f in folders], 'class index'
     bad = next(f for f in folders if not (f.isdigit() and int(f) < num_classes))
     raise ValueError(f'class folder {bad!r}: the model has no class names (no label set ships for its '
