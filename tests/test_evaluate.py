@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
 import mvit_zoo
-import timm
 from mvit_zoo.data.video import write_video
 from mvit_zoo.data.views import read_frames
 from mvit_zoo.evaluate import label_set_names, match_classes, view_sampling

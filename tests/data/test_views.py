@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from mvit_zoo.data.video import write_video
-from mvit_zoo.data.views import (Views, ViewSampling, crop_offset, probe_video, read_frames, segment_indices,
-                                 stride_clip_indices)
+from mvit_zoo.data.views import (
+    Views,
+    ViewSampling,
+    crop_offset,
+    probe_video,
+    read_frames,
+    segment_indices,
+    stride_clip_indices,
+)
 
 
 def coded_frames(n: int, height: int, width: int) -> np.ndarray:
