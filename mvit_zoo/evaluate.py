@@ -29,7 +29,8 @@ from tqdm import tqdm
 from .data.video import VIDEO_EXTENSIONS
 from .data.views import Views, ViewSampling, probe_video, read_frames
 
-__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'evaluate', 'label_set_names', 'match_classes', 'view_sampling']
+__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'evaluate', 'label_set_names', 'match_classes', 'video_scores',
+           'view_sampling']
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 DATA_DIR = Path(__file__).resolve().parent / 'data'
@@ -297,6 +298,28 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
 
 
 # -- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
+                 data_cfg: Any = None, batch_size: int = 8, amp: bool = False) -> torch.Tensor:
+    """Softmax scores of one video file averaged over its ``views``: ``(num_classes,)``."""
+    device = next(model.parameters()).device
+    sampling = view_sampling(model, views, data_cfg)
+    count, fps = probe_video(path)
+    if count < 1:
+        raise ValueError(f'no video frames in {path}')
+    clips = sampling.clip_indices(count, fps)
+    frames, rows = read_frames(path, [i for clip in clips for i in clip])
+    n = sampling.num_frames
+    all_views = sampling.iter_views(frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))])
+    total = None
+    model.eval()
+    while batch := [v for _, v in zip(range(batch_size), all_views)]:
+        with _autocast(device, amp):
+            probs = model(torch.stack(batch).to(device)).float().softmax(-1).sum(0)
+        total = probs if total is None else total + probs
+    return total.cpu() / len(sampling.views)
+
 
 @torch.no_grad()
 def evaluate(

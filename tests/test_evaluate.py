@@ -12,7 +12,7 @@ from PIL import Image
 import mvit_zoo
 from mvit_zoo.data.video import write_video
 from mvit_zoo.data.views import read_frames
-from mvit_zoo.evaluate import label_set_names, match_classes, view_sampling
+from mvit_zoo.evaluate import label_set_names, match_classes, video_scores, view_sampling
 
 TINY_3D = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1, "img_size": (4, 32, 32)}
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,6 +63,7 @@ def test_multi_view_scores_are_averaged_softmax(tmp_path: Path) -> None:
     assert result.count == 1 and str(result.views) == "3x3"
     assert result.loss == pytest.approx(float(-probs[0].log()), rel=1e-4)
     assert result.top1 == (100.0 if probs.argmax() == 0 else 0.0)
+    torch.testing.assert_close(video_scores(model, path, "3x3", batch_size=4), probs, rtol=1e-5, atol=1e-6)
 
 
 def test_default_views_come_from_the_tag() -> None:
