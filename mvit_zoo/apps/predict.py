@@ -28,6 +28,7 @@ import timm
 
 from .finetune import CONFIG_FILE, DataConfig, build_transform, parse_model_kwargs, resolve_data_config
 from ..data.video import is_video_file, load_clip, read_video
+from ..evaluate import video_scores
 
 __all__ = ['DATA_DIR', 'SAMPLE_IMAGE', 'label_names_for', 'load_label_set', 'load_model', 'predict',
            'configure_parser', 'run', 'main']
@@ -174,6 +175,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                         help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
     parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    parser.add_argument('--views', default=None, metavar='TxS',
+                        help='video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does')
     parser.add_argument('--top-k', type=int, default=5, help='(default: %(default)s)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
     parser.add_argument('--json', action='store_true', help='print one JSON object per input')
@@ -190,7 +193,11 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f'error: no such file: {path}', file=sys.stderr)
             return 2
-        top = predict(model, load_input(path, data_cfg), args.top_k)
+        if args.views and data_cfg.is_video and is_video_file(path):
+            probs = video_scores(model, path, args.views, data_cfg=data_cfg)
+            top = [(int(i), float(v)) for v, i in zip(*probs.topk(min(args.top_k, probs.numel())))]
+        else:
+            top = predict(model, load_input(path, data_cfg), args.top_k)
         if args.json:
             print(json.dumps({'input': str(path), 'top': [
                 {'index': i, 'label': labels[i], 'probability': p} for i, p in top]}))

@@ -95,3 +95,22 @@ def test_validate_unknown_folder_names_the_folder(tmp_path: Path, capsys: pytest
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
     assert validate("--model", "resnet18", "--no-pretrained", "--data", str(tmp_path)) == 1
     assert "class folder 'not_a_class' is not a class" in capsys.readouterr().err
+
+
+def test_predict_views_prints_the_averaged_top5(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from mvit_zoo.apps.predict import load_model
+    from mvit_zoo.evaluate import video_scores
+
+    write_two_class_videos(tmp_path)
+    path = tmp_path / "abseiling" / "0.mp4"
+    common = ["--model", "mvit_v2_s_16x4", "--no-pretrained", "--model-kwargs", json.dumps(SMALL_3D)]
+    torch.manual_seed(0)
+    assert cli.main(["predict", str(path), *common, "--views", "3x3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["top"]
+    torch.manual_seed(0)
+    model, _, data_cfg = load_model("mvit_v2_s_16x4", None, False, SMALL_3D)
+    probs = video_scores(model, path, "3x3", data_cfg=data_cfg)
+    assert [t["index"] for t in printed] == probs.topk(5).indices.tolist()
+    assert [t["probability"] for t in printed] == pytest.approx(probs.topk(5).values.tolist(), rel=1e-5)
