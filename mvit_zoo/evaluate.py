@@ -12,6 +12,7 @@ validation of ``mvit-zoo finetune``.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -29,8 +30,8 @@ from tqdm import tqdm
 from .data.video import VIDEO_EXTENSIONS
 from .data.views import Views, ViewSampling, probe_video, read_frames
 
-__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'evaluate', 'label_set_names', 'match_classes', 'video_scores',
-           'view_sampling']
+__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'decode_views', 'evaluate', 'label_set_names', 'match_classes',
+           'video_scores', 'view_sampling']
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 DATA_DIR = Path(__file__).resolve().parent / 'data'
@@ -268,16 +269,21 @@ class _VideoItems(Dataset):
     def __getitem__(self, index: int) -> tuple[str, int, Any]:
         path, target = self.samples[index]
         try:
-            count, fps = probe_video(path)
-            if count < 1:
-                raise ValueError('no video frames')
-            clips = self.sampling.clip_indices(count, fps)
-            frames, rows = read_frames(path, [i for clip in clips for i in clip])
+            return path, target, decode_views(path, self.sampling)
         except Exception as e:  # noqa: BLE001 - any undecodable file is reported, not fatal
             return path, target, f'{type(e).__name__}: {e}'
-        n = self.sampling.num_frames
-        return path, target, (frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))],
-                              self.sampling.is_short(count, fps))
+
+
+def decode_views(path: str | os.PathLike, sampling: ViewSampling) -> tuple[Any, list[list[int]], bool]:
+    """The frames a video's views need (``(K, H, W, 3)`` uint8), the rows of each temporal clip, and
+    whether the video is shorter than a clip; input of :meth:`ViewSampling.iter_views`."""
+    count, fps = probe_video(path)
+    if count < 1:
+        raise ValueError(f'no video frames in {path}')
+    clips = sampling.clip_indices(count, fps)
+    frames, rows = read_frames(path, [i for clip in clips for i in clip])
+    n = sampling.num_frames
+    return frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))], sampling.is_short(count, fps)
 
 
 def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = None,
@@ -305,13 +311,8 @@ def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequenc
     """Softmax scores of one video file averaged over its ``views``: ``(num_classes,)``."""
     device = next(model.parameters()).device
     sampling = view_sampling(model, views, data_cfg)
-    count, fps = probe_video(path)
-    if count < 1:
-        raise ValueError(f'no video frames in {path}')
-    clips = sampling.clip_indices(count, fps)
-    frames, rows = read_frames(path, [i for clip in clips for i in clip])
-    n = sampling.num_frames
-    all_views = sampling.iter_views(frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))])
+    frames, clips, _ = decode_views(path, sampling)
+    all_views = sampling.iter_views(frames, clips)
     total = None
     model.eval()
     while batch := [v for _, v in zip(range(batch_size), all_views)]:
@@ -368,20 +369,14 @@ def evaluate(
                             confusion, progress, desc)
 
 
-def _is_video(model: nn.Module) -> bool:
-    from .apps.finetune import is_video_model
-
-    return is_video_model(model)
-
-
 def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, device: torch.device, amp: bool,
                      workers: int, class_names: Sequence[str] | None, data_cfg: Any, confusion: bool,
                      progress: bool, desc: str) -> Evaluation:
-    from .apps.finetune import build_transform, resolve_data_config
+    from .apps.finetune import build_transform, is_video_model, resolve_data_config
 
     data_cfg = data_cfg or resolve_data_config(model)
     num_classes = int(model.num_classes)
-    video = _is_video(model)
+    video = is_video_model(model)
     folders, samples = _scan(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)
     label_set, set_names = _label_set_of(model)
     targets, matched_by = match_classes(folders, num_classes, class_names, label_set, set_names)
@@ -410,15 +405,16 @@ def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, 
         x = torch.stack([v for _, v in batch]).to(device)
         with _autocast(device, amp):
             log_probs = model(x).float().log_softmax(-1).cpu()
+        done = []
         for (sample, _), lp in zip(batch, log_probs):
             entry = pending[sample]
             entry[0] = lp if entry[0] is None else torch.logaddexp(entry[0], lp)
             entry[1] -= 1
             if entry[1] == 0:
-                del pending[sample]
-                scorer.add((entry[0] - torch.log(torch.tensor(float(len(chosen)))))[None],
-                           torch.tensor([entry[2]]))
-                bar.update(1)
+                done.append(pending.pop(sample))
+        if done:  # log of the mean softmax over the views
+            scorer.add(torch.stack([e[0] for e in done]) - math.log(len(chosen)), torch.tensor([e[2] for e in done]))
+            bar.update(len(done))
         batch.clear()
         if progress:
             bar.set_postfix(top1=f'{100 * scorer.correct / max(scorer.count, 1):.2f}', skipped=len(result.skipped))
