@@ -121,3 +121,19 @@ def test_image_model_rejects_multi_views(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "0" / "a.png")
     with pytest.raises(ValueError, match="one centre crop"):
         mvit_zoo.evaluate(timm.create_model("resnet18", pretrained=False), tmp_path, views="3x1")
+
+
+def test_every_tag_has_test_views_and_a_label_set() -> None:
+    """Video tags carry their published views; a shipped label list has as many names as the head."""
+    from mvit_zoo.model.registry import default_cfgs
+
+    unavailable = {"kinetics-600", "imagenet-21k-winter"}  # no list on PyPI: these heads report indices
+    for arch, entry in default_cfgs.items():
+        for tag, cfg in entry.cfgs.items():
+            if not tag:
+                continue
+            assert cfg.label_set, f"{arch}.{tag}"
+            names = label_set_names(cfg.label_set)
+            assert (names is None and cfg.label_set in unavailable) or len(names) == cfg.num_classes, f"{arch}.{tag}"
+            if cfg.num_frames:
+                assert cfg.test_views and cfg.frame_sampling in ("stride", "segment"), f"{arch}.{tag}"
