@@ -12,7 +12,12 @@ from PIL import Image
 import mvit_zoo
 from mvit_zoo.data.video import write_video
 from mvit_zoo.data.views import read_frames
-from mvit_zoo.evaluate import label_set_names, match_classes, video_scores, view_sampling
+from mvit_zoo.evaluate import (
+    label_set_names,
+    match_classes,
+    video_scores,
+    view_sampling,
+)
 
 TINY_3D = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1, "img_size": (4, 32, 32)}
 pytestmark = pytest.mark.usefixtures("single_thread")
