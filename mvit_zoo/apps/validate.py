@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.views import Views
 from ..evaluate import Evaluation, evaluate
 from .cli import CliError
 from .finetune import parse_model_kwargs
@@ -109,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError('--model NAME[.tag] or --checkpoint DIR is needed')
     if args.results_file and Path(args.results_file).suffix.lower() not in ('.json', '.csv'):
         raise CliError(f'--results-file {args.results_file}: the name must end in .json or .csv')
+    if not Path(args.data).is_dir():
+        raise CliError(f'--data {args.data}: no such folder; give a DIR/<class>/<file> tree (or DIR/val/...)')
+    if args.views is not None:
+        Views.parse(args.views)  # a malformed TxS is reported before the model loads
     model, _, data_cfg = load_model(args.model, args.checkpoint, args.pretrained,
                                     parse_model_kwargs(args.model_kwargs))
     device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')

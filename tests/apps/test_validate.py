@@ -114,3 +114,12 @@ def test_predict_views_prints_the_averaged_top5(tmp_path: Path, capsys: pytest.C
     probs = video_scores(model, path, "3x3", data_cfg=data_cfg)
     assert [t["index"] for t in printed] == probs.topk(5).indices.tolist()
     assert [t["probability"] for t in printed] == pytest.approx(probs.topk(5).values.tolist(), rel=1e-5)
+
+
+def test_validate_bad_arguments_fail_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path / "missing")) == 1
+    assert "--data" in capsys.readouterr().err
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--views", "5x2") == 1
+    assert "S = 1 or 3" in capsys.readouterr().err
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--results-file", "r.txt") == 1
+    assert ".json or .csv" in capsys.readouterr().err
