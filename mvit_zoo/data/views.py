@@ -2,12 +2,14 @@
 
 Temporal clips (``frame_sampling='stride'``, Kinetics): a clip covers ``num_frames * sampling_rate``
 frames at the target frame rate (30 fps; a video at another rate covers the same time span); the
-``T`` clip starts are spread uniformly over the video (offset sampling: first clip at the start, last
-at the end, one clip centred); ``num_frames`` indices are spaced evenly over the clip and clamped to
-the video, so a video shorter than a clip repeats its last frame. Segment sampling
+``T`` clip starts are spread uniformly over the video (SlowFast's offset sampling: the first clip
+starts on the first frame, the last ends on or just before the last frame, a single clip is
+centred); ``num_frames`` indices are spaced evenly over the clip, rounded down and clamped to the
+video, so a video shorter than a clip repeats its last frame. Segment sampling
 (``frame_sampling='segment'``, Something-Something v2): the video is cut into ``num_frames`` equal
-segments and one frame is taken from each; SlowFast takes the middle one, which is what one temporal
-view gives; with ``T`` views, view ``t`` takes the frame at ``(2t + 1) / 2T`` of each segment.
+segments and one frame is taken from each; SlowFast's test takes the middle one, which is what one
+temporal view gives (it has no temporal views); with ``T`` views, view ``t`` takes the frame at
+``(2t + 1) / 2T`` of each segment.
 
 Spatial crops: one crop is a centre crop after resizing the short side to ``crop / crop_pct``
 (256 for 224); three crops resize the short side to the crop size and take the left, centre and right
