@@ -6,6 +6,7 @@ Layout: `model/` the architecture and its registered variants, `ops/` every acce
 dispatch, `weights/` download, cache, conversion and publishing, `data/` transforms, folders, video I/O
 and label sets, `apps/` the command-line tools, `detection` detection backbones.
 """
+from .evaluation import Evaluation, evaluate
 from .model.mvit import MODEL_CFGS, MViT, MViTCfg, make_cfg
 from .model.registry import MViTPretrainedCfg, create_model, list_models, list_pretrained
 from .weights.convert import CheckpointMismatchError, convert_state_dict, detect_layout
@@ -18,5 +19,5 @@ __all__ = [
     "MViT", "MViTCfg", "MODEL_CFGS", "make_cfg", "create_model", "list_models", "list_pretrained",
     "convert_state_dict", "detect_layout", "read_checkpoint", "save_safetensors", "MViTPretrainedCfg",
     "CheckpointMismatchError", "CorruptCheckpointError", "HashMismatchError", "UnsafeCheckpointError",
-    "WeightsUnavailableError",
+    "WeightsUnavailableError", "evaluate", "Evaluation",
 ]

@@ -6,6 +6,7 @@ Commands (each in its own module, which exposes `configure_parser(parser)` and `
     publish   convert every official checkpoint, optionally upload them   (mvit_zoo.weights.publish)
     finetune  fine-tune a model on an image / video folder                (mvit_zoo.apps.finetune)
     predict   classify images or videos                                   (mvit_zoo.apps.predict)
+    validate  top-1/top-5 on a folder of images or videos, multi-view       (mvit_zoo.apps.validate)
 
 A command's module is imported only when that command runs, so a command whose module cannot be
 imported (a missing optional dependency, say) reports why, and the other commands keep working.
@@ -47,6 +48,8 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command("mvit_zoo.apps.finetune", "configure_parser", "run",
                         "fine-tune a pretrained model on a folder of images or videos"),
     "predict": Command("mvit_zoo.apps.predict", "configure_parser", "run", "classify images or videos"),
+    "validate": Command("mvit_zoo.apps.validate", "configure_parser", "run",
+                        "top-1/top-5 on a class-folder tree, multi-view for video"),
 }
 
 

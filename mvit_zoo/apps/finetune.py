@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -54,6 +53,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from ..data.video import VIDEO_EXTENSIONS, ClipTransform, VideoFolder
+from ..evaluation import evaluate as evaluate_model
 
 __all__ = [
     'DataConfig',
@@ -513,33 +513,13 @@ def model_config(
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def accuracy_counts(logits: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
-    """Number of top-1 and top-5 hits (top-k capped at the class count)."""
-    k = min(5, logits.shape[-1])
-    topk = logits.topk(k, dim=-1).indices
-    hits = topk.eq(target[:, None])
-    return float(hits[:, :1].sum()), float(hits.sum())
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, info: DistInfo,
              progress: bool = False, desc: str = 'val') -> Dict[str, float]:
     """Loss, top-1 and top-5 (percent) over this process's shard, reduced over all processes."""
-    model.eval()
-    loss_sum = top1 = top5 = count = 0.0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
-        c1, c5 = accuracy_counts(logits, y)
-        top1 += c1
-        top5 += c5
-        count += y.numel()
-    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], info, device)
-    count = max(count, 1.0)
-    return {'loss': loss_sum / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(all_reduce_sum(t.tolist(), info, device), dtype=torch.float64)
+    return evaluate_model(model, loader, device=device, amp=amp, progress=progress, desc=desc,
+                          all_reduce=reduce).metrics()
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -33,6 +33,7 @@ import torch.nn as nn
 import timm
 
 from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
+from ..evaluation import video_scores
 from ..weights.convert import unwrap_checkpoint
 from ..weights.hub import CorruptCheckpointError, read_checkpoint
 from .cli import CliError
@@ -256,12 +257,17 @@ def predict(model: nn.Module, x: torch.Tensor, top_k: int = 5) -> List[Tuple[int
     not finite (NaN or Inf)."""
     device = next(model.parameters()).device
     logits = model(x.unsqueeze(0).to(device)).float()[0]
-    if not torch.isfinite(logits).all():
-        raise ValueError(f'the model gave non-finite outputs ({int((~torch.isfinite(logits)).sum())} of '
-                         f'{logits.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; '
+    return ranked(logits.softmax(-1), top_k)
+
+
+def ranked(probs: torch.Tensor, k: int) -> List[Tuple[int, float]]:
+    """Top-``k`` (class index, probability) of class probabilities ``(num_classes,)``; ValueError if they
+    are not finite (NaN or Inf)."""
+    if not torch.isfinite(probs).all():
+        raise ValueError(f'the model gave non-finite outputs ({int((~torch.isfinite(probs)).sum())} of '
+                         f'{probs.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; '
                          f'check the checkpoint and --model-kwargs')
-    probs = logits.softmax(-1)
-    values, indices = probs.topk(min(top_k, probs.numel()))
+    values, indices = probs.topk(min(k, probs.numel()))
     return [(int(i), float(v)) for i, v in zip(indices, values, strict=True)]
 
 
@@ -300,6 +306,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                         help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
     parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    parser.add_argument('--views', default=None, metavar='TxS',
+                        help='video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does')
     parser.add_argument('--top-k', type=_positive_int, default=5, help='(default: %(default)s)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
     parser.add_argument('--json', action='store_true', help='print one JSON object per input')
@@ -313,9 +321,11 @@ def run(args: argparse.Namespace) -> int:
     model, labels, data_cfg = load_model(name, args.checkpoint, args.pretrained, parse_model_kwargs(args.model_kwargs))
     model.to(device)
     for path in inputs:
-        x = load_input(path, data_cfg)
         try:
-            top = predict(model, x, args.top_k)
+            if args.views and data_cfg.is_video and is_video_file(path):
+                top = ranked(video_scores(model, path, args.views, data_cfg=data_cfg), args.top_k)
+            else:
+                top = predict(model, load_input(path, data_cfg), args.top_k)
         except ValueError as e:
             raise CliError(f'{path}: {e}') from e
         if args.json:

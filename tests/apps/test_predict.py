@@ -35,7 +35,8 @@ def top_lines(out: str) -> List[re.Match]:
 def test_label_files_and_sample_image() -> None:
     assert len(IMAGENET) == 1000 and IMAGENET[0] == "tench, Tinca tinca" and IMAGENET[281] == "tabby, tabby cat"
     assert len(KINETICS) == 400 and len(set(KINETICS)) == 400 and KINETICS[0] == "abseiling"
-    assert predict.load_label_set("imagenet-1k") == IMAGENET and predict.load_label_set("ssv2") is None
+    assert predict.load_label_set("imagenet-1k") == IMAGENET and predict.load_label_set("kinetics-600") is None
+    assert len(predict.load_label_set("ssv2")) == 174
     with Image.open(predict.SAMPLE_IMAGE) as img:
         assert img.format == "JPEG" and img.size == (451, 300) and img.mode == "RGB"
     assert (predict.DATA_DIR / "README.md").is_file()

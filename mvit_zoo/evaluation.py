@@ -1,0 +1,445 @@
+"""Evaluate a classifier on a class-folder tree or a data loader: top-1/top-5, loss, per-class counts.
+
+``evaluate(model, 'DIR')`` reads ``DIR/<class>/<file>`` (or ``DIR/val/<class>/<file>``), images for
+image models and videos for video models. Video models are scored over ``views`` (temporal clips x
+spatial crops, :mod:`mvit_zoo.data.views`; default: the ``test_views`` of the model's pretrained cfg)
+with their softmax scores averaged. Views of several videos share a batch; a worker holds only the
+frames of one video's views. Folder names are matched to the model's classes by
+:func:`match_classes`. Files that cannot be read are counted and listed, not fatal.
+
+``evaluate(model, loader)`` scores ``(input, target)`` batches as they come (one view each); it is the
+validation of ``mvit-zoo finetune``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data.video import VIDEO_EXTENSIONS
+from .data.views import Views, ViewSampling, probe_video, read_frames
+
+__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'decode_views', 'evaluate', 'label_set_names', 'match_classes',
+           'video_scores', 'view_sampling']
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+DATA_DIR = Path(__file__).resolve().parent / 'data'
+_LABEL_SET_BY_CLASSES = {1000: 'imagenet-1k', 400: 'kinetics-400'}
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """Counts of one evaluation; accuracies in percent.
+
+    ``per_class[k] = (samples, top-1 hits, top-5 hits)`` of model class ``k``; ``confusion`` counts
+    ``(target, prediction)`` pairs (when asked for); ``skipped`` lists ``(file, reason)`` of
+    unreadable files; ``short`` counts videos with fewer frames than one clip spans (their last
+    frame is repeated, as in SlowFast).
+    """
+
+    num_classes: int
+    per_class: torch.Tensor  # (num_classes, 3) float64
+    loss_sum: float = 0.0
+    views: Views | None = None
+    class_names: list[str] | None = None
+    confusion: Counter | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    short: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(self.per_class[:, 0].sum())
+
+    def _percent(self, column: int) -> float:
+        return 100.0 * float(self.per_class[:, column].sum()) / max(self.count, 1)
+
+    @property
+    def top1(self) -> float:
+        return self._percent(1)
+
+    @property
+    def top5(self) -> float:
+        return self._percent(2)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    def metrics(self) -> dict[str, float]:
+        return {'loss': self.loss, 'top1': self.top1, 'top5': self.top5}
+
+    def class_accuracy(self) -> list[dict[str, Any]]:
+        """Top-1/top-5 of each class that has samples."""
+        rows = []
+        for k in torch.nonzero(self.per_class[:, 0]).flatten().tolist():
+            n, c1, c5 = self.per_class[k].tolist()
+            name = self.class_names[k] if self.class_names else str(k)
+            rows.append({'index': k, 'label': name, 'count': int(n), 'top1': 100.0 * c1 / n, 'top5': 100.0 * c5 / n})
+        return rows
+
+    def to_dict(self, per_class: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.info)
+        out.update(views=str(self.views) if self.views else None, count=self.count, top1=self.top1, top5=self.top5,
+                   loss=self.loss, skipped=len(self.skipped), skipped_files=[list(s) for s in self.skipped],
+                   short_videos=self.short)
+        if per_class:
+            out['per_class'] = self.class_accuracy()
+        return out
+
+
+class _Scorer:
+    """Accumulates the averaged scores of samples whose views arrive in batches."""
+
+    def __init__(self, num_classes: int, confusion: bool) -> None:
+        self.per_class = torch.zeros(num_classes, 3, dtype=torch.float64)
+        self.loss_sum = 0.0
+        self.confusion: Counter | None = Counter() if confusion else None
+
+    def add(self, log_probs: torch.Tensor, target: torch.Tensor) -> None:
+        """``log_probs``: ``(B, K)`` log of the averaged softmax scores; ``target``: ``(B,)``."""
+        log_probs, target = log_probs.float().cpu(), target.cpu().long()
+        top = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
+        hits = top.eq(target[:, None])
+        self.loss_sum += float(-log_probs.gather(1, target[:, None]).sum())
+        stats = torch.stack([torch.ones_like(target), hits[:, 0].long(), hits.any(1).long()], 1).double()
+        self.per_class.index_add_(0, target, stats)
+        if self.confusion is not None:
+            self.confusion.update(zip(target.tolist(), top[:, 0].tolist()))
+
+    @property
+    def correct(self) -> float:
+        return float(self.per_class[:, 1].sum())
+
+    @property
+    def count(self) -> float:
+        return float(self.per_class[:, 0].sum())
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+# -- labels ----------------------------------------------------------------------------------------
+
+def _norm(name: str) -> str:
+    return re.sub(r'\s+', ' ', name.replace('_', ' ')).strip().lower()
+
+
+def label_set_names(label_set: str) -> list[str] | None:
+    """Class names of a label set shipped in ``mvit_zoo/data/`` (``imagenet-1k``, ``kinetics-400``, ``ssv2``)."""
+    path = DATA_DIR / f'{label_set}.txt'
+    return path.read_text(encoding='utf-8').splitlines() if path.is_file() else None
+
+
+def _label_set_of(model: nn.Module) -> tuple[str | None, list[str] | None]:
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    num_classes = int(getattr(model, 'num_classes', 0) or 0)
+    name = cfg.get('label_set') or _LABEL_SET_BY_CLASSES.get(num_classes)
+    names = label_set_names(name) if name else None
+    if names is not None and len(names) != num_classes:
+        return name, None  # a head that is not the label set's (e.g. a new one)
+    return name, names
+
+
+def _aliases(label_set: str | None, names: Sequence[str]) -> dict[str, int]:
+    """Normalised folder-name spellings of each class: its name, and for ImageNet its synset and lemmas."""
+    table: dict[str, int] = {}
+    lemmas: Counter = Counter()
+    for i, name in enumerate(names):
+        table[_norm(name)] = i
+        if label_set == 'imagenet-1k':
+            lemmas.update(_norm(part) for part in name.split(','))
+    if label_set == 'imagenet-1k':
+        from timm.data import ImageNetInfo
+
+        for i, synset in enumerate(ImageNetInfo('imagenet-1k').label_names()):
+            table[synset.lower()] = i
+        for i, name in enumerate(names):  # a lemma names a class only where no other class shares it
+            for part in map(_norm, name.split(',')):
+                if lemmas[part] == 1:
+                    table.setdefault(part, i)
+    return table
+
+
+def match_classes(
+        folders: Sequence[str],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        label_set: str | None = None,
+        label_set_classes: Sequence[str] | None = None,
+) -> tuple[list[int], str]:
+    """Model class index of each folder, and how they were matched.
+
+    In order: the checkpoint's own ``class_names`` (exact folder names, as ``finetune`` writes them),
+    then the label set's names (Kinetics names with ``_`` or spaces, any case; ImageNet synsets,
+    names or unambiguous lemmas), then folders named by class index (``0``, ``17``, ...).
+    """
+    if class_names:
+        lookup = {name: i for i, name in enumerate(class_names)}
+        unknown = [f for f in folders if f not in lookup]
+        if not unknown:
+            return [lookup[f] for f in folders], 'checkpoint class list'
+        raise ValueError(f'class folder {unknown[0]!r} is not one of the checkpoint\'s {len(class_names)} classes '
+                         f'(label_names of its config.json: {", ".join(map(repr, class_names[:5]))}, ...); '
+                         'rename the folder or evaluate with the checkpoint it was fine-tuned for')
+    by_index = all(f.isdigit() and int(f) < num_classes for f in folders)
+    if label_set_classes:
+        table = _aliases(label_set, label_set_classes)
+        unknown = [f for f in folders if _norm(f) not in table and f.lower() not in table]
+        if not unknown:
+            return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f'label set {label_set}'
+        if by_index:
+            return [int(f) for f in folders], 'class index'
+        raise ValueError(f'class folder {unknown[0]!r} is not a class of the model\'s label set {label_set} '
+                         f'({len(label_set_classes)} classes); name the folders after its classes (see '
+                         f'mvit_zoo/data/{label_set}.txt), or pass the --checkpoint whose config.json lists them')
+    if by_index:
+        return [int(f) for f in folders], 'class index'
+    bad = next(f for f in folders if not (f.isdigit() and int(f) < num_classes))
+    raise ValueError(f'class folder {bad!r}: the model has no class names (no label set ships for its '
+                     f'{num_classes} classes and no checkpoint class list), so folders must be class indices '
+                     f'0..{num_classes - 1}; rename them, or pass a --checkpoint whose config.json has label_names')
+
+
+# -- folders ---------------------------------------------------------------------------------------
+
+def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class folders of ``root`` (or ``root/val``) and their ``(file, folder index)`` samples."""
+    for name in ('val', 'validation'):
+        if (root / name).is_dir():
+            root = root / name
+            break
+    if not root.is_dir():
+        raise FileNotFoundError(f'no such data folder: {root}')
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    if not folders:
+        raise ValueError(f'{root} has no class folders; expected DIR/<class>/<file> (or DIR/val/<class>/<file>)')
+    samples = []
+    for i, folder in enumerate(folders):
+        for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True)):
+            samples += [(os.path.join(dirpath, f), i) for f in sorted(files) if f.lower().endswith(extensions)]
+    if not samples:
+        kind = 'video' if extensions == VIDEO_EXTENSIONS else 'image'
+        raise ValueError(f'no {kind} files ({", ".join(extensions)}) in the class folders of {root}')
+    return folders, samples
+
+
+class _ImageItems(Dataset):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[str, int, Any]:
+        from PIL import Image
+
+        path, target = self.samples[index]
+        try:
+            with open(path, 'rb') as f:
+                img = Image.open(f).convert('RGB')
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+            return path, target, f'{type(e).__name__}: {e}'
+        return path, target, self.transform(img)
+
+
+class _VideoItems(Dataset):
+    """Per video: the frames its views need (uint8), the rows of each clip, and whether it was short."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], sampling: ViewSampling) -> None:
+        self.samples, self.sampling = samples, sampling
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[str, int, Any]:
+        path, target = self.samples[index]
+        try:
+            return path, target, decode_views(path, self.sampling)
+        except Exception as e:  # noqa: BLE001 - any undecodable file is reported, not fatal
+            return path, target, f'{type(e).__name__}: {e}'
+
+
+def decode_views(path: str | os.PathLike, sampling: ViewSampling) -> tuple[Any, list[list[int]], bool]:
+    """The frames a video's views need (``(K, H, W, 3)`` uint8), the rows of each temporal clip, and
+    whether the video is shorter than a clip; input of :meth:`ViewSampling.iter_views`."""
+    count, fps = probe_video(path)
+    if count < 1:
+        raise ValueError(f'no video frames in {path}')
+    clips = sampling.clip_indices(count, fps)
+    frames, rows = read_frames(path, [i for clip in clips for i in clip])
+    n = sampling.num_frames
+    return frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))], sampling.is_short(count, fps)
+
+
+def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = None,
+                  data_cfg: Any = None) -> ViewSampling:
+    """The test views of a video model: from its pretrained cfg (``test_views``, ``frame_sampling``) and
+    data config (``num_frames``, ``sampling_rate``, size, mean/std, channel order)."""
+    from .apps.finetune import resolve_data_config
+
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    data_cfg = data_cfg or resolve_data_config(model)
+    chosen = Views.parse(views if views is not None else (cfg.get('test_views') or (1, 1)))
+    return ViewSampling(
+        num_frames=data_cfg.num_frames, crop_size=tuple(data_cfg.input_size[-2:]), views=chosen,
+        sampling_rate=data_cfg.sampling_rate, frame_sampling=cfg.get('frame_sampling') or 'stride',
+        crop_pct=data_cfg.crop_pct, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+        channel_order=data_cfg.channel_order, interpolation=data_cfg.interpolation,
+    )
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
+                 data_cfg: Any = None, batch_size: int = 8, amp: bool = False) -> torch.Tensor:
+    """Softmax scores of one video file averaged over its ``views``: ``(num_classes,)``."""
+    device = next(model.parameters()).device
+    sampling = view_sampling(model, views, data_cfg)
+    frames, clips, _ = decode_views(path, sampling)
+    all_views = sampling.iter_views(frames, clips)
+    total = None
+    model.eval()
+    while batch := [v for _, v in zip(range(batch_size), all_views)]:
+        with _autocast(device, amp):
+            probs = model(torch.stack(batch).to(device)).float().softmax(-1).sum(0)
+        total = probs if total is None else total + probs
+    return total.cpu() / len(sampling.views)
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        data: str | os.PathLike | Iterable,
+        views: str | Sequence[int] | Views | None = None,
+        *,
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        workers: int = 0,
+        class_names: Sequence[str] | None = None,
+        data_cfg: Any = None,
+        confusion: bool = False,
+        progress: bool = False,
+        desc: str = 'val',
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Evaluation:
+    """Top-1/top-5 and loss of ``model`` on a class-folder tree or an iterable of ``(input, target)``.
+
+    ``views`` (``'TxS'``) applies to video folders; ``class_names`` is a fine-tuned checkpoint's class
+    list (folder names); ``data_cfg`` the preprocessing (:func:`mvit_zoo.apps.finetune.resolve_data_config`
+    of the model by default). ``all_reduce`` sums a float64 tensor over processes (distributed
+    validation of a sharded loader).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    num_classes = int(model.num_classes)
+    if not isinstance(data, (str, os.PathLike)):
+        if views is not None and len(Views.parse(views)) != 1:
+            raise ValueError('views apply to a data folder; a loader gives one view per sample')
+        scorer = _Scorer(num_classes, confusion)
+        bar = tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+        for x, y in bar:
+            with _autocast(device, amp):
+                logits = model(x.to(device, non_blocking=True))
+            scorer.add(logits.float().log_softmax(-1), y)
+            if progress:
+                bar.set_postfix(top1=f'{100 * scorer.correct / max(scorer.count, 1):.2f}')
+        stats = torch.cat([scorer.per_class.flatten(), torch.tensor([scorer.loss_sum], dtype=torch.float64)])
+        if all_reduce is not None:
+            stats = all_reduce(stats.to(device)).cpu()
+        return Evaluation(num_classes, stats[:-1].view(num_classes, 3), float(stats[-1]), confusion=scorer.confusion,
+                          class_names=list(class_names) if class_names else None)
+    return _evaluate_folder(model, Path(data), views, batch_size, device, amp, workers, class_names, data_cfg,
+                            confusion, progress, desc)
+
+
+def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, device: torch.device, amp: bool,
+                     workers: int, class_names: Sequence[str] | None, data_cfg: Any, confusion: bool,
+                     progress: bool, desc: str) -> Evaluation:
+    from .apps.finetune import build_transform, is_video_model, resolve_data_config
+
+    data_cfg = data_cfg or resolve_data_config(model)
+    num_classes = int(model.num_classes)
+    video = is_video_model(model)
+    folders, samples = _scan(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)
+    label_set, set_names = _label_set_of(model)
+    targets, matched_by = match_classes(folders, num_classes, class_names, label_set, set_names)
+    samples = [(path, targets[folder]) for path, folder in samples]
+    names = list(class_names) if class_names else set_names
+    if video:
+        sampling = view_sampling(model, views, data_cfg)
+        dataset: Dataset = _VideoItems(samples, sampling)
+        chosen, preprocessing = sampling.views, sampling.to_dict()
+    else:
+        chosen = Views.parse(views) if views is not None else Views()
+        if len(chosen) != 1:
+            raise ValueError(f'views {chosen} asked for an image model; images are scored on one centre crop (1x1)')
+        dataset = _ImageItems(samples, build_transform(data_cfg, is_training=False))
+        preprocessing = data_cfg.to_dict()
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    scorer = _Scorer(num_classes, confusion)
+    result = Evaluation(num_classes, scorer.per_class, views=chosen, class_names=names, confusion=scorer.confusion,
+                        info={'matched_by': matched_by, 'label_set': label_set, 'folders': len(folders),
+                              'files': len(samples), 'preprocessing': preprocessing})
+    bar = tqdm(total=len(samples), desc=desc, disable=not progress, dynamic_ncols=True)
+    pending: dict[int, list] = {}  # sample -> [summed log-probs (logsumexp), views left, target]
+    batch: list[tuple[int, torch.Tensor]] = []
+
+    def run_batch() -> None:
+        x = torch.stack([v for _, v in batch]).to(device)
+        with _autocast(device, amp):
+            log_probs = model(x).float().log_softmax(-1).cpu()
+        done = []
+        for (sample, _), lp in zip(batch, log_probs):
+            entry = pending[sample]
+            entry[0] = lp if entry[0] is None else torch.logaddexp(entry[0], lp)
+            entry[1] -= 1
+            if entry[1] == 0:
+                done.append(pending.pop(sample))
+        if done:  # log of the mean softmax over the views
+            scorer.add(torch.stack([e[0] for e in done]) - math.log(len(chosen)), torch.tensor([e[2] for e in done]))
+            bar.update(len(done))
+        batch.clear()
+        if progress:
+            bar.set_postfix(top1=f'{100 * scorer.correct / max(scorer.count, 1):.2f}', skipped=len(result.skipped))
+
+    for sample, (path, target, item) in enumerate(loader):
+        if isinstance(item, str):
+            result.skipped.append((path, item))
+            bar.update(1)
+            continue
+        pending[sample] = [None, len(chosen), target]
+        for view in _views_of(item, sampling if video else None, result):
+            batch.append((sample, view))
+            if len(batch) == batch_size:
+                run_batch()
+    if batch:
+        run_batch()
+    bar.close()
+    result.loss_sum = scorer.loss_sum
+    return result
+
+
+def _views_of(item: Any, sampling: ViewSampling | None, result: Evaluation) -> Iterator[torch.Tensor]:
+    if sampling is None:  # an image: one view
+        yield item
+        return
+    frames, clips, short = item
+    result.short += int(short)
+    yield from sampling.iter_views(frames, clips)

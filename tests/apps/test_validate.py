@@ -1,0 +1,125 @@
+"""`mvit-zoo validate`: agrees with finetune's own validation, multi-view video, any timm model, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvit_zoo.apps import cli, finetune
+from mvit_zoo.data.video import write_video
+
+SMALL_2D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": 32}
+SMALL_3D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [4, 32, 32]}
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def write_digits(root: Path, per_class: int = 20) -> None:
+    """scikit-learn's 8x8 digits upscaled to 32x32 PNGs in train/ and val/ class folders (every 5th in val)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(10):
+        for n, i in enumerate(np.flatnonzero(digits.target == c)[:per_class]):
+            folder = root / ("val" if n % 5 == 0 else "train") / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8))
+            img.resize((32, 32), Image.BILINEAR).save(folder / f"{i:04d}.png")
+
+
+def validate(*args: str) -> int:
+    return cli.main(["validate", "--no-progress", *args])
+
+
+def test_validate_reproduces_finetune_top1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, run = tmp_path / "digits", tmp_path / "run"
+    write_digits(data)
+    assert finetune.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", json.dumps(SMALL_2D),
+                          "--data", str(data), "--output", str(run), "--no-progress", "--epochs", "2",
+                          "--batch-size", "32", "--lr", "3e-3", "--warmup-epochs", "0.5", "--hflip", "0"]) == 0
+    reported = json.loads((run / "metrics.json").read_text())[-1]
+    assert validate("--checkpoint", str(run), "--data", str(data), "--results-file", str(tmp_path / "r.json"),
+                    "--per-class", "--confusion", str(tmp_path / "c.csv")) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["top1"] == pytest.approx(reported["val_top1"]) and row["top5"] == pytest.approx(reported["val_top5"])
+    assert row["loss"] == pytest.approx(reported["val_loss"], rel=1e-4)
+    assert row["matched_by"] == "checkpoint class list" and row["count"] == 40
+    assert [c["label"] for c in row["per_class"]] == [str(c) for c in range(10)]
+    matrix = list(csv.reader((tmp_path / "c.csv").open()))
+    assert matrix[0][1:11] == [str(c) for c in range(10)]
+    assert sum(int(v) for r in matrix[1:] for v in r[1:]) == 40
+    assert sum(int(matrix[1 + c][1 + c]) for c in range(10)) == round(row["top1"] * 40 / 100)
+    assert f"{row['top1']:.3f}" in capsys.readouterr().out
+
+
+def write_two_class_videos(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name, level in (("abseiling", 40), ("air_drumming", 200)):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            frames = np.clip(rng.normal(level, 20, (24, 36, 48, 3)), 0, 255).astype(np.uint8)
+            write_video(root / name / f"{i}.mp4", frames, fps=30)
+
+
+@pytest.mark.parametrize("views", ["1x1", "3x3"])
+def test_validate_video_folder_with_views(tmp_path: Path, views: str, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "clips"
+    write_two_class_videos(data)
+    out = tmp_path / "r.csv"
+    assert validate("--model", "mvit_v2_s_16x4", "--no-pretrained", "--model-kwargs", json.dumps(SMALL_3D),
+                    "--data", str(data), "--views", views, "--batch-size", "4", "--results-file", str(out)) == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["views"] == views and row["count"] == "4" and row["matched_by"] == "label set kinetics-400"
+    assert 0.0 <= float(row["top1"]) <= 100.0
+    assert json.loads(row["preprocessing"])["views"] == views
+    printed = capsys.readouterr().out
+    assert f"views         {views}" in printed and f"top-1         {float(row['top1']):.3f}" in printed
+
+
+def test_validate_any_timm_model_on_imagenet_names(tmp_path: Path) -> None:
+    for name in ("n01440764", "goldfish"):  # a synset and a name
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / name / "a.jpg")
+    out = tmp_path / "r.json"
+    assert validate("--model", "resnet18", "--no-pretrained", "--data", str(tmp_path), "--results-file", str(out)) == 0
+    row = json.loads(out.read_text())
+    assert row["count"] == 2 and row["matched_by"] == "label set imagenet-1k" and row["views"] == "1x1"
+
+
+def test_validate_unknown_folder_names_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("tench", "not_a_class", "zebra_crossing"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
+    assert validate("--model", "resnet18", "--no-pretrained", "--data", str(tmp_path)) == 1
+    assert "class folder 'not_a_class' is not a class" in capsys.readouterr().err
+
+
+def test_predict_views_prints_the_averaged_top5(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from mvit_zoo.apps.predict import load_model
+    from mvit_zoo.evaluation import video_scores
+
+    write_two_class_videos(tmp_path)
+    path = tmp_path / "abseiling" / "0.mp4"
+    common = ["--model", "mvit_v2_s_16x4", "--no-pretrained", "--model-kwargs", json.dumps(SMALL_3D)]
+    torch.manual_seed(0)
+    assert cli.main(["predict", str(path), *common, "--views", "3x3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["top"]
+    torch.manual_seed(0)
+    model, _, data_cfg = load_model("mvit_v2_s_16x4", None, False, SMALL_3D)
+    probs = video_scores(model, path, "3x3", data_cfg=data_cfg)
+    assert [t["index"] for t in printed] == probs.topk(5).indices.tolist()
+    assert [t["probability"] for t in printed] == pytest.approx(probs.topk(5).values.tolist(), rel=1e-5)
+
+
+def test_validate_bad_arguments_fail_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path / "missing")) == 1
+    assert "--data" in capsys.readouterr().err
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--views", "5x2") == 1
+    assert "S = 1 or 3" in capsys.readouterr().err
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--results-file", "r.txt") == 1
+    assert ".json or .csv" in capsys.readouterr().err

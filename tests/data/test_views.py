@@ -1,0 +1,177 @@
+"""mvit_zoo.data.views: SlowFast's test views (uniform clip starts, 1 or 3 crops) on frames that encode
+their index (red) and pixel position (green: x, blue: y)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mvit_zoo.data.video import write_video
+from mvit_zoo.data.views import (
+    Views,
+    ViewSampling,
+    crop_offset,
+    probe_video,
+    read_frames,
+    segment_indices,
+    stride_clip_indices,
+)
+
+
+def coded_frames(n: int, height: int, width: int) -> np.ndarray:
+    """Frame t: red = t, green = x, blue = y."""
+    frames = np.zeros((n, height, width, 3), np.uint8)
+    frames[..., 0] = np.arange(n)[:, None, None]
+    frames[..., 1] = np.arange(width)[None, None, :]
+    frames[..., 2] = np.arange(height)[None, :, None]
+    return frames
+
+
+def decode(view: torch.Tensor) -> tuple[list[int], int, int]:
+    """(frame indices, x and y of the top-left pixel) of a view normalised with mean 0, std 1."""
+    codes = (view * 255).round().long()
+    return codes[0, :, 0, 0].tolist(), int(codes[1, 0, 0, 0]), int(codes[2, 0, 0, 0])
+
+
+def sampling(views: str, **kw) -> ViewSampling:
+    kw.setdefault('num_frames', 4)
+    kw.setdefault('crop_size', (32, 32))
+    return ViewSampling(views=Views.parse(views), mean=(0.0,) * 3, std=(1.0,) * 3, **kw)
+
+
+# -- temporal: SlowFast's offset sampling, indices = floor(linspace(start, start + T*tau - 1, T)) clamped --
+
+def test_one_clip_is_centred() -> None:
+    # clip of 16 frames, delta 84, start 42
+    assert stride_clip_indices(100, 4, 4) == [42, 47, 52, 57]
+
+
+def test_five_clips_start_uniformly_from_first_to_last_frame() -> None:
+    # delta 84: starts 0, 21, 42, 63, 84; the last clip ends on the last frame
+    clips = [stride_clip_indices(100, 4, 4, t, 5) for t in range(5)]
+    assert clips == [[0, 5, 10, 15], [21, 26, 31, 36], [42, 47, 52, 57], [63, 68, 73, 78], [84, 89, 94, 99]]
+
+
+def test_clip_indices_round_down_over_the_clip() -> None:
+    # clip of 8 frames: linspace(s, s + 7, 4) = s, s + 2.33, s + 4.67, s + 7; delta 42 -> starts 0, 21, 42
+    assert [stride_clip_indices(50, 4, 2, t, 3) for t in range(3)] == [[0, 2, 4, 7], [21, 23, 25, 28],
+                                                                        [42, 44, 46, 49]]
+
+
+def test_video_shorter_than_a_clip_repeats_its_last_frame() -> None:
+    # clip of 16 frames over 10: start 0, linspace(0, 15, 4) = 0, 5, 10, 15 clamped to 9; every clip the same
+    assert [stride_clip_indices(10, 4, 4, t, 5) for t in range(5)] == [[0, 5, 9, 9]] * 5
+    assert stride_clip_indices(1, 3, 2) == [0, 0, 0]
+
+
+def test_frame_rate_is_converted_to_the_target_rate() -> None:
+    # at 15 fps a 16-frame clip at 30 fps spans 8 frames: delta 92, start 46
+    assert stride_clip_indices(100, 4, 4, fps=15.0) == [46, 48, 50, 53]
+    assert stride_clip_indices(100, 4, 4, fps=30.0) == stride_clip_indices(100, 4, 4)
+
+
+def test_segment_sampling_takes_segment_middles_and_shifts_per_view() -> None:
+    # 33 frames, 4 segments of 8: [0, 8], [8, 16], [16, 24], [24, 32]
+    assert segment_indices(33, 4) == [4, 12, 20, 28]
+    assert [segment_indices(33, 4, t, 3) for t in range(3)] == [[1, 9, 17, 25], [4, 12, 20, 28], [6, 14, 22, 30]]
+    assert segment_indices(3, 4) == [0, 0, 1, 2]  # shorter than the clip: frames repeat
+
+
+@pytest.mark.parametrize('bad', [(0, 4, 4, 0, 1), (10, 4, 4, 3, 3)])
+def test_stride_clip_indices_rejects_bad_arguments(bad: tuple) -> None:
+    with pytest.raises(ValueError):
+        stride_clip_indices(*bad)
+
+
+# -- spatial: uniform_crop's offsets -------------------------------------------------------------------
+
+def test_crop_offsets_landscape_and_portrait() -> None:
+    assert [crop_offset(32, 48, (32, 32), s) for s in range(3)] == [(0, 0), (0, 8), (0, 16)]
+    assert [crop_offset(48, 32, (32, 32), s) for s in range(3)] == [(0, 0), (8, 0), (16, 0)]
+    assert crop_offset(41, 60, (32, 32), 1) == (5, 14)  # centre rounds up
+
+
+def test_views_parse() -> None:
+    assert Views.parse('5x3') == Views(5, 3) and str(Views(5, 1)) == '5x1' and len(Views(5, 3)) == 15
+    assert Views.parse((1, 3)) == Views(1, 3)
+    for bad in ('5', '5x2', '0x1', 'axb'):
+        with pytest.raises(ValueError, match='TxS|crops|temporal'):
+            Views.parse(bad)
+
+
+# -- whole views: frames and crops of each -----------------------------------------------------------
+
+def test_1x1_view_is_the_centre_crop_of_the_centre_clip() -> None:
+    # crop 32 / crop_pct 0.8 = short side 40: a 40x60 frame is not resized
+    s = sampling('1x1', sampling_rate=4, crop_pct=0.8)
+    clips = s.clip_indices(100)
+    (view,) = list(s.iter_views(coded_frames(100, 40, 60), clips))
+    assert view.shape == (3, 4, 32, 32)
+    assert decode(view) == ([42, 47, 52, 57], 14, 4)
+
+
+def test_5x1_views() -> None:
+    s = sampling('5x1', sampling_rate=4, crop_pct=0.8)
+    views = list(s.iter_views(coded_frames(100, 40, 60), s.clip_indices(100)))
+    assert [decode(v)[0] for v in views] == [[0, 5, 10, 15], [21, 26, 31, 36], [42, 47, 52, 57], [63, 68, 73, 78],
+                                             [84, 89, 94, 99]]
+    assert {decode(v)[1:] for v in views} == {(14, 4)}
+
+
+def test_3x3_views_clip_major_left_centre_right() -> None:
+    # three crops: the short side is resized to the crop (32), so a 32x48 frame is not resized
+    s = sampling('3x3', sampling_rate=2)
+    views = list(s.iter_views(coded_frames(50, 32, 48), s.clip_indices(50)))
+    assert [decode(v) for v in views] == [
+        (clip, x, 0) for clip in ([0, 2, 4, 7], [21, 23, 25, 28], [42, 44, 46, 49]) for x in (0, 8, 16)]
+
+
+def test_3x3_views_of_a_portrait_video_are_top_centre_bottom() -> None:
+    s = sampling('1x3', sampling_rate=2)
+    views = list(s.iter_views(coded_frames(8, 48, 32), s.clip_indices(8)))
+    assert [decode(v)[1:] for v in views] == [(0, 0), (0, 8), (0, 16)]
+
+
+def test_short_video_views_repeat_the_last_frame() -> None:
+    s = sampling('3x3', sampling_rate=4)
+    assert s.is_short(10) and not s.is_short(16)
+    views = list(s.iter_views(coded_frames(10, 32, 48), s.clip_indices(10)))
+    assert len(views) == 9 and {tuple(decode(v)[0]) for v in views} == {(0, 5, 9, 9)}
+
+
+def test_resize_short_side_then_crop() -> None:
+    s = sampling('1x3', crop_size=(16, 16))
+    assert s.resized_size(20, 30) == (16, 24) and s.crops(16, 24) == [(0, 0), (0, 4), (0, 8)]
+    views = list(s.iter_views(coded_frames(4, 20, 30), s.clip_indices(4)))
+    assert [v.shape for v in views] == [(3, 4, 16, 16)] * 3
+    # 1 crop: short side crop / crop_pct = 20 -> no resize of a 20x30 frame, centre crop at (2, 7)
+    one = sampling('1x1', crop_size=(16, 16), crop_pct=0.8)
+    assert one.resized_size(20, 30) == (20, 30)
+    assert decode(next(one.iter_views(coded_frames(4, 20, 30), one.clip_indices(4))))[1:] == (7, 2)
+
+
+def test_bgr_channel_order_reverses_channels() -> None:
+    frames = coded_frames(4, 32, 32)
+    rgb = next(sampling('1x1').iter_views(frames, [[0, 1, 2, 3]]))
+    bgr = next(sampling('1x1', channel_order='BGR').iter_views(frames, [[0, 1, 2, 3]]))
+    torch.testing.assert_close(bgr, rgb.flip(0))
+
+
+def test_mean_std_applied_in_model_order() -> None:
+    s = ViewSampling(num_frames=1, crop_size=(8, 8), mean=(0.5, 0.0, 0.0), std=(0.5, 1.0, 2.0))
+    view = next(s.iter_views(np.full((1, 8, 8, 3), 255, np.uint8), [[0]]))
+    torch.testing.assert_close(view[:, 0, 0, 0], torch.tensor([1.0, 1.0, 0.5]))
+
+
+# -- decoding only the frames the views need ------------------------------------------------------------
+
+def test_probe_and_read_frames(tmp_path: Path) -> None:
+    path = tmp_path / 'ramp.mp4'
+    write_video(path, np.stack([np.full((16, 16, 3), 20 * t, np.uint8) for t in range(12)]), fps=30)
+    assert probe_video(path) == (12, 30.0)
+    frames, rows = read_frames(path, [1, 5, 5, 11, 40])  # 40 is past the end: the last frame
+    assert frames.shape == (3, 16, 16, 3)
+    levels = [round(float(frames[r].mean()) / 20) for r in rows]
+    assert levels == [1, 5, 5, 11, 11]
