@@ -26,7 +26,8 @@ import torch.nn as nn
 
 import timm
 
-from .finetune import CONFIG_FILE, DataConfig, build_transform, parse_model_kwargs, resolve_data_config
+from .finetune import CONFIG_FILE, parse_model_kwargs
+from ..data.transforms import DataConfig, build_transform, resolve_data_config
 from ..data.video import is_video_file, load_clip, read_video
 
 __all__ = ['DATA_DIR', 'SAMPLE_IMAGE', 'label_names_for', 'load_label_set', 'load_model', 'predict',
