@@ -3,6 +3,7 @@
 Usage::
 
     mvit-zoo finetune --model mvit_small.fb_in1k --data DIR --epochs 30 --output runs/flowers
+    mvit-zoo finetune --resume runs/flowers        # after a Ctrl-C: continues exactly
     torchrun --nproc_per_node=4 -m mvit_zoo finetune --model mvit_v2_s_16x4.fb_k400 --data clips/ ...
 
 ``DIR`` holds one folder per class (``DIR/<class>/<file>``), or ``train/`` and ``val/``
@@ -15,7 +16,10 @@ layer-wise learning-rate decay from ``group_matcher``, no weight decay on norms,
 position tables, label smoothing, optional mixup/cutmix and EMA, bf16 autocast, and a new
 head sized to the class folders. The output folder holds ``model.safetensors`` and a
 timm-style ``config.json`` (with ``label_names``), per-epoch metrics (CSV and JSON), and the
-training state that ``--resume`` continues from exactly.
+training state that ``--resume`` continues from exactly: ``train_state.json`` names the last
+complete checkpoint folder under ``checkpoints/``, so a save cut short (Ctrl-C, a kill, a full
+disk) leaves the previous one to resume from. A first Ctrl-C finishes the step under way,
+saves a checkpoint and prints the command that resumes it.
 
 Determinism: augmentation is seeded per (seed, epoch, sample) and everything else per
 (seed, step, rank), so a run gives the same numbers whatever the number of data workers,
@@ -380,7 +384,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -885,7 +890,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``finetune`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
     g = parser.add_argument_group('model')
-    g.add_argument('--model', default=None, help='model name, optionally with a pretrained tag: NAME[.tag]')
+    g.add_argument('--model', default=None,
+                   help='model name, optionally with a pretrained tag: NAME[.tag] (required but with --resume)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                    help='start from the pretrained weights of NAME[.tag] (default: yes)')
     g.add_argument('--pretrained-file', default=None, metavar='FILE',
@@ -900,7 +906,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
     d = parser.add_argument_group('data')
     d.add_argument('--data', default=None, metavar='DIR',
-                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them')
+                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them '
+                        '(required but with --resume)')
     d.add_argument('--val-split', type=float, default=0.1,
                    help='fraction of each class held out for validation when DIR has no val/ (default: %(default)s)')
     d.add_argument('--workers', type=int, default=0, help='data-loading processes (default: %(default)s)')
@@ -938,7 +945,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     o.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     r = parser.add_argument_group('run')
     r.add_argument('--output', default=None, metavar='DIR',
-                   help='where model.safetensors, config.json, metrics and the training state go')
+                   help='where model.safetensors, config.json, metrics and the training state go '
+                        '(required but with --resume)')
     r.add_argument('--resume', nargs='?', const='', default=None, metavar='DIR',
                    help='continue the run saved in DIR (default: --output) exactly where it stopped; options '
                         'not given take the run\'s values, so `--resume DIR` alone is enough')
@@ -978,7 +986,7 @@ def _restore_run_args(args: argparse.Namespace) -> None:
         if key not in defaults or key in ('resume', 'output'):
             continue
         current = getattr(args, key, None)
-        if key in _RUN_ARGS and current is None or (
+        if (key in _RUN_ARGS and current is None) or (
                 key not in _RUNTIME_ARGS and _normalised(current) == _normalised(defaults[key])):
             setattr(args, key, value)
     if args.output is None:

@@ -37,7 +37,8 @@ class SampleError(ValueError):
     """A data file that cannot be read; the message names the file and the fix."""
 
 
-def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float, seed: int) -> Tuple[List[str], Samples, Samples]:
+def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
+              seed: int) -> Tuple[List[str], Samples, Samples]:
     """Classes and (train, val) samples of a class-folder tree.
 
     ``root/train`` and ``root/val`` (or ``validation``) are used when present; otherwise the

@@ -376,7 +376,16 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny: Path, tmp_path: 
 
 
 def test_resume_warns_only_about_changed_arguments(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The saved arguments read back from JSON (lists) compare equal to argparse's (tuples)."""
+    """The saved arguments read back from JSON (lists) compare equal to argparse's (tuple defaults)."""
+    args = _args(*finetune_args(tiny, tmp_path / "unused"))
+    saved = json.loads(json.dumps(finetune._args_dict(args)))
+    assert args.scale == (0.08, 1.0) and saved["scale"] == [0.08, 1.0]
+    finetune._check_resume_args(saved, args)
+    assert capsys.readouterr().err == ""
+    args.scale = (0.2, 1.0)
+    finetune._check_resume_args(saved, args)
+    assert "(scale: [0.08, 1.0] -> [0.2, 1.0])" in capsys.readouterr().err
+
     output = tmp_path / "o"
     args = finetune_args(tiny, output, *TINY, "--scale", "0.5", "1")
     assert finetune.main([*args, "--epochs", "1"]) == 0
@@ -414,7 +423,7 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
     for k in range(first, last):
         calls: List[Path] = []
 
-        def dying(path: Path, write) -> None:
+        def dying(path: Path, write, calls: List[Path] = calls, k: int = k) -> None:
             calls.append(path)
             if len(calls) == k + 1:
                 write(path.with_name(path.name + ".tmp"))
