@@ -74,6 +74,7 @@ from .cli import CliError
 
 __all__ = [
     'parse_model_kwargs',
+    'resolve_model_kwargs',
     'Trainer',
     'configure_parser',
     'run',

@@ -23,6 +23,7 @@ import mvit_zoo
 from mvit_zoo.apps import finetune
 from mvit_zoo.apps.cli import CliError
 from mvit_zoo.apps.finetune import Trainer
+from mvit_zoo.data.transforms import resolve_data_config
 from mvit_zoo.data.video import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -504,7 +505,7 @@ def test_img_size_and_num_frames_for_video_models(tmp_path: Path) -> None:
     assert resolve("--num-frames", "4")["img_size"] == (4, 224, 224)
     assert resolve("--img-size", "64")["img_size"] == (16, 64, 64)
     model = mvit_zoo.create_model("mvit_v2_s_16x4", **resolve("--img-size", "32", "--num-frames", "4"))
-    assert finetune.resolve_data_config(model).input_size == (3, 4, 32, 32)
+    assert resolve_data_config(model).input_size == (3, 4, 32, 32)
     with pytest.raises(CliError, match="input size is given twice"):
         finetune.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--img-size", "48")))
     with pytest.raises(CliError, match="--num-frames is for video models and mvit_tiny is an image model"):
