@@ -219,8 +219,9 @@ def _check_input_size(name: str, model: nn.Module, size: Any) -> None:
     if any(s < m for s, m in zip(grid, low)):
         axes = ('T', 'H', 'W')[-len(grid):]
         what = ', '.join(f'{a}={s} (min {m})' for a, s, m in zip(axes, grid, low))
-        raise CliError(f'input size {grid} is too small for {name}: {what}, its total stride; '
-                       f'fix: --img-size {max(low[-2:])} or more')
+        m = max(low[-2:])
+        raise CliError(f'input size {grid} is too small for {name}: {what}, its total stride; fix: a size of '
+                       f'{m} or more (--img-size {m}, or "img_size": {m} in --model-kwargs)')
 
 
 def create_finetune_model(

@@ -550,7 +550,7 @@ def _error_case(case: str, tiny: Path, tmp: Path) -> List[str]:
     ("data empty", r"--data: .*empty has no class folders; a classifier needs at least two"),
     ("no images", r"--data: no files with the extensions \.jpg, .* in the class folder\(s\) a, b of "),
     ("img_size too small", r"input size \(16, 16\) is too small for mvit_tiny: H=16 \(min 32\), W=16 \(min 32\), "
-                           r"its total stride; fix: --img-size 32 or more"),
+                           r'its total stride; fix: a size of 32 or more \(--img-size 32, or "img_size": 32 in'),
     ("unknown field", r"unknown MViT config field\(s\): \['embed_dims'\]; valid fields: .*depths, .*embed_dim, "),
     ("not JSON", r"--model-kwargs is not valid JSON \(.*\); give an object"),
     ("batch size 0", "--batch-size 0: must be at least 1"),
