@@ -3,6 +3,7 @@
 Usage::
 
     mvit-zoo finetune --model mvit_small.fb_in1k --data DIR --epochs 30 --output runs/flowers
+    mvit-zoo finetune --resume runs/flowers        # after a Ctrl-C: continues exactly
     torchrun --nproc_per_node=4 -m mvit_zoo finetune --model mvit_v2_s_16x4.fb_k400 --data clips/ ...
 
 ``DIR`` holds one folder per class (``DIR/<class>/<file>``), or ``train/`` and ``val/``
@@ -15,7 +16,10 @@ layer-wise learning-rate decay from ``group_matcher``, no weight decay on norms,
 position tables, label smoothing, optional mixup/cutmix and EMA, bf16 autocast, and a new
 head sized to the class folders. The output folder holds ``model.safetensors`` and a
 timm-style ``config.json`` (with ``label_names``), per-epoch metrics (CSV and JSON), and the
-training state that ``--resume`` continues from exactly.
+training state that ``--resume`` continues from exactly: ``train_state.json`` names the last
+complete checkpoint folder under ``checkpoints/``, so a save cut short (Ctrl-C, a kill, a full
+disk) leaves the previous one to resume from. A first Ctrl-C finishes the step under way,
+saves a checkpoint and prints the command that resumes it.
 
 Determinism: augmentation is seeded per (seed, epoch, sample) and everything else per
 (seed, step, rank), so a run gives the same numbers whatever the number of data workers,
@@ -25,15 +29,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import inspect
 import json
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
 import sys
+import threading
 import time
+import uuid
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -41,32 +52,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.models import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from ..data.video import VIDEO_EXTENSIONS, ClipTransform, VideoFolder
+from ..data.folders import (
+    IMAGE_EXTENSIONS, EpochSeeded, ImageSamples, SampleError, Samples, ShardSampler, derive_seed, scan_data,
+    seed_everything,
+)
+from ..data.transforms import DataConfig, build_transform, resolve_data_config
+from ..data.video import VIDEO_EXTENSIONS, VideoFolder
 from ..evaluation import evaluate as evaluate_model
+from .cli import CliError
 
 __all__ = [
-    'DataConfig',
-    'resolve_data_config',
-    'build_transform',
     'parse_model_kwargs',
+    'resolve_model_kwargs',
+    'Trainer',
     'configure_parser',
     'run',
     'main',
 ]
 
-IMAGE_EXTENSIONS: Tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 STATE_FILE = 'train_state.json'
+CHECKPOINTS_DIR = 'checkpoints'
 OPTIMIZER_FILE = 'optimizer.pt'
 WEIGHTS_FILE = 'model.safetensors'
 EMA_WEIGHTS_FILE = 'model_ema.safetensors'
@@ -78,224 +94,20 @@ _TIMM_CFG_KEYS = frozenset(timm.models.PretrainedCfg.__dataclass_fields__)
 _VIDEO_CFG_KEYS = ('num_frames', 'sampling_rate', 'channel_order', 'test_views')
 # Arguments that describe the run rather than the result; they may change on --resume
 _RUNTIME_ARGS = frozenset({'resume', 'output', 'workers', 'progress', 'device', 'save_every', 'data'})
+# Arguments a run cannot start without; `--resume DIR` alone takes them from the run
+_RUN_ARGS = ('model', 'data', 'output')
 
 
-# --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing a model expects: ``input_size`` is ``(C, H, W)`` or ``(C, T, H, W)``."""
-
-    input_size: Tuple[int, ...]
-    mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
-    std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
-    crop_pct: float = 0.875
-    interpolation: str = 'bicubic'
-    sampling_rate: int = 1
-    channel_order: str = 'RGB'
-
-    @property
-    def is_video(self) -> bool:
-        return len(self.input_size) == 4
-
-    @property
-    def num_frames(self) -> int:
-        return self.input_size[1] if self.is_video else 1
-
-    def to_dict(self) -> Dict[str, Any]:
-        """pretrained_cfg-style keys: ``input_size`` is ``(C, H, W)``, with ``num_frames`` etc. for video."""
-        d: Dict[str, Any] = dict(
-            input_size=[self.input_size[0], *self.input_size[-2:]], mean=list(self.mean), std=list(self.std),
-            crop_pct=self.crop_pct, interpolation=self.interpolation,
-        )
-        if self.is_video:
-            d.update(num_frames=self.num_frames, sampling_rate=self.sampling_rate, channel_order=self.channel_order)
-        return d
-
-
-def resolve_data_config(model: nn.Module, sampling_rate: Optional[int] = None) -> DataConfig:
-    """Input size from the model as built (``model.img_size``), statistics from its pretrained_cfg."""
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    default_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    img_size = getattr(model, 'img_size', None)
-    if img_size is None:
-        img_size = default_size[1:]
-    elif isinstance(img_size, int):
-        img_size = (img_size, img_size)
-    in_chans = int(getattr(model, 'in_chans', default_size[0]))
-    return DataConfig(
-        input_size=(in_chans, *(int(s) for s in img_size)),
-        mean=tuple(float(m) for m in cfg.get('mean', IMAGENET_DEFAULT_MEAN)),
-        std=tuple(float(s) for s in cfg.get('std', IMAGENET_DEFAULT_STD)),
-        crop_pct=float(cfg.get('crop_pct', 0.875) or 0.875),
-        interpolation=str(cfg.get('interpolation', 'bicubic') or 'bicubic'),
-        sampling_rate=int(sampling_rate or cfg.get('sampling_rate', 1) or 1),
-        channel_order=str(cfg.get('channel_order', 'RGB') or 'RGB'),
-    )
-
-
-def build_transform(
-        data_cfg: DataConfig,
-        is_training: bool,
-        scale: Tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        color_jitter: float = 0.4,
-        auto_augment: Optional[str] = None,
-        re_prob: float = 0.0,
-) -> Callable:
-    """timm's image transforms, or :class:`~mvit_zoo.data.video.ClipTransform` for video models."""
-    if data_cfg.is_video:
-        return ClipTransform(
-            data_cfg.input_size, is_training, data_cfg.mean, data_cfg.std, crop_pct=data_cfg.crop_pct,
-            interpolation=data_cfg.interpolation, scale=scale, hflip=hflip, channel_order=data_cfg.channel_order,
-        )
-    if is_training:
-        return create_transform(
-            data_cfg.input_size, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,
-            auto_augment=auto_augment, re_prob=re_prob, interpolation=data_cfg.interpolation,
-            mean=data_cfg.mean, std=data_cfg.std,
-        )
-    return create_transform(
-        data_cfg.input_size, is_training=False, interpolation=data_cfg.interpolation,
-        mean=data_cfg.mean, std=data_cfg.std, crop_pct=data_cfg.crop_pct,
-    )
-
-
-Samples = List[Tuple[str, int]]
-
-
-def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float, seed: int) -> Tuple[List[str], Samples, Samples]:
-    """Classes and (train, val) samples of a class-folder tree.
-
-    ``root/train`` and ``root/val`` (or ``validation``) are used when present; otherwise the
-    classes are ``root``'s folders and a stratified ``val_split`` fraction of each class is
-    held out, chosen by ``seed``.
-    """
-    from torchvision.datasets.folder import find_classes, make_dataset
-
-    train_root = root / 'train' if (root / 'train').is_dir() else root
-    classes, class_to_idx = find_classes(str(train_root))
-    train = make_dataset(str(train_root), class_to_idx, extensions=extensions)
-    if train_root != root:
-        for name in ('val', 'validation'):
-            if (root / name).is_dir():
-                val = make_dataset(str(root / name), class_to_idx, extensions=extensions, allow_empty=True)
-                return classes, train, val
-    if val_split <= 0:
-        return classes, train, []
-    rng = random.Random(seed)
-    kept: Samples = []
-    held: Samples = []
-    for idx in range(len(classes)):
-        items = [s for s in train if s[1] == idx]
-        rng.shuffle(items)
-        n_val = min(int(round(len(items) * val_split)), len(items) - 1)
-        held.extend(items[:n_val])
-        kept.extend(items[n_val:])
-    return classes, sorted(kept), sorted(held)
-
-
-class ImageSamples(Dataset):
-    """``(path, target)`` samples read with PIL as RGB and transformed."""
-
-    def __init__(self, samples: Samples, transform: Optional[Callable] = None) -> None:
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        from PIL import Image
-        path, target = self.samples[index]
-        with open(path, 'rb') as f:
-            img = Image.open(f).convert('RGB')
-        return (self.transform(img) if self.transform is not None else img), target
-
-
-def _derive_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
-
-
-def seed_everything(seed: int, accelerators: bool = True) -> None:
-    """Seed Python's, NumPy's and torch's global generators (CPU only if not ``accelerators``)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    if accelerators:
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)  # much cheaper, for per-sample use
-
-
-class EpochSeeded(Dataset):
-    """Seeds the global generators from (seed, epoch, index) before loading each sample.
-
-    Augmentation then depends only on the sample and epoch, not on the data-loader workers,
-    the process rank or where an interrupted run was resumed.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        seed_everything(_derive_seed(self.seed, 1, self.epoch, index), accelerators=False)
-        return self.dataset[index]
-
-
-class ShardSampler(Sampler[int]):
-    """Per-epoch shuffled indices, split across processes like ``DistributedSampler``.
-
-    ``pad`` repeats samples so that every rank gets the same count (training);
-    ``set_epoch(epoch, skip)`` reshuffles and skips the first ``skip`` indices of this rank
-    (resuming within an epoch). With one process the global batches are the same sets as
-    those of N processes with 1/N of the batch size.
-    """
-
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = False,
-                 seed: int = 0, pad: bool = False) -> None:
-        self.size = size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.pad = pad
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip
-
-    def shard(self) -> List[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_derive_seed(self.seed, 2, self.epoch))
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        if self.pad and self.size % self.num_replicas:
-            total = math.ceil(self.size / self.num_replicas) * self.num_replicas
-            order += (order * math.ceil(total / max(self.size, 1)))[:total - self.size]
-        return order[self.rank::self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.skip:])
-
-    def __len__(self) -> int:
-        return max(len(self.shard()) - self.skip, 0)
+def _ignore_sigint(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(dataset: Dataset, sampler: ShardSampler, batch_size: int, workers: int,
-                           drop_last: bool, pin_memory: bool) -> DataLoader:
+            drop_last: bool, pin_memory: bool) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        drop_last=drop_last, pin_memory=pin_memory, persistent_workers=False,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=pin_memory, persistent_workers=False, worker_init_fn=_ignore_sigint if workers else None,
     )
 
 
@@ -315,9 +127,12 @@ def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
     """``--model-kwargs`` JSON object -> keyword arguments (JSON lists become tuples)."""
     if not text:
         return {}
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise CliError(f'--model-kwargs is not valid JSON ({e}); give an object, e.g. \'{{"img_size": 64}}\'') from e
     if not isinstance(value, dict):
-        raise ValueError(f'--model-kwargs must be a JSON object, got {text!r}')
+        raise CliError(f'--model-kwargs must be a JSON object, got {text!r}; e.g. \'{{"img_size": 64}}\'')
     return _tuples(value)
 
 
@@ -329,6 +144,84 @@ def is_video_model(model: nn.Module) -> bool:
     if isinstance(img_size, (tuple, list)):
         return len(img_size) == 3
     return len((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))) == 4
+
+
+def _check_model_name(name: str, pretrained: bool) -> None:
+    """A clear error for an unknown architecture (with close names) or pretrained tag."""
+    arch, _, tag = name.partition('.')
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f'did you mean {", ".join(close)}?' if close else "see `timm.list_models('mvit*')`"
+        raise CliError(f'--model {name}: unknown model; {hint}')
+    if tag and pretrained:
+        tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{arch}.*')]
+        if tag not in tags:
+            raise CliError(f'--model {name}: {arch} has no pretrained tag {tag!r}; available: '
+                           f'{", ".join(tags) or "none (use --no-pretrained or --pretrained-file)"}')
+
+
+def _valid_fields(arch: str) -> str:
+    """The architecture arguments an mvit-zoo model accepts, for error messages."""
+    from ..model.mvit import MViT, MViTCfg
+    from ..model.registry import list_models
+
+    if arch not in list_models():
+        return f'see the constructor of the class behind timm.create_model({arch!r})'
+    params = set(inspect.signature(MViT.__init__).parameters) - {'self', 'cfg', 'cfg_overrides'}
+    return 'valid fields: ' + ', '.join(sorted(params | {f.name for f in fields(MViTCfg)} | {'num_frames'}))
+
+
+def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    """A weightless copy of the model (meta device), built to check ``kwargs`` and read the input kind."""
+    arch = name.partition('.')[0]
+    try:
+        with torch.device('meta'):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise CliError(f'--model-kwargs {json.dumps(kwargs, default=list)}: {e}; {_valid_fields(arch)}') from e
+    except ValueError as e:
+        raise CliError(f'--model-kwargs {json.dumps(kwargs, default=list)}: {e}') from e
+
+
+def resolve_model_kwargs(args: argparse.Namespace) -> Tuple[Dict[str, Any], bool]:
+    """Architecture overrides of the run (``--model-kwargs`` with ``--img-size``/``--num-frames`` merged
+    in), checked on a weightless copy of the model; also whether the model takes video clips."""
+    _check_model_name(args.model, args.pretrained)
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    if (args.img_size or args.num_frames) and 'img_size' in kwargs:
+        raise CliError('the input size is given twice (--img-size/--num-frames and --model-kwargs img_size); '
+                       'give it once')
+    size = kwargs.pop('img_size', None)
+    model = _meta_model(args.model, kwargs)  # at its own size: a too small one may not even build
+    is_video = is_video_model(model)
+    if args.num_frames and not is_video:
+        raise CliError(f'--num-frames is for video models and {args.model} is an image model; drop it')
+    if args.img_size or args.num_frames:
+        if is_video:
+            frames, height, width = tuple(model.img_size)
+            size = (args.num_frames or frames, args.img_size or height, args.img_size or width)
+        else:
+            size = args.img_size
+    if size is not None:
+        _check_input_size(args.model, model, size)
+        kwargs['img_size'] = size
+        _meta_model(args.model, kwargs)
+    return kwargs, is_video
+
+
+def _check_input_size(name: str, model: nn.Module, size: Any) -> None:
+    """A clear error for an input size below the model's ``min_input_size`` (its total stride)."""
+    low = getattr(model, 'min_input_size', None)
+    if low is None:
+        return
+    grid = (size, size) if isinstance(size, int) else tuple(size)
+    low = tuple(low)[-len(grid):]
+    if any(s < m for s, m in zip(grid, low)):
+        axes = ('T', 'H', 'W')[-len(grid):]
+        what = ', '.join(f'{a}={s} (min {m})' for a, s, m in zip(axes, grid, low))
+        m = max(low[-2:])
+        raise CliError(f'input size {grid} is too small for {name}: {what}, its total stride; fix: a size of '
+                       f'{m} or more (--img-size {m}, or "img_size": {m} in --model-kwargs)')
 
 
 def create_finetune_model(
@@ -383,7 +276,16 @@ def init_distributed(device_arg: str) -> Tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ.get('RANK', '0')), world_size, int(os.environ.get('LOCAL_RANK', '0')))
     if device_arg == 'auto':
         device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError as e:
+        raise CliError(f'--device {device_arg}: {e}; give cpu, cuda or cuda:N') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise CliError(f'--device {device_arg}: no CUDA GPU is available to torch; use --device cpu '
+                       '(or install a CUDA build of torch on a machine with a GPU)')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s); '
+                       f'use cuda:0 to cuda:{torch.cuda.device_count() - 1}')
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', info.local_rank if info.enabled else torch.cuda.current_device())
     if device.type == 'cuda':
@@ -410,9 +312,19 @@ def _barrier(info: DistInfo) -> None:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    # NOTE: os.umask can only be read by setting it; it is set straight back
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path`` (with the umask's mode), then rename it over ``path``."""
     tmp = path.with_name(path.name + '.tmp')
     write(tmp)
+    os.chmod(tmp, _file_mode())  # writers that create files 0600 (temporary-file style) get the usual mode
     os.replace(tmp, path)
 
 
@@ -429,14 +341,32 @@ def save_weights(path: Path, model: nn.Module, global_step: int) -> None:
     _atomic_write(path, lambda p: save_file(state, str(p), metadata={'format': 'pt', 'global_step': str(global_step)}))
 
 
-def load_weights(path: Path, model: nn.Module) -> int:
-    """Load safetensors weights into ``model``; returns the step they were saved at (-1 if unknown)."""
-    from safetensors import safe_open
+def _link(source: Path, path: Path) -> None:
+    """Make ``path`` a copy of the checkpoint file ``source`` (a hard link where the file system allows)."""
+    def link(p: Path) -> None:
+        p.unlink(missing_ok=True)
+        try:
+            os.link(source, p)
+        except OSError:
+            shutil.copyfile(source, p)
+    _atomic_write(path, link)
+
+
+def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) -> Any:
+    """``load(path)``, with an error naming the file and the fix if it is missing, damaged or does not fit."""
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read or apply the file means the same to the user
+        detail = ' '.join(f'{type(e).__name__}: {e}'.split())
+        raise CliError(
+            f'cannot resume from {path} ({detail[:300]}); if the model arguments were changed, resume with the '
+            f"run's own; if the file is damaged, start a new run (e.g. from the run's published weights: "
+            f'--pretrained-file {run / WEIGHTS_FILE})') from e
+
+
+def _load_weights(path: Path, model: nn.Module) -> None:
     from safetensors.torch import load_file
-    with safe_open(str(path), framework='pt') as f:
-        step = int((f.metadata() or {}).get('global_step', -1))
     model.load_state_dict(load_file(str(path)))
-    return step
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -456,7 +386,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -551,6 +482,14 @@ def _write_metrics(output: Path, history: List[Dict[str, Any]]) -> None:
     _atomic_write(output / 'metrics.csv', write)
 
 
+def _normalised(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), or None where JSON cannot hold it."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_resume_args(saved: Dict[str, Any], args: argparse.Namespace) -> None:
     current = _args_dict(args)
     changed = [k for k, v in saved.items() if k not in _RUNTIME_ARGS and current.get(k, v) != v]
@@ -561,7 +500,7 @@ def _check_resume_args(saved: Dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _args_dict(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: _json_safe(v) for k, v in vars(args).items() if not callable(v)}
+    return {k: _normalised(v) for k, v in vars(args).items() if not callable(v)}
 
 
 class Trainer:
@@ -579,6 +518,9 @@ class Trainer:
         self.start_step = 0
         self.epoch_loss = [0.0, 0.0]  # summed training loss and sample count of the current epoch
         self.best = {'top1': -1.0, 'epoch': -1}
+        self.finished = False  # set by --resume of a run that has trained all its epochs
+        self.interrupted = False  # set when a Ctrl-C stopped training after saving a checkpoint
+        self._stop_requested = 0.0  # time of the first Ctrl-C, 0 if none
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -586,19 +528,17 @@ class Trainer:
         """Build model, data, optimizer and schedule; load the saved state with ``--resume``."""
         args = self.args
         if args.resume is None and (self.output / STATE_FILE).exists():
-            raise SystemExit(f'error: {self.output} already holds a run; pass --resume to continue it '
-                             f'or choose another --output')
-        self.model_kwargs = parse_model_kwargs(args.model_kwargs)
-        # The data type depends on the model and the head on the data: read the model's input
-        # kind from a weightless copy (meta device) first.
-        with torch.device('meta'):
-            is_video = is_video_model(timm.create_model(args.model, pretrained=False, **self.model_kwargs))
+            raise CliError(f'{self.output} already holds a run; pass --resume to continue it '
+                           f'or choose another --output')
+        # The data type depends on the model and the head on the data: the overrides are checked and
+        # the model's input kind read on a weightless copy first.
+        self.model_kwargs, is_video = resolve_model_kwargs(args)
         extensions = VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS
-        self.classes, train_samples, val_samples = scan_data(Path(args.data), extensions, args.val_split, args.seed)
-        if len(self.classes) < 2:
-            raise SystemExit(f'error: {args.data} must hold at least two class folders')
-        if not train_samples:
-            raise SystemExit(f'error: no {"video" if is_video else "image"} files found under {args.data}')
+        try:
+            self.classes, train_samples, val_samples = scan_data(Path(args.data), extensions, args.val_split,
+                                                                 args.seed)
+        except (OSError, ValueError) as e:
+            raise CliError(f'--data: {e}') from e
 
         seed_everything(args.seed)
         self.model = create_finetune_model(
@@ -644,7 +584,7 @@ class Trainer:
         self.train_loader = _loader(self.train_ds, self.train_sampler, args.batch_size, args.workers, drop_last, pin)
         self.val_loader: Optional[DataLoader] = None
         if val_samples:
-            self.val_loader = _loader(val_ds, ShardSampler(self.num_val, info.world_size, info.rank),
+            self.val_loader = _loader(EpochSeeded(val_ds, None), ShardSampler(self.num_val, info.world_size, info.rank),
                                       args.eval_batch_size or args.batch_size, args.workers, False, pin)
 
     def _build_optimisation(self) -> None:
@@ -662,10 +602,11 @@ class Trainer:
         self.mixup: Optional[Mixup] = None
         if args.mixup > 0 or args.cutmix > 0:
             if args.batch_size % 2:
-                raise SystemExit('error: mixup/cutmix needs an even --batch-size')
+                raise CliError(f'mixup/cutmix pairs the samples of a batch; use an even --batch-size '
+                               f'(not {args.batch_size})')
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                                label_smoothing=args.smoothing, num_classes=len(self.classes))
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
+            self.criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema else None
@@ -677,64 +618,87 @@ class Trainer:
         return None if layer_decay >= 1.0 else layer_decay
 
     # -- checkpoints ----------------------------------------------------------------------------
+    #
+    # The resumable state of step N lives in its own folder, checkpoints/step-N-<id>/ (weights,
+    # EMA weights, optimizer/scheduler/RNG state), written in full before train_state.json (the
+    # manifest, replaced atomically) names it. An interrupted save leaves the previous checkpoint
+    # named and whole. The published model.safetensors (and model_ema.safetensors) beside
+    # config.json are then linked to the new checkpoint's files and the older folders removed.
 
     def _resume(self, folder: Path) -> None:
-        state_path = folder / STATE_FILE
-        if not state_path.exists():
-            raise SystemExit(f'error: nothing to resume: {state_path} does not exist')
-        state = json.loads(state_path.read_text())
+        state = read_state(folder)
         if state['label_names'] != self.classes:
-            raise SystemExit(f'error: the classes under {self.args.data} differ from those of the run in {folder}')
+            raise CliError(f'the classes under {self.args.data} differ from those of the run in {folder}; '
+                           'give the run\'s own --data (or start a new run)')
         if state['steps_per_epoch'] != self.steps_per_epoch:
-            raise SystemExit('error: steps per epoch changed (data, --batch-size or process count differ); '
-                             'cannot resume exactly')
+            raise CliError(f'steps per epoch changed ({state["steps_per_epoch"]} -> {self.steps_per_epoch}: data, '
+                           '--batch-size or process count differ); resume with the run\'s own to continue exactly')
         _check_resume_args(state.get('args', {}), self.args)
-        step = state['global_step']
-        steps = {WEIGHTS_FILE: load_weights(folder / WEIGHTS_FILE, self.model)}
+        checkpoint = folder / state['checkpoint']
+        _load_checkpoint_file(checkpoint / WEIGHTS_FILE, lambda p: _load_weights(p, self.model), folder)
         if self.ema is not None:
-            if not (folder / EMA_WEIGHTS_FILE).exists():
-                raise SystemExit(f'error: --ema given but {folder} has no {EMA_WEIGHTS_FILE}')
-            steps[EMA_WEIGHTS_FILE] = load_weights(folder / EMA_WEIGHTS_FILE, self.ema.module)
-        extra = torch.load(folder / OPTIMIZER_FILE, map_location='cpu', weights_only=True)
-        steps[OPTIMIZER_FILE] = int(extra['global_step'])
-        if any(s != step for s in steps.values()):
-            raise SystemExit(f'error: checkpoint files in {folder} are from different steps ({steps}, state {step}); '
-                             'the last save was interrupted')
-        self.optimizer.load_state_dict(extra['optimizer'])
-        self.scheduler.load_state_dict(extra['scheduler'])
-        _set_rng_state(extra['rng'])
-        self.global_step = step
+            if not (checkpoint / EMA_WEIGHTS_FILE).exists():
+                raise CliError(f'--ema given but the run in {folder} kept no EMA weights; resume without --ema')
+            _load_checkpoint_file(checkpoint / EMA_WEIGHTS_FILE, lambda p: _load_weights(p, self.ema.module), folder)
+
+        def load_extra(path: Path) -> None:
+            extra = torch.load(path, map_location='cpu', weights_only=True)
+            self.optimizer.load_state_dict(extra['optimizer'])
+            self.scheduler.load_state_dict(extra['scheduler'])
+            _set_rng_state(extra['rng'])
+        _load_checkpoint_file(checkpoint / OPTIMIZER_FILE, load_extra, folder)
+        self.global_step = state['global_step']
         self.start_epoch, self.start_step = state['epoch'], state['step_in_epoch']
         self.epoch_loss = list(state['epoch_loss']) if self.info.is_main else [0.0, 0.0]
         self.best = state['best']
-        metrics_path = folder / 'metrics.json'
-        if metrics_path.exists():
-            self.history = [r for r in json.loads(metrics_path.read_text()) if r['epoch'] < self.start_epoch]
+        self.history = state['history']
+        self.finished = self.start_epoch >= self.args.epochs
         if self.info.is_main:
+            # the files derived from the checkpoint, in case the save that made it was cut short
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._publish(checkpoint)
+            if self.history:
+                _write_metrics(self.output, self.history)
+        if self.info.is_main and not self.finished:
             print(f'resumed from {folder} at epoch {self.start_epoch} step {self.start_step} '
-                  f'(global step {step})', file=sys.stderr)
+                  f'(global step {self.global_step})', file=sys.stderr)
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
-        """Write weights, optimizer/scheduler/RNG state and the training state (rank 0)."""
+        """Write a checkpoint (weights, optimizer/scheduler/RNG state, training state; rank 0) and publish
+        its weights in the output folder."""
         # the running training loss is summed over processes first (a collective)
         epoch_loss = all_reduce_sum(self.epoch_loss, self.info, self.device)
         if self.info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             _write_json(self.output / CONFIG_FILE, self.config())
-            save_weights(self.output / WEIGHTS_FILE, self.model, self.global_step)
+            name = f'{CHECKPOINTS_DIR}/step-{self.global_step:08d}-{uuid.uuid4().hex[:8]}'
+            checkpoint = self.output / name
+            checkpoint.mkdir(parents=True)
+            save_weights(checkpoint / WEIGHTS_FILE, self.model, self.global_step)
             if self.ema is not None:
-                save_weights(self.output / EMA_WEIGHTS_FILE, self.ema.module, self.global_step)
+                save_weights(checkpoint / EMA_WEIGHTS_FILE, self.ema.module, self.global_step)
             extra = {'global_step': self.global_step, 'optimizer': self.optimizer.state_dict(),
                      'scheduler': self.scheduler.state_dict(), 'rng': _rng_state()}
-            _atomic_write(self.output / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
+            _atomic_write(checkpoint / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
             state = {
                 'model': self.args.model, 'epoch': epoch, 'step_in_epoch': step_in_epoch,
                 'global_step': self.global_step, 'steps_per_epoch': self.steps_per_epoch,
                 'epochs': self.args.epochs, 'epoch_loss': epoch_loss, 'best': self.best,
                 'label_names': self.classes, 'world_size': self.info.world_size, 'args': _args_dict(self.args),
+                'history': self.history, 'checkpoint': name,
             }
-            _write_json(self.output / STATE_FILE, state)  # written last: marks the checkpoint complete
+            _write_json(self.output / STATE_FILE, state)  # the switch: from here on the run resumes from `name`
+            self._publish(checkpoint)
+            for old in (self.output / CHECKPOINTS_DIR).iterdir():
+                if old != checkpoint:
+                    shutil.rmtree(old, ignore_errors=True)
         _barrier(self.info)
+
+    def _publish(self, checkpoint: Path) -> None:
+        """The checkpoint's weights (and EMA weights) as the output folder's model files."""
+        for file in (WEIGHTS_FILE, EMA_WEIGHTS_FILE):
+            if (checkpoint / file).exists():
+                _link(checkpoint / file, self.output / file)
 
     def config(self) -> Dict[str, Any]:
         return model_config(self.model, self.args.model, self.classes, self.model_kwargs, self.data_cfg)
@@ -742,6 +706,8 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------
 
     def train(self) -> List[Dict[str, Any]]:
+        """Train from the start (or the resumed step) to the last epoch, or until a Ctrl-C: then the step
+        under way is finished, a checkpoint saved and ``self.interrupted`` set."""
         args, info = self.args, self.info
         if info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -750,33 +716,83 @@ class Trainer:
                   f'{"clips" if self.data_cfg.is_video else "images"}, input {tuple(self.data_cfg.input_size)}, '
                   f'{self.steps_per_epoch} steps/epoch x {args.epochs} epochs, {info.world_size} process(es) '
                   f'on {self.device}{", bf16" if self.amp else ""}', file=sys.stderr)
-        for epoch in range(self.start_epoch, args.epochs):
-            skip_steps = self.start_step if epoch == self.start_epoch else 0
-            if skip_steps >= self.steps_per_epoch:
-                continue
-            self.train_ds.epoch = epoch
-            self.train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
-            if skip_steps == 0:
-                self.epoch_loss = [0.0, 0.0]
-            started = time.time()
-            self.ddp_model.train()
-            bar = tqdm(self.train_loader, total=self.steps_per_epoch - skip_steps, desc=f'epoch {epoch}',
-                       disable=not self.progress, dynamic_ncols=True, leave=False)
-            step = skip_steps
-            for x, y in bar:
-                loss = self.train_step(x, y)
-                step += 1
-                if self.progress:
-                    bar.set_postfix(loss=f'{loss:.4f}', lr=f'{self._lr():.2e}')
-                if args.save_every and self.global_step % args.save_every == 0 and step < self.steps_per_epoch:
-                    self.save(epoch, step)
-            bar.close()
-            self.end_epoch(epoch, time.time() - started)
+        with self._save_on_interrupt(), self._sample_errors():
+            for epoch in range(self.start_epoch, args.epochs):
+                skip_steps = self.start_step if epoch == self.start_epoch else 0
+                if skip_steps >= self.steps_per_epoch:
+                    continue
+                self.train_ds.epoch = epoch
+                self.train_sampler.set_epoch(epoch, skip=skip_steps * args.batch_size)
+                if skip_steps == 0:
+                    self.epoch_loss = [0.0, 0.0]
+                started = time.time()
+                self.ddp_model.train()
+                bar = tqdm(self.train_loader, total=self.steps_per_epoch - skip_steps,
+                           desc=f'epoch {epoch}', disable=not self.progress, dynamic_ncols=True, leave=False)
+                step = skip_steps
+                for x, y in bar:
+                    loss = self.train_step(x, y)
+                    step += 1
+                    if self.progress:
+                        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{self._lr():.2e}')
+                    if step < self.steps_per_epoch:
+                        stop = self._stop_agreed()
+                        if stop or (args.save_every and self.global_step % args.save_every == 0):
+                            self.save(epoch, step)
+                        if stop:
+                            self.interrupted = True
+                            return self.history
+                bar.close()
+                self.end_epoch(epoch, time.time() - started)
+                if epoch + 1 < args.epochs and self._stop_agreed():
+                    self.interrupted = True
+                    break
         return self.history
+
+    @contextmanager
+    def _save_on_interrupt(self) -> Iterator[None]:
+        """While training, a first Ctrl-C asks the loop to save and stop after the current step; another
+        one (a second or more later) stops at once, as Ctrl-C usually does."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_requested and time.monotonic() - self._stop_requested > 1.0:
+                raise KeyboardInterrupt
+            if not self._stop_requested:
+                self._stop_requested = time.monotonic()
+                if self.info.is_main:
+                    print('\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)',
+                          file=sys.stderr)
+        # NOTE: torchrun forwards a Ctrl-C to its workers, which the terminal also signals: the 1 s grace
+        # keeps that pair from counting as the second Ctrl-C
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_agreed(self) -> bool:
+        """Whether a Ctrl-C asked to stop, agreed over all processes (so that all save the same step)."""
+        if not self.info.enabled:
+            return bool(self._stop_requested)
+        return all_reduce_sum([float(bool(self._stop_requested))], self.info, self.device)[0] > 0
+
+    @staticmethod
+    @contextmanager
+    def _sample_errors() -> Iterator[None]:
+        """A data file that cannot be read stops the run with one line naming it."""
+        try:
+            yield
+        except SampleError as e:
+            # raised in a loader worker, the message holds the worker's traceback; its last line is ours
+            message = str(e).strip().splitlines()[-1]
+            raise CliError(message.split('SampleError: ', 1)[-1]) from e
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer update; returns the batch loss."""
-        seed_everything(_derive_seed(self.args.seed, 3, self.global_step, self.info.rank))
+        seed_everything(derive_seed(self.args.seed, 3, self.global_step, self.info.rank))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.mixup is not None:
             x, y = _apply_mixup(self.mixup, x, y)
@@ -784,6 +800,12 @@ class Trainer:
         with _autocast(self.device, self.amp):
             logits = self.ddp_model(x)
         loss = self.criterion(logits.float(), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise CliError(
+                f'the training loss is {value} at global step {self.global_step}; stopped before updating the '
+                f'weights (the last checkpoint in {self.output} is intact); fix: a lower --lr, --clip-grad 1, '
+                '--no-amp, or check the data and the starting weights')
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.args.clip_grad:
@@ -792,7 +814,6 @@ class Trainer:
         self.global_step += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        value = float(loss.detach())
         self.epoch_loss[0] += value * x.shape[0]
         self.epoch_loss[1] += x.shape[0]
         return value
@@ -800,17 +821,18 @@ class Trainer:
     def _lr(self) -> float:
         return max(g['lr'] for g in self.optimizer.param_groups)
 
+    def validate(self, model: nn.Module, desc: str = 'val') -> Dict[str, float]:
+        """Loss, top-1 and top-5 (percent) of ``model`` on the validation data, over all processes."""
+        return evaluate(model, self.val_loader, self.device, self.amp, self.info, self.progress, desc)
+
     def end_epoch(self, epoch: int, seconds: float) -> None:
         loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
         row: Dict[str, Any] = {'epoch': epoch, 'step': self.global_step, 'lr': self._lr(),
                                'train_loss': loss_sum / max(count, 1.0)}
         if self.val_loader is not None:
-            row.update({f'val_{k}': v for k, v in evaluate(self.model, self.val_loader, self.device, self.amp,
-                                                           self.info, self.progress).items()})
+            row.update({f'val_{k}': v for k, v in self.validate(self.model).items()})
             if self.ema is not None:
-                row.update({f'ema_val_{k}': v for k, v in evaluate(self.ema.module, self.val_loader, self.device,
-                                                                   self.amp, self.info, self.progress,
-                                                                   'val (ema)').items()})
+                row.update({f'ema_val_{k}': v for k, v in self.validate(self.ema.module, 'val (ema)').items()})
         row['epoch_time'] = round(seconds, 3)
         self.history.append(row)
         improved = 'val_top1' in row and row['val_top1'] > self.best['top1']
@@ -826,6 +848,22 @@ class Trainer:
                   file=sys.stderr)
 
 
+def read_state(folder: Path) -> Dict[str, Any]:
+    """The training state of the run saved in ``folder`` (its ``train_state.json``)."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise CliError(f'nothing to resume: {path} does not exist; give the --output folder of a run, '
+                       'or drop --resume to start a new one')
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as e:
+        state = {'error': str(e)}
+    if not isinstance(state, dict) or 'checkpoint' not in state:
+        raise CliError(f'{path} is damaged or not a training state; start a new run '
+                       f'(e.g. from its published weights: --pretrained-file {folder / WEIGHTS_FILE})')
+    return state
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -834,18 +872,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``finetune`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
     g = parser.add_argument_group('model')
-    g.add_argument('--model', required=True, help='model name, optionally with a pretrained tag: NAME[.tag]')
+    g.add_argument('--model', default=None,
+                   help='model name, optionally with a pretrained tag: NAME[.tag] (required but with --resume)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                    help='start from the pretrained weights of NAME[.tag] (default: yes)')
     g.add_argument('--pretrained-file', default=None, metavar='FILE',
                    help='start from the weights in this local file instead (safetensors or torch checkpoint)')
     g.add_argument('--model-kwargs', default=None, metavar='JSON',
-                   help='architecture overrides, e.g. \'{"depths": [1,1,1,1], "embed_dim": 32, "img_size": 64}\'')
+                   help='architecture overrides, e.g. \'{"depths": [1,1,1,1], "embed_dim": 32}\'')
+    g.add_argument('--img-size', type=int, default=None, metavar='SIZE',
+                   help="input height and width (square) for model and data (default: the model's)")
+    g.add_argument('--num-frames', type=int, default=None, metavar='T',
+                   help="video models: frames per clip for model and data (default: the model's)")
     g.add_argument('--drop-path', type=float, default=None, help="stochastic depth rate (default: the model's)")
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
     d = parser.add_argument_group('data')
-    d.add_argument('--data', required=True, metavar='DIR',
-                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them')
+    d.add_argument('--data', default=None, metavar='DIR',
+                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them '
+                        '(required but with --resume)')
     d.add_argument('--val-split', type=float, default=0.1,
                    help='fraction of each class held out for validation when DIR has no val/ (default: %(default)s)')
     d.add_argument('--workers', type=int, default=0, help='data-loading processes (default: %(default)s)')
@@ -882,10 +926,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help='bf16 autocast (default: on with CUDA, off on CPU)')
     o.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
     r = parser.add_argument_group('run')
-    r.add_argument('--output', required=True, metavar='DIR',
-                   help='where model.safetensors, config.json, metrics and the training state go')
+    r.add_argument('--output', default=None, metavar='DIR',
+                   help='where model.safetensors, config.json, metrics and the training state go '
+                        '(required but with --resume)')
     r.add_argument('--resume', nargs='?', const='', default=None, metavar='DIR',
-                   help='continue the run saved in DIR (default: --output) exactly where it stopped')
+                   help='continue the run saved in DIR (default: --output) exactly where it stopped; options '
+                        'not given take the run\'s values, so `--resume DIR` alone is enough')
     r.add_argument('--save-every', type=int, default=0, metavar='STEPS',
                    help='also save the training state every STEPS steps within epochs (default: epoch ends only)')
     r.add_argument('--device', default='auto', help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
@@ -893,15 +939,69 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help='tqdm progress bars (default: yes)')
 
 
+def _defaults() -> Dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return vars(parser.parse_args([]))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    missing = [f'--{name}' for name in _RUN_ARGS if getattr(args, name) is None]
+    if missing:
+        raise CliError(f'{", ".join(missing)} required (or --resume DIR to continue a run)')
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'img_size', 'num_frames', 'save_every'):
+        value = getattr(args, name)
+        if value is not None and (value < 1 if name != 'save_every' else value < 0):
+            flag = '--' + name.replace('_', '-')
+            raise CliError(f'{flag} {value}: must be {"at least 1" if name != "save_every" else "0 or more"}')
+
+
+def _restore_run_args(args: argparse.Namespace) -> None:
+    """``--resume``: options not given (left at their defaults) take the values of the run being resumed;
+    the output folder defaults to the run's folder."""
+    if not (args.resume or args.output):
+        raise CliError('--resume needs the folder of the run: --resume DIR')
+    folder = Path(args.resume or args.output)
+    state = read_state(folder)
+    defaults = _defaults()
+    for key, value in state.get('args', {}).items():
+        if key not in defaults or key in ('resume', 'output'):
+            continue
+        current = getattr(args, key, None)
+        if (key in _RUN_ARGS and current is None) or (
+                key not in _RUNTIME_ARGS and _normalised(current) == _normalised(defaults[key])):
+            setattr(args, key, value)
+    if args.output is None:
+        args.output = str(folder)
+    args.resume = str(folder)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Fine-tune as described by parsed ``args``; returns the exit status."""
+    """Fine-tune as described by parsed ``args``; returns the exit status (130 after a Ctrl-C)."""
+    if args.resume is not None:
+        _restore_run_args(args)
+    _check_args(args)
+    args.data = str(Path(args.data).absolute())  # saved with the run, for `--resume DIR` from anywhere
     trainer = Trainer(args)
     try:
         trainer.setup()
+        if trainer.finished:
+            if trainer.info.is_main:
+                print(f'the run in {args.resume} is finished ({trainer.start_epoch} of {args.epochs} epochs, global '
+                      f'step {trainer.global_step}): nothing to resume. To train further, start a new run from its '
+                      f'weights: --pretrained-file {Path(args.resume) / WEIGHTS_FILE}', file=sys.stderr)
+            return 0
         trainer.train()
     finally:
         if trainer.info.enabled and dist.is_initialized():
             dist.destroy_process_group()
+    if trainer.interrupted:
+        if trainer.info.is_main:
+            launcher = (f'torchrun --nproc_per_node={trainer.info.world_size} -m mvit_zoo'
+                        if trainer.info.enabled else 'mvit-zoo')
+            print(f'saved a checkpoint at global step {trainer.global_step} in {trainer.output}; resume with:\n'
+                  f'  {launcher} finetune --resume {shlex.quote(str(trainer.output))}', file=sys.stderr)
+        return 130
     return 0
 
 

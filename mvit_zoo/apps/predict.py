@@ -32,13 +32,14 @@ import torch.nn as nn
 
 import timm
 
+from ..data.folders import IMAGE_EXTENSIONS
+from ..data.transforms import DataConfig, build_transform, resolve_data_config
 from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
 from ..evaluation import video_scores
 from ..weights.convert import unwrap_checkpoint
 from ..weights.hub import CorruptCheckpointError, read_checkpoint
 from .cli import CliError
-from .finetune import (CONFIG_FILE, IMAGE_EXTENSIONS, DataConfig, build_transform, parse_model_kwargs,
-                       resolve_data_config)
+from .finetune import CONFIG_FILE, parse_model_kwargs
 
 __all__ = ['DATA_DIR', 'DEFAULT_MODEL', 'SAMPLE_IMAGE', 'find_inputs', 'label_names_for', 'load_label_set',
            'load_input', 'load_model', 'predict', 'configure_parser', 'run', 'main']

@@ -221,7 +221,7 @@ class VideoFolder(Dataset):
         self.classes = list(classes) if classes is not None else None
 
     @classmethod
-    def from_root(cls, root: PathLike, num_frames: int, stride: int, **kwargs) -> 'VideoFolder':
+    def from_root(cls, root: PathLike, num_frames: int, stride: int, **kwargs) -> VideoFolder:
         """Scan ``root/<class>/*`` for video files; classes are the sorted folder names."""
         from torchvision.datasets.folder import find_classes, make_dataset
         classes, class_to_idx = find_classes(str(root))

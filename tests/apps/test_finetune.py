@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +21,9 @@ from safetensors.torch import load_file
 import timm
 import mvit_zoo
 from mvit_zoo.apps import finetune
-from mvit_zoo.apps.finetune import ShardSampler, Trainer, scan_data
+from mvit_zoo.apps.cli import CliError
+from mvit_zoo.apps.finetune import Trainer
+from mvit_zoo.data.transforms import resolve_data_config
 from mvit_zoo.data.video import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,8 +210,13 @@ def test_torchrun_two_processes_match_single(digits_small: Path, tmp_path: Path)
 def test_output_folder_contents(digits_run: Dict) -> None:
     output = digits_run["output"]
     for name in ("model.safetensors", "model_best.safetensors", "config.json", "train_state.json",
-                 "optimizer.pt", "metrics.csv", "metrics.json"):
+                 "metrics.csv", "metrics.json"):
         assert (output / name).is_file(), name
+    # the resumable state is the checkpoint folder that train_state.json names; the published weights are its own
+    checkpoint = output / json.loads((output / "train_state.json").read_text())["checkpoint"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt"]
+    assert (checkpoint / "model.safetensors").read_bytes() == (output / "model.safetensors").read_bytes()
+    assert [p.name for p in (output / "checkpoints").iterdir()] == [checkpoint.name]  # older ones are removed
     config = json.loads((output / "config.json").read_text())
     assert config["architecture"] == "mvit_tiny"
     assert config["num_classes"] == 10 and config["label_names"] == [str(i) for i in range(10)]
@@ -216,7 +226,7 @@ def test_output_folder_contents(digits_run: Dict) -> None:
     timm.models.PretrainedCfg(**config["pretrained_cfg"])
     csv_lines = (output / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,step,lr,train_loss,val_loss,val_top1,val_top5") and len(csv_lines) == 4
-    extra = torch.load(output / "optimizer.pt", weights_only=True)
+    extra = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert extra["global_step"] == 3 * (1437 // 32) and {"optimizer", "scheduler", "rng"} <= extra.keys()
 
 
@@ -233,7 +243,7 @@ def test_output_loads_with_timm_pretrained_cfg_overlay(digits_run: Dict, digits:
 
 
 def test_existing_run_needs_resume(digits_run: Dict, digits: Path) -> None:
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(CliError, match="--resume"):
         finetune.main(finetune_args(digits, digits_run["output"], "--epochs", "1"))
 
 
@@ -242,7 +252,7 @@ def test_resume_refuses_other_classes(digits_run: Dict, tmp_path: Path) -> None:
     for name in ("a", "b"):
         (data / name).mkdir(parents=True)
         Image.new("RGB", (32, 32)).save(data / name / "x.png")
-    with pytest.raises(SystemExit, match="classes"):
+    with pytest.raises(CliError, match="classes"):
         finetune.main(finetune_args(data, digits_run["output"], "--resume", str(digits_run["output"]),
                                     "--output", str(tmp_path / "out")))
 
@@ -285,33 +295,6 @@ def test_head_sized_to_class_folders(digits_small: Path, tmp_path: Path) -> None
     assert trainer.num_train + trainer.num_val == 400 and trainer.num_val == 40  # default --val-split 0.1
 
 
-def test_scan_data_stratified_split(digits_small: Path) -> None:
-    classes, train, val = scan_data(digits_small, finetune.IMAGE_EXTENSIONS, 0.25, seed=1)
-    assert classes == [str(i) for i in range(10)]
-    assert len(val) == 100 and {t for _, t in val} == set(range(10))
-    assert not {p for p, _ in train} & {p for p, _ in val}
-    assert scan_data(digits_small, finetune.IMAGE_EXTENSIONS, 0.25, seed=1)[2] == val
-    assert scan_data(digits_small, finetune.IMAGE_EXTENSIONS, 0.25, seed=2)[2] != val
-
-
-def test_shard_sampler_global_batches_match_single_process() -> None:
-    single = ShardSampler(10, shuffle=True, seed=3, pad=True)
-    shards = [ShardSampler(10, 2, r, shuffle=True, seed=3, pad=True) for r in range(2)]
-    for s in (single, *shards):
-        s.set_epoch(4)
-    order = list(single)
-    assert sorted(order) == list(range(10))
-    assert [list(s) for s in shards] == [order[0::2], order[1::2]]
-    single.set_epoch(5)
-    assert list(single) != order
-    single.set_epoch(4, skip=6)
-    assert list(single) == order[6:] and len(single) == 4
-    odd = [ShardSampler(5, 2, r, pad=True) for r in range(2)]
-    assert [len(s) for s in odd] == [3, 3]
-    val = [ShardSampler(5, 2, r) for r in range(2)]
-    assert sorted(list(val[0]) + list(val[1])) == list(range(5))
-
-
 def test_transfer_from_pretrained_file(digits_run: Dict, tmp_path: Path) -> None:
     """--pretrained-file: backbone from the file, a new head for another class count, layer decay on by default."""
     data = tmp_path / "two"
@@ -332,14 +315,284 @@ def test_transfer_from_pretrained_file(digits_run: Dict, tmp_path: Path) -> None
     assert len({g["lr_scale"] for g in trainer.optimizer.param_groups}) > 1  # default 0.75 layer decay
 
 
-def test_data_config_follows_the_pretrained_config() -> None:
-    """T from the model as built, tau / mean / std / crop from the tag's pretrained config."""
-    small = {k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_2D.items() if k != "img_size"}
-    video = mvit_zoo.create_model("mvit_b_32x3.pv_k400", img_size=(8, 32, 32), **small)
-    cfg = finetune.resolve_data_config(video)
-    assert cfg.is_video and cfg.input_size == (3, 8, 32, 32) and cfg.num_frames == 8
-    assert cfg.sampling_rate == 3 and cfg.mean == (0.45, 0.45, 0.45) and cfg.interpolation == "bilinear"
-    assert finetune.resolve_data_config(video, sampling_rate=2).sampling_rate == 2
-    assert cfg.to_dict()["input_size"] == [3, 32, 32]  # timm convention; T is num_frames
-    image = finetune.resolve_data_config(mvit_zoo.create_model("mvit_tiny.fb_in1k", img_size=48, **small))
-    assert not image.is_video and image.input_size == (3, 48, 48) and image.crop_pct == 0.9
+# -- interruption, resume and files ---------------------------------------------------------------------
+
+TINY = ["--batch-size", "4", "--val-split", "0"]  # 12 images: 3 steps per epoch
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (no Ctrl-C handling, no checkpoint)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two class folders of six random 32x32 images."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (a, b)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """SIGINT during step 5 of 6: the step is finished and saved; `--resume DIR` alone continues the run to
+    the numbers of an uninterrupted one; resuming the finished run then says so and trains nothing."""
+    extra = ["--epochs", "2", *TINY]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert finetune.main(finetune_args(tiny, straight, *extra)) == 0
+    train_step = Trainer.train_step
+
+    def ctrl_c_in_step_5(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_5)
+    capsys.readouterr()
+    assert finetune.main(finetune_args(tiny, run, *extra)) == 130
+    assert f"resume with:\n  mvit-zoo finetune --resume {run}\n" in capsys.readouterr().err
+    state = json.loads((run / "train_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is only held while training
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert finetune.main(["--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "warning" not in err
+    assert metrics(run) == metrics(straight)
+    assert_same_weights(run / "model.safetensors", straight / "model.safetensors")
+
+    published = (run / "model.safetensors").read_bytes()
+    assert finetune.main(["--resume", str(run)]) == 0
+    assert "is finished (2 of 2 epochs, global step 6): nothing to resume" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == published and len(metrics(run)) == 2
+
+
+def test_resume_warns_only_about_changed_arguments(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The saved arguments read back from JSON (lists) compare equal to argparse's (tuple defaults)."""
+    args = _args(*finetune_args(tiny, tmp_path / "unused"))
+    saved = json.loads(json.dumps(finetune._args_dict(args)))
+    assert args.scale == (0.08, 1.0) and saved["scale"] == [0.08, 1.0]
+    finetune._check_resume_args(saved, args)
+    assert capsys.readouterr().err == ""
+    args.scale = (0.2, 1.0)
+    finetune._check_resume_args(saved, args)
+    assert "(scale: [0.08, 1.0] -> [0.2, 1.0])" in capsys.readouterr().err
+
+    output = tmp_path / "o"
+    args = finetune_args(tiny, output, *TINY, "--scale", "0.5", "1")
+    assert finetune.main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert finetune.main([*args, "--epochs", "1", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "is finished" in err and "warning" not in err
+    assert finetune.main([*args, "--epochs", "2", "--scale", "0.4", "1", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: resuming with changed arguments (scale: [0.5, 1.0] -> [0.4, 1.0], epochs: 1 -> 2)" in err
+    assert [r["epoch"] for r in metrics(output)] == [0, 1]
+
+
+def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies at each file write of an epoch-end save (step 3) and a mid-epoch save (step 4),
+    after writing the file's temporary copy: the run resumes, from the last whole checkpoint, to the
+    numbers of an uninterrupted run; the published weights stay loadable throughout."""
+    extra = ["--epochs", "2", "--save-every", "1", *TINY]
+    atomic_write = finetune._atomic_write
+    writes: List[str] = []
+
+    def recording(path: Path, write) -> None:
+        writes.append(path.parent.name)
+        atomic_write(path, write)
+
+    monkeypatch.setattr(finetune, "_atomic_write", recording)
+    straight = tmp_path / "straight"
+    assert finetune.main(finetune_args(tiny, straight, *extra)) == 0
+    # the save of step N writes config.json, then its checkpoint folder step-N-<id>/ ...
+    first = next(i for i, parent in enumerate(writes) if parent.startswith("step-00000003")) - 1
+    last = next(i for i, parent in enumerate(writes) if parent.startswith("step-00000005")) - 1
+    assert last - first == 12  # 5 files per save, metrics.json and metrics.csv at the epoch end
+
+    for k in range(first, last):
+        calls: List[Path] = []
+
+        def dying(path: Path, write, calls: List[Path] = calls, k: int = k) -> None:
+            calls.append(path)
+            if len(calls) == k + 1:
+                write(path.with_name(path.name + ".tmp"))
+                raise Killed
+            atomic_write(path, write)
+
+        output = tmp_path / f"killed{k}"
+        monkeypatch.setattr(finetune, "_atomic_write", dying)
+        with pytest.raises(Killed):
+            finetune.main(finetune_args(tiny, output, *extra))
+        state = json.loads((output / "train_state.json").read_text())
+        assert state["global_step"] in (2, 3, 4), k
+        assert load_file(output / "model.safetensors").keys() == load_file(straight / "model.safetensors").keys()
+        monkeypatch.setattr(finetune, "_atomic_write", atomic_write)
+        assert finetune.main(["--resume", str(output), "--no-progress"]) == 0, k
+        assert metrics(output) == metrics(straight), k
+        assert_same_weights(output / "model.safetensors", straight / "model.safetensors")
+        assert len(list((output / "checkpoints").iterdir())) == 1, k  # what the interrupted save left is removed
+
+
+def test_written_files_get_the_umask_mode(tiny: Path, tmp_path: Path) -> None:
+    output = tmp_path / "o"
+    umask = os.umask(0o027)
+    try:
+        assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    finally:
+        os.umask(umask)
+    modes = {str(p.relative_to(output)): stat.S_IMODE(p.stat().st_mode) for p in output.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
+def test_non_finite_loss_stops_before_updating_the_weights(tiny: Path, tmp_path: Path) -> None:
+    trainer = _setup(tiny, tmp_path / "o", *TINY)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.criterion = lambda logits, target: logits.sum() * float("nan")
+    with pytest.raises(CliError, match=r"the training loss is nan at global step 0; .*fix: a lower --lr"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
+def test_damaged_checkpoint_file_is_named_on_resume(tiny: Path, tmp_path: Path, name: str) -> None:
+    output = tmp_path / "o"
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    path = output / json.loads((output / "train_state.json").read_text())["checkpoint"] / name
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CliError, match=f"cannot resume from {re.escape(str(path))} .*start a new run"):
+        finetune.main(["--resume", str(output), "--epochs", "2"])
+
+
+# -- input size ------------------------------------------------------------------------------------------
+
+def _args(*argv: str):
+    parser = finetune.argparse.ArgumentParser()
+    finetune.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_img_size_sets_model_and_data(tiny: Path, tmp_path: Path) -> None:
+    kwargs = {k: v for k, v in SMALL_2D.items() if k != "img_size"}
+    trainer = Trainer(_args(*finetune_args(tiny, tmp_path / "o", "--img-size", "64", *TINY, kwargs=kwargs)))
+    trainer.setup()
+    assert trainer.model.img_size == (64, 64) and trainer.data_cfg.input_size == (3, 64, 64)
+    config = trainer.config()
+    assert config["model_args"]["img_size"] == 64 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+
+
+def test_img_size_and_num_frames_for_video_models(tmp_path: Path) -> None:
+    kwargs = {k: v for k, v in SMALL_3D.items() if k != "img_size"}
+
+    def resolve(*extra: str) -> Dict:
+        args = _args(*finetune_args(tmp_path, tmp_path / "o", *extra, model="mvit_v2_s_16x4", kwargs=kwargs))
+        model_kwargs, is_video = finetune.resolve_model_kwargs(args)
+        assert is_video
+        return model_kwargs
+
+    assert resolve("--img-size", "48", "--num-frames", "4")["img_size"] == (4, 48, 48)
+    assert resolve("--num-frames", "4")["img_size"] == (4, 224, 224)
+    assert resolve("--img-size", "64")["img_size"] == (16, 64, 64)
+    model = mvit_zoo.create_model("mvit_v2_s_16x4", **resolve("--img-size", "32", "--num-frames", "4"))
+    assert resolve_data_config(model).input_size == (3, 4, 32, 32)
+    with pytest.raises(CliError, match="input size is given twice"):
+        finetune.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--img-size", "48")))
+    with pytest.raises(CliError, match="--num-frames is for video models and mvit_tiny is an image model"):
+        finetune.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--num-frames", "4",
+                                                           kwargs={"depths": [1, 1, 1, 1]})))
+
+
+# -- clear errors ------------------------------------------------------------------------------------------
+
+def _error_case(case: str, tiny: Path, tmp: Path) -> List[str]:
+    if case == "data is a file":
+        return finetune_args(tiny / "a" / "0.png", tmp / "o")
+    if case == "data missing":
+        return finetune_args(tmp / "missing", tmp / "o")
+    if case == "data empty":
+        (tmp / "empty").mkdir()
+        return finetune_args(tmp / "empty", tmp / "o")
+    if case == "no images":
+        for name in ("a", "b"):
+            (tmp / "txt" / name).mkdir(parents=True)
+            (tmp / "txt" / name / "x.txt").touch()
+        return finetune_args(tmp / "txt", tmp / "o")
+    flags = {
+        "unknown model": ["--model", "mvit_smal"],
+        "unknown tag": ["--model", "mvit_small.nope", "--pretrained"],
+        "img_size too small": ["--model-kwargs", '{"img_size": 16}'],
+        "unknown field": ["--model-kwargs", '{"embed_dims": 16}'],
+        "not JSON": ["--model-kwargs", "{img_size: 16}"],
+        "batch size 0": ["--batch-size", "0"],
+        "negative batch size": ["--batch-size", "-2"],
+        "0 epochs": ["--epochs", "0"],
+        "odd batch with mixup": ["--batch-size", "3", "--mixup", "0.2"],
+    }[case]
+    return [*finetune_args(tiny, tmp / "o"), *flags]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown model", "--model mvit_smal: unknown model; did you mean mvit_small"),
+    ("unknown tag", "--model mvit_small.nope: mvit_small has no pretrained tag 'nope'; available: fb_in1k"),
+    ("data is a file", r"--data: .*a/0\.png is a file; give a folder of class folders"),
+    ("data missing", r"--data: .*missing does not exist; give a folder of class folders"),
+    ("data empty", r"--data: .*empty has no class folders; a classifier needs at least two"),
+    ("no images", r"--data: no files with the extensions \.jpg, .* in the class folder\(s\) a, b of "),
+    ("img_size too small", r"input size \(16, 16\) is too small for mvit_tiny: H=16 \(min 32\), W=16 \(min 32\), "
+                           r'its total stride; fix: a size of 32 or more \(--img-size 32, or "img_size": 32 in'),
+    ("unknown field", r"unknown MViT config field\(s\): \['embed_dims'\]; valid fields: .*depths, .*embed_dim, "),
+    ("not JSON", r"--model-kwargs is not valid JSON \(.*\); give an object"),
+    ("batch size 0", "--batch-size 0: must be at least 1"),
+    ("negative batch size", "--batch-size -2: must be at least 1"),
+    ("0 epochs", "--epochs 0: must be at least 1"),
+    ("odd batch with mixup", "use an even --batch-size"),
+])
+def test_input_mistakes_raise_one_clear_error(case: str, message: str, tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(CliError, match=message) as info:
+        finetune.main(_error_case(case, tiny, tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_prints_input_mistakes_as_one_line(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mvit_zoo.apps import cli
+
+    assert cli.main(["finetune", *finetune_args(tiny, tmp_path / "o", "--batch-size", "0")]) != 0
+    assert capsys.readouterr().err == "mvit-zoo finetune: error: --batch-size 0: must be at least 1\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="--device cuda: no CUDA GPU is available to torch; use --device cpu"):
+        finetune.main(finetune_args(tiny, tmp_path / "o", "--device", "cuda"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_video_without_frames_is_named(tmp_path: Path, workers: int) -> None:
+    import av
+
+    data = tmp_path / "clips"
+    rng = np.random.default_rng(0)
+    for name, (dy, dx) in list(DIRECTIONS.items())[:2]:
+        (data / name).mkdir(parents=True)
+        write_video(data / name / "0.mp4", moving_bar(rng, dy, dx, frames=4), fps=8)
+    empty = data / "down" / "1.mp4"
+    with av.open(str(empty), mode="w") as container:  # a stream header, no frames
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+    kwargs = {**SMALL_3D, "img_size": [2, 32, 32]}
+    with pytest.raises(CliError, match=f"^cannot read {re.escape(str(empty))} .*; remove or re-encode that file$"):
+        finetune.main(finetune_args(data, tmp_path / "o", "--epochs", "1", "--batch-size", "3", "--val-split", "0",
+                                    "--workers", str(workers), model="mvit_v2_s_16x4", kwargs=kwargs))
