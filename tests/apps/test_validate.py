@@ -93,7 +93,7 @@ def test_validate_unknown_folder_names_the_folder(tmp_path: Path, capsys: pytest
     for name in ("tench", "not_a_class", "zebra_crossing"):
         (tmp_path / name).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "a.png")
-    assert validate("--model", "resnet18", "--no-pretrained", "--data", str(tmp_path)) == 1
+    assert validate("--model", "resnet18", "--no-pretrained", "--data", str(tmp_path)) == 2
     assert "class folder 'not_a_class' is not a class" in capsys.readouterr().err
 
 
@@ -117,9 +117,9 @@ def test_predict_views_prints_the_averaged_top5(tmp_path: Path, capsys: pytest.C
 
 
 def test_validate_bad_arguments_fail_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path / "missing")) == 1
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path / "missing")) == 2
     assert "--data" in capsys.readouterr().err
-    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--views", "5x2") == 1
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--views", "5x2") == 2
     assert "S = 1 or 3" in capsys.readouterr().err
-    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--results-file", "r.txt") == 1
+    assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--results-file", "r.txt") == 2
     assert ".json or .csv" in capsys.readouterr().err
