@@ -81,6 +81,27 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (CliError, WeightsError, CheckpointMismatchError, FileNotFoundError, ValueError)
 
 
+# where each command takes a local weight file instead of downloading the pretrained one
+_LOCAL_WEIGHTS_FLAG = {"predict": "--checkpoint PATH", "finetune": "--pretrained-file FILE"}
+
+
+def _describe(command: str, e: BaseException) -> str:
+    """The one-line message of an error; missing weights get their fix in this command's flags (the
+    error's own text gives it as create_model arguments)."""
+    from ..weights.hub import WeightsUnavailableError
+
+    flag = _LOCAL_WEIGHTS_FLAG.get(command)
+    if not isinstance(e, WeightsUnavailableError) or not e.tag or flag is None:
+        return str(e)
+    fix = f"pass a weight file with {flag}, or --no-pretrained for random weights"
+    if e.reason == "offline":
+        fix += ", or unset HF_HUB_OFFLINE to download them"
+    elif e.reason == "unreachable":
+        fix += ", or set HF_ENDPOINT to a mirror you can reach"
+    head = f"{e.tag} {e.summary}" if e.summary.startswith("has ") else f"{e.tag}: {e.summary}"
+    return f"{head}; {fix}" + (f" ({e.details})" if e.details else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -99,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except _errors() as e:
-        print(f"mvit-zoo {args.command}: error: {e}", file=sys.stderr)
+        print(f"mvit-zoo {args.command}: error: {_describe(args.command, e)}", file=sys.stderr)
         return 1
 
 
