@@ -453,11 +453,12 @@ def _check_cached_blob(path: Path, origin: str) -> None:
 
 
 def _expected_hash(url: str, known: str | None) -> str | None:
-    """The published hash of `url`: given explicitly (a full SHA-256 or a prefix of at least 8 hex digits),
-    or torchvision's `name-<sha256 prefix>.pth` rule."""
+    """The published hash of `url`: given explicitly (a full SHA-256 or a prefix of one), or torchvision's
+    `name-<sha256 prefix>.pth` rule."""
     if known:
-        if not re.fullmatch(r"[0-9a-fA-F]{8,64}", known):
-            raise ValueError(f"file_sha256={known!r} for {url} is not a SHA-256 (8 to 64 hex digits)")
+        if not re.fullmatch(r"[0-9a-fA-F]{1,64}", known):
+            raise ValueError(f"the SHA-256 {known!r} given for {url} is not one: expected hex digits (all 64, or "
+                             f"a prefix)")
         return known.lower()
     m = re.search(r"-([0-9a-f]{8,64})\.pth$", url)
     return m.group(1) if m else None
@@ -697,7 +698,14 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> Path:
     try:
         get_hf_file_metadata(url, timeout=timeout)
     except Exception as e:  # noqa: BLE001 - classified
-        raise _hub_failure(e, repo, filename, revision, url, timeout) from None
+        failure = _hub_failure(e, repo, filename, revision, url, timeout)
+        cached = _hub_cached(repo, filename, revision) if isinstance(failure, DownloadError) else None
+        if cached is None:
+            raise failure from None
+        _logger.warning("%s: cannot ask the Hub for a newer %s (%s); using the cached copy", repo, filename,
+                        failure.summary)
+        _check_cached_blob(cached, repo)
+        return cached
     for attempt in range(2):
         try:
             path = Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=timeout))
