@@ -650,8 +650,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _hub_failure(e: BaseException, repo: str, filename: str, revision: str | None, url: str,
-                 timeout: float) -> Exception:
-    """The error for what huggingface_hub raised while fetching `repo`/`filename` (metadata or file)."""
+                 timeout: float | None) -> Exception:
+    """The error for what huggingface_hub raised while fetching `repo`/`filename`: its metadata (within
+    `timeout`), or the file (`timeout` None: HF_HUB_DOWNLOAD_TIMEOUT bounds each read)."""
     import httpx2
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -671,9 +672,9 @@ def _hub_failure(e: BaseException, repo: str, filename: str, revision: str | Non
     if isinstance(e, EntryNotFoundError):
         return _HubMissing(f"repository {repo} has no {filename}")
     if isinstance(e, httpx2.TimeoutException):
-        return DownloadError(url, "timeout", f"no answer within {timeout:g} s ({type(e).__name__}; set "
-                                             f"{TIMEOUT_ENV}, or HF_HUB_DOWNLOAD_TIMEOUT for file reads, to wait "
-                                             f"longer)")
+        waited = f"no answer within {timeout:g} s" if timeout else "a read timed out"
+        return DownloadError(url, "timeout", f"{waited} ({type(e).__name__}; set {TIMEOUT_ENV}, or "
+                                             f"HF_HUB_DOWNLOAD_TIMEOUT for file reads, to wait longer)")
     if isinstance(e, (httpx2.ConnectError, httpx2.ProxyError, httpx2.UnsupportedProtocol, FileMetadataError)):
         return DownloadError(url, "unreachable", _first_line(e))
     if isinstance(e, HfHubHTTPError):
@@ -710,7 +711,7 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> Path:
         try:
             path = Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=timeout))
         except Exception as e:  # noqa: BLE001 - classified
-            raise _hub_failure(e, repo, filename, revision, url, timeout) from None
+            raise _hub_failure(e, repo, filename, revision, url, None) from None
         if _blob_is_intact(path):
             _intact_blobs.add(_blob_key(path))
             return path
