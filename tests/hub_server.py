@@ -11,6 +11,10 @@
 * ``HEAD``/``GET /files/{name}``: plain static files (`add_static`), standing in for the official
   checkpoint URLs (download.pytorch.org, dl.fbaipublicfiles.com) that the weight loader falls back to.
 
+``delay=`` (`add_file` / `add_static`) makes a GET wait after its headers before the body: a slow
+server, for timeouts and for downloads that overlap. `silent_server` accepts connections and never
+answers.
+
 Errors use the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``EntryNotFound``,
 ``RevisionNotFound``) plus a JSON ``{"error": ...}`` body, which ``huggingface_hub`` maps to
 ``RepositoryNotFoundError`` / ``RemoteEntryNotFoundError`` / ``RevisionNotFoundError``.
@@ -36,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -79,6 +84,7 @@ class HubFile:
     sha256: str
     corrupt: Corruption | None = None
     corrupt_times: int | None = None  # None: every GET is damaged; n: only the next n GETs
+    delay: float = 0.0  # seconds a GET waits after the headers before sending the body (a slow server)
 
 
 class HubServer:
@@ -159,12 +165,13 @@ class HubServer:
         *,
         corrupt: Corruption | None = None,
         corrupt_times: int | None = None,
+        delay: float = 0.0,
     ) -> str:
         """Add (or replace) a file; `data_or_path` is bytes or a path to read. Returns its sha256."""
         data = bytes(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else Path(data_or_path).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            self.repos.setdefault(repo_id, {})[filename] = HubFile(data, sha, corrupt, corrupt_times)
+            self.repos.setdefault(repo_id, {})[filename] = HubFile(data, sha, corrupt, corrupt_times, delay)
         return sha
 
     def add_static(
@@ -174,11 +181,12 @@ class HubServer:
         *,
         corrupt: Corruption | None = None,
         corrupt_times: int | None = None,
+        delay: float = 0.0,
     ) -> str:
         """Serve a plain file at ``/files/{name}`` (no Hub headers); returns its full URL."""
         data = bytes(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else Path(data_or_path).read_bytes()
         with self._lock:
-            self.static[name] = HubFile(data, hashlib.sha256(data).hexdigest(), corrupt, corrupt_times)
+            self.static[name] = HubFile(data, hashlib.sha256(data).hexdigest(), corrupt, corrupt_times, delay)
         return f"{self.url}/files/{name}"
 
     def remove_file(self, repo_id: str, filename: str) -> None:
@@ -313,8 +321,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if not head:
-            with contextlib.suppress(ConnectionError):
-                self.wfile.write(body)
+            self._send_body(body, hub_file.delay)
+
+    def _send_body(self, body: bytes, delay: float) -> None:
+        with contextlib.suppress(ConnectionError):
+            if delay:
+                self.wfile.flush()
+                threading.Event().wait(delay)  # not time.sleep, which tests patch to skip retry back-off
+            self.wfile.write(body)
 
     def _static(self, name: str, head: bool) -> None:
         """A plain file server's answer: 200 with Content-Length, or 404."""
@@ -336,8 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.end_headers()
         if not head:
-            with contextlib.suppress(ConnectionError):
-                self.wfile.write(body)
+            self._send_body(body, hub_file.delay)
 
     def _take_corruption(self, repo_id: str | None, filename: str) -> Corruption | None:
         """The corruption to apply to this GET, consuming one of `corrupt_times` (repo None: a static file)."""
@@ -391,6 +404,18 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is not None:
             headers["X-Repo-Commit"] = commit  # lets huggingface_hub cache the miss under .no_exist/
         self._json(status, {"error": message}, head, headers)
+
+
+@contextlib.contextmanager
+def silent_server(host: str = "127.0.0.1") -> Iterator[str]:
+    """The URL of a server that accepts connections (the kernel's backlog does) and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(64)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
 
 
 # -- in-process and subprocess helpers -------------------------------------------------------

@@ -96,11 +96,32 @@ def _errors() -> tuple[type[BaseException], ...]:
             IsADirectoryError, PermissionError, ValueError)
 
 
-def _message(e: BaseException) -> str:
+def _message(command: str, e: BaseException) -> str:
     """A user error's message on one line (the type's name when it has none)."""
-    text = str(e.code if isinstance(e, SystemExit) else e)
+    text = str(e.code) if isinstance(e, SystemExit) else _describe(command, e)
     text = " ".join(text.split()).removeprefix("error: ")  # a command's SystemExit("error: ...")
     return text or f"{type(e).__name__} (run with --debug for its traceback)"
+
+
+# where each command takes a local weight file instead of downloading the pretrained one
+_LOCAL_WEIGHTS_FLAG = {"predict": "--checkpoint PATH", "finetune": "--pretrained-file FILE"}
+
+
+def _describe(command: str, e: BaseException) -> str:
+    """The one-line message of an error; missing weights get their fix in this command's flags (the
+    error's own text gives it as create_model arguments)."""
+    from ..weights.hub import WeightsUnavailableError
+
+    flag = _LOCAL_WEIGHTS_FLAG.get(command)
+    if not isinstance(e, WeightsUnavailableError) or not e.tag or flag is None:
+        return str(e)
+    fix = f"pass a weight file with {flag}, or --no-pretrained for random weights"
+    if e.reason == "offline":
+        fix += ", or unset HF_HUB_OFFLINE to download them"
+    elif e.reason == "unreachable":
+        fix += ", or set HF_ENDPOINT to a mirror you can reach"
+    head = f"{e.tag} {e.summary}" if e.summary.startswith("has ") else f"{e.tag}: {e.summary}"
+    return f"{head}; {fix}" + (f" ({e.details})" if e.details else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -131,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _user_error(args: argparse.Namespace, e: BaseException) -> int:
     if args.debug:
         traceback.print_exception(e)
-    print(f"mvit-zoo {args.command}: error: {_message(e)}", file=sys.stderr)
+    print(f"mvit-zoo {args.command}: error: {_message(args.command, e)}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 

@@ -45,7 +45,9 @@ class MViTPretrainedCfg(PretrainedCfg):
     label_set: Optional[str] = None  # imagenet-1k | imagenet-21k-winter | kinetics-400 | kinetics-600 | ssv2
     top1: Optional[float] = None  # published accuracy of these weights (%)
     top5: Optional[float] = None
-    file_sha256: Optional[str] = None  # SHA-256 (or prefix) of the official file, where published
+    file_sha256: Optional[str] = None  # SHA-256 of the official `url` file (full, or a published prefix of >= 8
+    #                                    hex digits), checked on download; unset: none known, except for torchvision's
+    #                                    `name-<sha256 prefix>.pth` files (MODEL_CARD.md, "File hashes")
     arch: Optional[dict] = None  # architecture fields these weights need (e.g. pytorchvideo's pooling-norm eps)
 
 

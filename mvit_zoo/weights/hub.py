@@ -14,26 +14,37 @@ Sources for a pretrained tag, tried in order:
    read with `torch.load(weights_only=True)` (arbitrary pickled objects are refused), renamed to
    mvit-zoo's layout and stored as safetensors, so that the next load is a plain safetensors read.
 
-Environment: `HF_ENDPOINT`, `HF_HUB_OFFLINE`, `HF_HOME` / `HF_HUB_CACHE` as for huggingface_hub;
+Environment: `HF_ENDPOINT`, `HF_HUB_OFFLINE`, `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_DOWNLOAD_TIMEOUT` (read
+timeout of the Hub's file transfers), `HF_HUB_DISABLE_PROGRESS_BARS` as for huggingface_hub;
 `MVIT_ZOO_HUB_ORG` (this project's Hub organisation, default 'mvit-zoo'), `MVIT_ZOO_CACHE` (where
 converted official checkpoints go, default `$HF_HOME/mvit-zoo`), `MVIT_ZOO_CHECK_UPDATES=1` (ask the Hub
-for a newer revision even when a cached copy exists).
+for a newer revision even when a cached copy exists), `MVIT_ZOO_DOWNLOAD_TIMEOUT` (seconds to wait for a
+server to connect and to answer, on the Hub's metadata request and on official URLs; default 10).
 
-Every failure raises an error that says what went wrong and what to do; a corrupt cached file is
-removed, so that the next load fetches it afresh instead of failing the same way.
+Every failure raises an error that says what went wrong and what to do: `WeightsUnavailableError` (no
+source could provide the weights; `DownloadError`, one server failed), `CacheError` (the cache cannot be
+written), `CorruptCheckpointError`, `UnsafeCheckpointError`, `HashMismatchError`, `InvalidWeightsError`.
+A corrupt cached file is removed, so that the next load fetches it afresh instead of failing the same way.
+A cached Hub file is checked against the hash it is named by on its first use in a process, and every
+loaded state dict once for non-float tensors and non-finite values (`check_state_dict`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
@@ -41,9 +52,26 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "WeightsError", "WeightsUnavailableError", "CorruptCheckpointError", "UnsafeCheckpointError", "HashMismatchError",
-    "WeightSource", "hub_org", "hub_repo_id", "cache_dir", "read_checkpoint", "save_safetensors", "download_url",
-    "resolve_weights", "load_pretrained",
+    "CacheError",
+    "CorruptCheckpointError",
+    "DownloadError",
+    "HashMismatchError",
+    "InvalidWeightsError",
+    "UnsafeCheckpointError",
+    "WeightSource",
+    "WeightsError",
+    "WeightsUnavailableError",
+    "cache_dir",
+    "check_state_dict",
+    "download_timeout",
+    "download_url",
+    "hub_org",
+    "hub_repo_id",
+    "load_pretrained",
+    "read_checkpoint",
+    "resolve_weights",
+    "save_safetensors",
+    "sha256_file",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -51,8 +79,11 @@ _logger = logging.getLogger(__name__)
 HUB_ORG_ENV = "MVIT_ZOO_HUB_ORG"
 CACHE_ENV = "MVIT_ZOO_CACHE"
 CHECK_UPDATES_ENV = "MVIT_ZOO_CHECK_UPDATES"
+TIMEOUT_ENV = "MVIT_ZOO_DOWNLOAD_TIMEOUT"
 DEFAULT_HUB_ORG = "mvit-zoo"
+DEFAULT_TIMEOUT = 10.0
 WEIGHTS_NAME = "model.safetensors"
+STALE_PART_SECONDS = 3600.0  # an interrupted download's .part file untouched this long (and unlocked) is removed
 OFFLINE_HINT = "cannot reach the Hub; set HF_ENDPOINT / HF_HUB_OFFLINE or pass a file"
 _FILE_HINT = "pretrained_cfg_overlay=dict(file='path/to/weights')"
 
@@ -62,7 +93,36 @@ class WeightsError(RuntimeError):
 
 
 class WeightsUnavailableError(WeightsError):
-    """No source could provide the weights (no network and no cache, unknown repository, no weights)."""
+    """No source could provide the weights.
+
+    Besides the message, it says what happened in fields a front end can word in its own terms:
+    `tag`; `summary` (what failed, in a few words); `details` (what each source answered);
+    `reason`: 'offline' (HF_HUB_OFFLINE is set and nothing is cached), 'unreachable' (no server answered),
+    'missing' (no such repository, file or URL) or 'none' (the tag has no published weights).
+    """
+
+    def __init__(self, message: str, *, tag: str = "", summary: str = "", details: str = "",
+                 reason: str = "missing") -> None:
+        super().__init__(message)
+        self.tag, self.summary, self.details, self.reason = tag, summary or message, details, reason
+
+
+class DownloadError(WeightsUnavailableError):
+    """One server could not provide a file: `reason` 'unreachable' (connection refused, no route, DNS),
+    'timeout' (no answer within `download_timeout()`), 'missing' (HTTP 404 / 410) or 'http' (another
+    HTTP error status); `url` is what was asked for."""
+
+    def __init__(self, url: str, reason: str, detail: str) -> None:
+        super().__init__(f"cannot download {url}: {detail}", summary=detail, details=url, reason=reason)
+        self.url = url
+
+
+class CacheError(WeightsError):
+    """A cache folder cannot be written (full disk, read-only, no permission); `errno` says which."""
+
+    def __init__(self, message: str, errno_: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 class CorruptCheckpointError(WeightsError):
@@ -75,6 +135,10 @@ class UnsafeCheckpointError(WeightsError):
 
 class HashMismatchError(WeightsError):
     """A downloaded file's content does not match its published hash; nothing was cached."""
+
+
+class InvalidWeightsError(WeightsError):
+    """A checkpoint's tensors cannot be weights: an integer / bool dtype, or NaN / Inf values."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +160,7 @@ def hub_org() -> str:
     return os.environ.get(HUB_ORG_ENV) or DEFAULT_HUB_ORG
 
 
-def hub_repo_id(hf_hub_id: str) -> tuple[str, Optional[str]]:
+def hub_repo_id(hf_hub_id: str) -> tuple[str, str | None]:
     """(repository, revision) of a tag's `hf_hub_id` ('org/name' or 'org/name@revision'). A repository in
     the default organisation moves to `hub_org()`, so MVIT_ZOO_HUB_ORG applies even after import."""
     repo, _, revision = hf_hub_id.partition("@")
@@ -114,6 +178,22 @@ def cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME) / "mvit-zoo"
+
+
+def download_timeout() -> float:
+    """Seconds to wait for a server to connect and to answer each read (env MVIT_ZOO_DOWNLOAD_TIMEOUT,
+    default 10): the Hub's metadata request and official URL downloads give up after it, without retries."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds; set it to e.g. 30, or unset it "
+                         f"for the default {DEFAULT_TIMEOUT:g}")
+    return seconds
 
 
 def _offline() -> bool:
@@ -135,16 +215,48 @@ def _endpoint() -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading and writing files
+# Reading, checking and writing files
 # --------------------------------------------------------------------------------------------------
 
-def _forget_cached(path: Path) -> None:
-    """Remove a bad cached file and, for an HF cache snapshot link, the blob it points to."""
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _cache_error(e: OSError, path: Path, env: str) -> CacheError:
+    """The error for a failed write into a cache folder, with the fix for its cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on that disk, or point {env} to a disk with room"
+    else:
+        fix = f"point {env} to a folder you can write, or pass a local file with {_FILE_HINT}"
+    return CacheError(f"cannot write {path}: {e.strerror or e} ({errno.errorcode.get(e.errno or 0, 'OSError')}); "
+                      f"{fix}", e.errno)
+
+
+def _remove(path: Path) -> OSError | None:
+    """Remove a file if it exists; returns the error instead of raising it (a read-only cache must not hide
+    the error that made the caller clean up)."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError):
+        pass
+    except OSError as e:
+        return e
+    return None
+
+
+def _forget_cached(path: Path) -> OSError | None:
+    """Remove a bad cached file and, for an HF cache snapshot link, the blob it points to; returns the
+    error of a removal that failed."""
+    failed = None
     for p in {path.resolve(), path}:
-        try:
-            p.unlink()
-        except (FileNotFoundError, IsADirectoryError):
-            pass
+        failed = _remove(p) or failed
+    return failed
+
+
+def _forgot(path: Path, failed: OSError | None) -> str:
+    """What the message says about a bad cached copy after `_forget_cached`."""
+    if failed is None:
+        return " The cached copy was removed; loading again downloads it afresh."
+    return f" The cached copy could not be removed ({failed.strerror or failed}); delete {path.resolve()} by hand."
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -159,11 +271,16 @@ def _in_cache(path: Path) -> bool:
     return _within(path, _hub_cache()) or _within(path, cache_dir())
 
 
+_REFUSALS = re.compile(
+    r"GLOBAL \S+ (?:was not an allowed global|whose module \S+ is blocked)|unrecognized function [^\n]*?(?= which|\n|$)"
+    r"|Can only create new object[^\n]*|``[^`]+`` must be imported to load \w+|Unsupported operand \d+"
+    r"|String is too long|unsupported persistent id encountered|Can only append to lists[^\n]*")
+
+
 def _refused_detail(text: str) -> str:
-    """What torch's weights_only unpickler refused ('Unsupported global: GLOBAL exec'), without the rest of
-    its message, which advises an unsafe load and holds terminal escape codes."""
-    m = re.search(r"Unsupported (global|class): \S+( \S+)?|GLOBAL \S+ was not an allowed global|Unsupported operand \d+",
-                  text)
+    """What torch's weights_only unpickler refused ('GLOBAL posix.system whose module posix is blocked'),
+    without the rest of its message, which advises an unsafe load and holds terminal escape codes."""
+    m = _REFUSALS.search(text)
     return m.group(0) if m else "not a weights-only pickle"
 
 
@@ -194,12 +311,14 @@ def _looks_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28)
 
 
-def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: Optional[bool] = None) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None = None) -> dict[str, Any]:
     """Read a checkpoint without running code from it: safetensors, or a pickle via
     `torch.load(weights_only=True)` (which refuses anything but tensors and plain containers).
 
-    A corrupt file inside a cache (HF's or mvit-zoo's; or any file if `forget_if_corrupt`) is removed,
-    so that the next load downloads it again instead of failing the same way.
+    Every refusal of torch's weights-only unpickler on a well-formed pickle is an `UnsafeCheckpointError`;
+    bytes that are no pickle at all are a `CorruptCheckpointError`. A corrupt file inside a cache (HF's or
+    mvit-zoo's; or any file if `forget_if_corrupt`) is removed, so that the next load downloads it again
+    instead of failing the same way.
     """
     path = Path(path)
     if not path.is_file():
@@ -213,11 +332,9 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: Optional[bool
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified and re-raised with a clear message
         text = str(e)
-        first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
         forget = _in_cache(path) if forget_if_corrupt is None else forget_if_corrupt
-        if not is_safetensors and isinstance(e, pickle.UnpicklingError) and (
-                re.search(r"Unsupported (global|class)|GLOBAL \S+ was not an allowed global", text)
-                or ("Unsupported operand" in text and _is_pickle(path))):
+        refused = not is_safetensors and isinstance(e, pickle.UnpicklingError)
+        if refused and _is_pickle(path):
             if forget:  # a download of ours that can never be used: not kept
                 _forget_cached(path)
             raise UnsafeCheckpointError(
@@ -225,30 +342,61 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: Optional[bool
                 f"unpickling it could run arbitrary code. Only weights_only pickles and safetensors are read; "
                 f"re-save the state dict alone (torch.save(model.state_dict(), ...)) with a trusted tool. "
                 f"({_refused_detail(text)})") from None
-        if forget:
-            _forget_cached(path)
+        # NOTE: torch's weights_only messages advise an unsafe load: only the unpickler's own words are quoted
+        first = (_refused_detail(text) if refused or "weights_only" in text
+                 else text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__)
+        failed = _forget_cached(path) if forget else None
         raise CorruptCheckpointError(
             f"cannot read weight file {path}: it is truncated or not a checkpoint ({type(e).__name__}: {first})."
-            + (" The cached copy was removed; loading again downloads it afresh." if forget else "")) from None
+            + (_forgot(path, failed) if forget else "")) from None
+
+
+def check_state_dict(state_dict: Mapping[str, Any], source: str = "the checkpoint") -> None:
+    """Refuse tensors that cannot be weights, naming them: an integer, bool or complex dtype (loading would
+    cast them to float silently), or NaN / Inf values (every output would be NaN). Every mvit-zoo weight
+    and buffer is floating point. `source` names the file in the message. One pass over the tensors."""
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    wrong = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in tensors.items()
+             if not v.is_floating_point()]
+    if wrong:
+        raise InvalidWeightsError(
+            f"{source} holds {len(wrong)} tensor(s) that are not floating point: {', '.join(wrong[:8])}"
+            f"{' ...' if len(wrong) > 8 else ''}. Weights are float tensors; this file is not a weight checkpoint "
+            f"for this model, or it was damaged. Re-export the state dict from the trained model")
+    bad = []
+    for k, v in tensors.items():
+        if v.device.type != "meta" and v.numel():
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                bad.append(f"{k} ({int((~finite).sum())} of {v.numel()})")
+    if bad:
+        raise InvalidWeightsError(
+            f"{source} holds NaN or Inf values in {len(bad)} tensor(s): {', '.join(bad[:8])}"
+            f"{' ...' if len(bad) > 8 else ''}. The model would output NaN; use a checkpoint saved before "
+            f"training diverged")
 
 
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
-                     metadata: Optional[Mapping[str, str]] = None) -> Path:
+                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write a state dict as safetensors atomically: a temporary file in the same folder, then a rename,
     so an interrupted write never leaves a partial file under the final name."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+    except OSError as e:
+        raise _cache_error(e, path, CACHE_ENV) from None
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
                   metadata={"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}})
         os.replace(tmp, path)
+    except OSError as e:
+        raise _cache_error(e, path, CACHE_ENV) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(Path(tmp))
     return path
 
 
@@ -280,57 +428,189 @@ def _blob_is_intact(path: Path) -> bool:
     return True
 
 
-def _expected_hash(url: str, known: Optional[str]) -> Optional[str]:
-    """The published hash of `url`: given explicitly, or torchvision's `name-<sha256 prefix>.pth` rule."""
+_intact_blobs: set[tuple[str, int, int, int]] = set()  # (blob, size, mtime, inode) checked in this process
+
+
+def _blob_key(path: Path) -> tuple[str, int, int, int]:
+    blob = path.resolve()
+    st = blob.stat()
+    return str(blob), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _check_cached_blob(path: Path, origin: str) -> None:
+    """A cached Hub file must still hash to the name of its blob (disk errors, a stray write): checked on
+    its first use in this process, and again whenever the file changed since."""
+    key = _blob_key(path)
+    if key in _intact_blobs:
+        return
+    if not _blob_is_intact(path):
+        failed = _forget_cached(path)
+        raise CorruptCheckpointError(
+            f"cached weight file {path} of {origin} is truncated or not a checkpoint any more: its content does "
+            f"not match the hash it is named by ({path.resolve().name[:16]}...), so it changed on disk."
+            + _forgot(path, failed))
+    _intact_blobs.add(key)
+
+
+def _expected_hash(url: str, known: str | None) -> str | None:
+    """The published hash of `url`: given explicitly (a full SHA-256 or a prefix of one), or torchvision's
+    `name-<sha256 prefix>.pth` rule."""
     if known:
+        if not re.fullmatch(r"[0-9a-fA-F]{1,64}", known):
+            raise ValueError(f"the SHA-256 {known!r} given for {url} is not one: expected hex digits (all 64, or "
+                             f"a prefix)")
         return known.lower()
     m = re.search(r"-([0-9a-f]{8,64})\.pth$", url)
     return m.group(1) if m else None
 
 
-class _Unreachable(Exception):
-    """A server could not be reached, or refused the request (the caller decides what to say)."""
+# --------------------------------------------------------------------------------------------------
+# Downloading an official checkpoint
+# --------------------------------------------------------------------------------------------------
+
+def _progress(total: int | None, name: str) -> Any:
+    """A byte-count bar on stderr, shown as huggingface_hub shows its own: only on a terminal, and never
+    with HF_HUB_DISABLE_PROGRESS_BARS=1 or `huggingface_hub.utils.disable_progress_bars()`."""
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None,
+                name="mvit_zoo.download")
 
 
-def download_url(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, timeout: float = 60.0) -> str:
-    """Download `url` to `dest` atomically (temporary file, length and hash check, rename); returns the
-    file's SHA-256. Raises HashMismatchError / CorruptCheckpointError (nothing is written under `dest`),
-    or `_Unreachable` when the server cannot be reached or answers with an error."""
+def _network_error(url: str, e: BaseException, timeout: float) -> DownloadError:
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, (TimeoutError, socket.timeout)) or isinstance(e, (TimeoutError, socket.timeout)):
+        return DownloadError(url, "timeout", f"no answer within {timeout:g} s (set {TIMEOUT_ENV} to wait longer)")
+    return DownloadError(url, "unreachable", f"cannot connect ({reason})")
+
+
+def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None,
+                 timeout: float | None = None) -> str:
+    """Download `url` to `dest` atomically (a temporary file of this process, length and hash check,
+    rename); returns the file's SHA-256. `sha256` may be a prefix; `timeout` (default `download_timeout()`)
+    bounds the connection and each read. A progress bar shows on a terminal.
+
+    Raises `DownloadError` (server unreachable, no answer in time, HTTP error), `CacheError` (`dest`'s
+    folder cannot be written), `CorruptCheckpointError` (cut short) or `HashMismatchError`; nothing is
+    left under `dest` or in a temporary file then.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    timeout = download_timeout() if timeout is None else timeout
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.close(fd)
+    except OSError as e:
+        raise _cache_error(e, dest, CACHE_ENV) from None
+    tmp = Path(name)
     h = hashlib.sha256()
+    size = 0
     try:
         try:
-            with os.fdopen(fd, "wb") as out, urlopen(Request(url, headers={"User-Agent": "mvit-zoo"}),  # noqa: S310
-                                                      timeout=timeout) as response:
-                expected_len = response.headers.get("Content-Length")
-                size = 0
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
+            response = urlopen(Request(url, headers={"User-Agent": "mvit-zoo"}), timeout=timeout)
+        except HTTPError as e:
+            e.close()
+            raise DownloadError(url, "missing" if e.code in (404, 410) else "http",
+                                f"the server answered HTTP {e.code} {e.reason}") from None
+        except (URLError, OSError, http.client.HTTPException) as e:
+            raise _network_error(url, e, timeout) from None
+        with response, open(tmp, "wb") as out:
+            length = response.headers.get("Content-Length")
+            expected_len = int(length) if length and length.isdigit() else None
+            with _progress(expected_len, dest.name) as bar:
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except http.client.IncompleteRead as e:
+                        size += len(e.partial)
+                        break  # reported below, with the byte counts
+                    except TimeoutError:
+                        raise DownloadError(url, "timeout", f"the server stopped sending after {size} bytes, for "
+                                            f"{timeout:g} s (set {TIMEOUT_ENV} to wait longer); nothing was "
+                                            f"cached") from None
+                    except OSError as e:
+                        raise CorruptCheckpointError(f"download of {url} broke off after {size} bytes ({e}); "
+                                                     f"nothing was cached, try again") from None
+                    if not chunk:
+                        break
+                    try:
+                        out.write(chunk)
+                    except OSError as e:
+                        raise _cache_error(e, dest, CACHE_ENV) from None
                     h.update(chunk)
                     size += len(chunk)
-        except http.client.IncompleteRead as e:
-            raise CorruptCheckpointError(
-                f"download of {url} was cut short ({len(e.partial)} bytes in the last read, "
-                f"{e.expected} missing); nothing was cached, try again") from None
-        except HTTPError as e:
-            raise _Unreachable(f"HTTP {e.code} {e.reason}") from None
-        except (URLError, OSError, TimeoutError, http.client.HTTPException) as e:
-            raise _Unreachable(str(getattr(e, "reason", e))) from None
-        if expected_len is not None and size != int(expected_len):
+                    bar.update(len(chunk))
+        if expected_len is not None and size != expected_len:
             raise CorruptCheckpointError(
                 f"download of {url} was cut short: {size} of {expected_len} bytes; nothing was cached, try again")
         digest = h.hexdigest()
-        if sha256 and not digest.startswith(sha256):
+        if sha256 and not digest.startswith(sha256.lower()):
             raise HashMismatchError(
                 f"downloaded {url} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...: the file is corrupt or "
                 f"was replaced upstream. Nothing was cached; try again, or pass a verified file with {_FILE_HINT}")
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise _cache_error(e, dest, CACHE_ENV) from None
         return digest
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
+
+
+def _part_name(path: Path) -> str | None:
+    """The file a `.part` file was downloading to (`.<name>.<random>.part`, see `download_url`)."""
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.part", path.name)
+    return m.group(1) if m else None
+
+
+@contextlib.contextmanager
+def _download_lock(name: str, url: str) -> Iterator[None]:
+    """Hold the lock of official file `name` in mvit-zoo's cache, for as long as one process downloads and
+    converts it: concurrent loads (torchrun ranks) wait, then read what the first one converted."""
+    from filelock import FileLock, Timeout
+
+    path = cache_dir() / ".locks" / f"{name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            _logger.info("another process is downloading %s; waiting for it", url)
+            lock.acquire()
+    except OSError as e:
+        raise _cache_error(e, path, CACHE_ENV) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _clean_stale_parts(folder: Path, current: str) -> None:
+    """Remove what interrupted downloads left in `folder`: `current`'s `.part` files (this process holds
+    its lock, so nobody writes them), and any other unlocked one untouched for `STALE_PART_SECONDS`."""
+    from filelock import FileLock, Timeout
+
+    now = time.time()
+    for part in folder.glob(".*.part"):
+        name = _part_name(part)
+        if name is None:
+            continue
+        try:
+            stale = name == current or now - part.stat().st_mtime > STALE_PART_SECONDS
+        except FileNotFoundError:
+            continue
+        if not stale:
+            continue
+        if name == current:
+            _remove(part)
+            continue
+        lock = FileLock(str(cache_dir() / ".locks" / f"{name}.lock"))
+        try:
+            with lock.acquire(timeout=0):
+                _remove(part)
+        except (Timeout, OSError):
+            continue  # being downloaded right now, or the lock folder cannot be written: left alone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +633,7 @@ def _converted_path(pcfg: Any, url: str) -> Path:
     return cache_dir() / f"{_tag_name(pcfg)}-{key}.safetensors"
 
 
-def _hub_cached(repo: str, filename: str, revision: Optional[str]) -> Optional[Path]:
+def _hub_cached(repo: str, filename: str, revision: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo, filename, revision=revision)
@@ -364,32 +644,76 @@ class _HubMissing(Exception):
     """The repository, revision or file does not exist on the Hub (or is private / gated)."""
 
 
-def _hub_download(repo: str, filename: str, revision: Optional[str]) -> Path:
-    """Download a Hub file into the HF cache and check its content against its hash (one retry)."""
-    from huggingface_hub import hf_hub_download
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _hub_failure(e: BaseException, repo: str, filename: str, revision: str | None, url: str,
+                 timeout: float | None) -> Exception:
+    """The error for what huggingface_hub raised while fetching `repo`/`filename`: its metadata (within
+    `timeout`), or the file (`timeout` None: HF_HUB_DOWNLOAD_TIMEOUT bounds each read)."""
+    import httpx2
     from huggingface_hub.errors import (
-        EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        FileMetadataError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
+    if isinstance(e, LocalEntryNotFoundError) and e.__cause__ is not None:  # the Hub could not be reached
+        e = e.__cause__
+    if isinstance(e, RevisionNotFoundError):
+        return _HubMissing(f"revision {revision!r} of {repo} does not exist")
+    if isinstance(e, RepositoryNotFoundError):
+        return _HubMissing(f"repository {repo} does not exist (or is private / gated)")
+    if isinstance(e, EntryNotFoundError):
+        return _HubMissing(f"repository {repo} has no {filename}")
+    if isinstance(e, httpx2.TimeoutException):
+        waited = f"no answer within {timeout:g} s" if timeout else "a read timed out"
+        return DownloadError(url, "timeout", f"{waited} ({type(e).__name__}; set {TIMEOUT_ENV}, or "
+                                             f"HF_HUB_DOWNLOAD_TIMEOUT for file reads, to wait longer)")
+    if isinstance(e, (httpx2.ConnectError, httpx2.ProxyError, httpx2.UnsupportedProtocol, FileMetadataError)):
+        return DownloadError(url, "unreachable", _first_line(e))
+    if isinstance(e, HfHubHTTPError):
+        return DownloadError(url, "http", f"HTTP error: {str(e).splitlines()[0][:200]}")
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return _cache_error(e, Path(e.filename or _hub_cache()), "HF_HUB_CACHE")
+    # httpx protocol errors (a body cut short), huggingface_hub's consistency checks of short bodies
+    return CorruptCheckpointError(f"download of {repo}/{filename} from {_endpoint()} failed ({_first_line(e)}); "
+                                  f"nothing was cached, try again")
+
+
+def _hub_download(repo: str, filename: str, revision: str | None) -> Path:
+    """Download a Hub file into the HF cache and check its content against its hash (one retry)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=_endpoint())
+    timeout = download_timeout()
+    # NOTE: when nothing is cached, hf_hub_download retries a failed metadata request five times, with
+    # 60 s timeouts and back-off (~25 s when the Hub refuses connections, ~400 s when it accepts and never
+    # answers). One request of our own, bounded and without retries, answers first; it costs a HEAD per
+    # download, never per cached load.
+    try:
+        get_hf_file_metadata(url, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - classified
+        failure = _hub_failure(e, repo, filename, revision, url, timeout)
+        cached = _hub_cached(repo, filename, revision) if isinstance(failure, DownloadError) else None
+        if cached is None:
+            raise failure from None
+        _logger.warning("%s: cannot ask the Hub for a newer %s (%s); using the cached copy", repo, filename,
+                        failure.summary)
+        _check_cached_blob(cached, repo)
+        return cached
     for attempt in range(2):
         try:
-            path = Path(hf_hub_download(repo, filename, revision=revision))
-        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError) the Hub could not be reached
-            cause = e.__cause__ or e
-            raise _Unreachable(f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
-        except RevisionNotFoundError:
-            raise _HubMissing(f"revision {revision!r} of {repo} does not exist") from None
-        except RepositoryNotFoundError:
-            raise _HubMissing(f"repository {repo} does not exist (or is private / gated)") from None
-        except EntryNotFoundError:
-            raise _HubMissing(f"repository {repo} has no {filename}") from None
-        except HfHubHTTPError as e:
-            raise _Unreachable(f"HTTP error: {str(e).splitlines()[0][:200]}") from None
-        except Exception as e:  # noqa: BLE001 - httpx protocol errors, consistency checks of short bodies
-            raise CorruptCheckpointError(
-                f"download of {repo}/{filename} from {_endpoint()} failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing was cached, try again") from None
+            path = Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=timeout))
+        except Exception as e:  # noqa: BLE001 - classified
+            raise _hub_failure(e, repo, filename, revision, url, None) from None
         if _blob_is_intact(path):
+            _intact_blobs.add(_blob_key(path))
             return path
         _forget_cached(path)
         _logger.warning("%s/%s: downloaded content does not match its hash; removed, %s", repo, filename,
@@ -400,27 +724,45 @@ def _hub_download(repo: str, filename: str, revision: Optional[str]) -> Path:
 
 
 def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
-    """Official checkpoint -> converted safetensors in mvit-zoo's cache (downloaded and converted once)."""
+    """Official checkpoint -> converted safetensors in mvit-zoo's cache (downloaded and converted once,
+    by one process at a time)."""
     from .convert import to_native
 
     converted = _converted_path(pcfg, url)
-    raw = cache_dir() / "downloads" / url.rstrip("/").rsplit("/", 1)[-1]
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    raw = cache_dir() / "downloads" / name
     expected = _expected_hash(url, _cfg_get(pcfg, "file_sha256"))
-    try:  # a download kept from an earlier attempt whose conversion failed (wrong model for the file)
-        digest: Optional[str] = sha256_file(raw)
-        if expected and not digest.startswith(expected):
-            raw.unlink(missing_ok=True)
+    with _download_lock(name, url):
+        if converted.is_file():  # converted by another process while this one waited for the lock
+            return converted
+        if raw.parent.is_dir():
+            _clean_stale_parts(raw.parent, name)
+        try:  # a download kept from an earlier attempt whose conversion failed (wrong model for the file)
+            digest: str | None = sha256_file(raw)
+            if expected and not digest.startswith(expected):
+                _remove(raw)
+                digest = None
+        except FileNotFoundError:
             digest = None
-    except FileNotFoundError:
-        digest = None
-    if digest is None:
-        digest = download_url(url, raw, expected)
-    checkpoint = read_checkpoint(raw, forget_if_corrupt=True)
-    sd, layout = to_native(checkpoint, model)  # on a mismatch the download stays for the right model
-    save_safetensors(sd, converted, metadata={
-        "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)})
-    raw.unlink(missing_ok=True)  # another process may have converted it at the same time
+        if digest is None:
+            digest = download_url(url, raw, expected)
+            if not expected:
+                _logger.warning(
+                    "%s: %s has no published SHA-256, so the download was checked only for its length and "
+                    "readability (its SHA-256 is %s; MODEL_CARD.md lists the files not verified yet). Set "
+                    "file_sha256 in the pretrained cfg to check it", _tag_name(pcfg), url, digest)
+        checkpoint = read_checkpoint(raw, forget_if_corrupt=True)
+        sd, layout = to_native(checkpoint, model)  # on a mismatch the download stays for the right model
+        save_safetensors(sd, converted, metadata={
+            "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)})
+        _remove(raw)
     return converted
+
+
+def _unavailable(tag: str, reason: str, summary: str, details: str, fix: str) -> WeightsUnavailableError:
+    head = f"{tag} {summary}" if summary.startswith("has ") else f"{tag}: {summary}"
+    return WeightsUnavailableError(f"{head}; {fix}" + (f"; {details}" if details else ""),
+                                   tag=tag, summary=summary, details=details, reason=reason)
 
 
 def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
@@ -436,9 +778,9 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
     tag = _tag_name(pcfg)
     hf_hub_id, url = _cfg_get(pcfg, "hf_hub_id"), _cfg_get(pcfg, "url")
     if not hf_hub_id and not url:
-        raise WeightsUnavailableError(
-            f"{tag} has no published weights; use pretrained=False, pick a tag with weights "
-            f"(mvit_zoo.list_pretrained()), or pass a file with {_FILE_HINT}")
+        raise _unavailable(tag, "none", "has no published weights", "",
+                           f"use pretrained=False, pick a tag with weights (mvit_zoo.list_pretrained()), or pass a "
+                           f"file with {_FILE_HINT}")
     filename = _cfg_get(pcfg, "hf_hub_filename") or WEIGHTS_NAME
     repo, revision = hub_repo_id(hf_hub_id) if hf_hub_id else (None, None)
 
@@ -447,14 +789,16 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
     if repo and not check_updates:
         cached = _hub_cached(repo, filename, revision)
         if cached is not None:
+            _check_cached_blob(cached, repo)
             return WeightSource(cached, "hub-cache", repo)
     if url and _converted_path(pcfg, url).is_file():
         return WeightSource(_converted_path(pcfg, url), "url-cache", url)
     if _offline():
-        raise WeightsUnavailableError(
-            f"{tag}: HF_HUB_OFFLINE is set and the weights are not cached (looked for {repo or '-'}/{filename} in "
-            f"{_hub_cache()} and for a converted {url or 'official checkpoint'} in {cache_dir()}): {OFFLINE_HINT} "
-            f"({_FILE_HINT})")
+        raise _unavailable(
+            tag, "offline", "HF_HUB_OFFLINE is set and the weights are not cached",
+            f"looked for {repo or '-'}/{filename} in {_hub_cache()} and for a converted "
+            f"{url or 'official checkpoint'} in {cache_dir()}",
+            f"pass a file with {_FILE_HINT}, use pretrained=False, or unset HF_HUB_OFFLINE to download them")
 
     # 2. the Hub
     problems = []
@@ -464,25 +808,32 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
             return WeightSource(_hub_download(repo, filename, revision), "hub", repo)
         except _HubMissing as e:
             problems.append(f"{e} on {_endpoint()}")
-        except _Unreachable as e:
-            unreachable = True
-            problems.append(f"the Hub at {_endpoint()} did not answer ({e})")
+        except DownloadError as e:
+            unreachable = unreachable or e.reason != "missing"
+            problems.append(f"the Hub at {_endpoint()} did not answer ({e.summary})")
     # 3. the official checkpoint
     if url:
         try:
             return WeightSource(_from_url(pcfg, url, model), "url", url)
-        except _Unreachable as e:
-            problems.append(f"cannot download {url} ({e})")
+        except DownloadError as e:
+            if e.reason == "missing" and not unreachable:
+                raise _unavailable(tag, "missing", "no weights found", f"{'; '.join(problems + [str(e)])}",
+                                   f"the official file has moved: pass a copy of it with {_FILE_HINT}") from None
+            problems.append(f"cannot download {url} ({e.summary})")
             unreachable = True
     if unreachable:
-        raise WeightsUnavailableError(f"{tag}: {OFFLINE_HINT} ({_FILE_HINT}); {'; '.join(problems)}")
-    raise WeightsUnavailableError(f"{tag}: no weights found: {'; '.join(problems)}, and the tag has no official "
-                                  f"checkpoint URL to fall back to; pass a file with {_FILE_HINT}")
+        raise _unavailable(tag, "unreachable", "cannot reach the Hub", "; ".join(problems),
+                           f"set HF_ENDPOINT / HF_HUB_OFFLINE or pass a file ({_FILE_HINT}), or use "
+                           f"pretrained=False")
+    raise _unavailable(tag, "missing", "no weights found",
+                       f"{'; '.join(problems)}, and the tag has no official checkpoint URL to fall back to",
+                       f"pass a file with {_FILE_HINT}")
 
 
 def load_pretrained(model: nn.Module, pcfg: Any = None, *, inflate: str = "mean") -> WeightSource:
     """Load the weights of pretrained cfg `pcfg` (default: the model's own) into `model`, after fitting
-    every tensor to it (`mvit_zoo.convert_state_dict`); returns where they came from.
+    every tensor to it (`mvit_zoo.convert_state_dict`) and checking them (`check_state_dict`); returns
+    where they came from.
 
     The classifier is left out only when the model was built for another class count than the tag's
     (or without a classifier); otherwise a checkpoint whose classifier differs is an error, never a
@@ -503,6 +854,7 @@ def load_pretrained(model: nn.Module, pcfg: Any = None, *, inflate: str = "mean"
             hint = (f". To start from these weights with a new {getattr(model, 'num_classes', 0)}-class classifier, "
                     f"tell the loader the checkpoint's class count: pretrained_cfg_overlay=dict(num_classes=N)")
         raise CheckpointMismatchError(f"{_tag_name(pcfg)} weights from {source.origin}: {e}{hint}") from None
+    check_state_dict(sd, f"{_tag_name(pcfg)} weights from {source.origin}")
     result = model.load_state_dict(sd, strict=False)
     left = set(result.missing_keys) - set(sd.report.fresh)
     if left or result.unexpected_keys:  # convert_state_dict already checked; this guards against drift

@@ -226,7 +226,7 @@ def _read_source(src: str, workdir: Path, sha256: Optional[str]) -> tuple[dict[s
         dest = workdir / src.rstrip("/").rsplit("/", 1)[-1]
         try:
             digest = hub.download_url(src, dest, hub._expected_hash(src, sha256))
-        except hub._Unreachable as e:
+        except hub.DownloadError as e:
             raise hub.WeightsUnavailableError(f"cannot download {src} ({e}); download it yourself and pass the "
                                               f"file") from None
         return hub.read_checkpoint(dest, forget_if_corrupt=True), src, digest

@@ -5,13 +5,24 @@ loaded model must compute what its reference computes.
 Paths covered: timm's Hub repositories (2-D tags, no remapping), this project's Hub organisation
 (3-D tags), the official-URL fallback (download -> hash -> torch.load(weights_only) -> convert ->
 cached safetensors), a local file; through timm.create_model, mvit_zoo.create_model and
-torch.hub.load; caching (no request on the second load, HF_HUB_OFFLINE); and every error case.
+torch.hub.load; caching (no request on the second load, HF_HUB_OFFLINE); downloads (progress, timeouts,
+failing fast, concurrent processes, leftovers); the checks of cached files and loaded tensors; and every
+error case, each with its own cause and fix.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +33,7 @@ import torch
 from torch import nn
 
 import mvit_zoo
-from hub_server import REPO_ROOT, HubServer, hub_endpoint, run_py
+from hub_server import REPO_ROOT, HubServer, hub_endpoint, run_py, silent_server
 from mvit_zoo.weights import hub as weights
 from mvit_zoo.weights.convert import CheckpointMismatchError, convert_state_dict
 from references import (image_input, max_diff, pv_checkpoint, pv_reference, slowfast_checkpoint, timm_reference,
@@ -102,6 +113,8 @@ def test_check_updates_asks_the_hub(hub: HubServer, hub_cache: Path, monkeypatch
     monkeypatch.setenv("MVIT_ZOO_CHECK_UPDATES", "1")
     updated = timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
     assert max_diff(newer, updated, image_input()) < TOL
+    hub.stop()  # a Hub that cannot be asked leaves the cached copy in use
+    assert same_weights(updated, timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +254,8 @@ def test_subprocess_hub_url_cache_offline(hub: HubServer, hf_env: dict[str, str]
     online = json.loads(run_py(code, hf_env).stdout)
     assert all(d < TOL for diffs in online.values() for d in diffs), online
     assert [(r.method, r.path) for r in hub.requests] == [  # second loads: no request
-        ("HEAD", "/timm/mvitv2_tiny.fb_in1k/resolve/main/model.safetensors"),
+        ("HEAD", "/timm/mvitv2_tiny.fb_in1k/resolve/main/model.safetensors"),  # ours: bounded, no retries
+        ("HEAD", "/timm/mvitv2_tiny.fb_in1k/resolve/main/model.safetensors"),  # hf_hub_download's
         ("GET", "/timm/mvitv2_tiny.fb_in1k/resolve/main/model.safetensors"),
         ("HEAD", f"/mvit-zoo/{tv_tag}/resolve/main/model.safetensors"),
         ("GET", f"/files/{name}"),
@@ -260,8 +274,10 @@ def test_offline_without_cache(hub: HubServer, hub_cache: Path) -> None:
     hub.add_file("timm/mvitv2_tiny.fb_in1k", "model.safetensors", b"unused")
     with hub_endpoint(hub.url, offline=True), pytest.raises(weights.WeightsUnavailableError) as info:
         timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
-    assert "cannot reach the Hub; set HF_ENDPOINT / HF_HUB_OFFLINE or pass a file" in str(info.value)
-    assert "HF_HUB_OFFLINE is set" in str(info.value) and "pretrained_cfg_overlay=dict(file=" in str(info.value)
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE is set" in message and "pretrained_cfg_overlay=dict(file=" in message
+    assert "set HF_ENDPOINT / HF_HUB_OFFLINE" not in message and "unset HF_HUB_OFFLINE to download them" in message
+    assert info.value.reason == "offline" and info.value.tag == "mvit_tiny.fb_in1k"
     assert hub.requests == []
 
 
@@ -401,8 +417,9 @@ def test_url_download_cut_short_or_corrupt(hub: HubServer, hub_cache: Path) -> N
 
     # an unreadable official file (no published hash): removed, not kept to fail again
     url = hub.add_static("garbage.pyth", bytes(range(256)) * 64)
-    with pytest.raises(weights.CorruptCheckpointError, match="garbage.pyth: it is truncated or not a checkpoint"):
+    with pytest.raises(weights.CorruptCheckpointError, match="garbage.pyth: it is truncated or not a checkpoint") as info:
         timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert "weights_only" not in str(info.value)  # torch's advice to load unsafely is never passed on
     assert downloads(hub_cache) == []
 
 
@@ -453,6 +470,305 @@ def test_missing_local_file(hub_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pretrained file not found: .*nope.safetensors"):
         timm.create_model("mvit_tiny.fb_in1k", pretrained=True, depths=(1, 1, 1, 1), embed_dim=16,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.safetensors")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Downloads: progress, timeouts, fail fast, concurrency, leftovers, errors per cause
+# --------------------------------------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_url_download_shows_progress_on_a_terminal_only(hub: HubServer, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
+    # as if HF_HUB_DISABLE_PROGRESS_BARS were unset here (the module's name is shadowed by its tqdm class)
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    url = hub.add_static("big.pyth", bytes(3 << 20))
+    for stream, disabled, shown in [(_Terminal(), False, True), (io.StringIO(), False, False),
+                                    (_Terminal(), True, False)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        with disable_progress_bars() if disabled else contextlib.nullcontext():
+            weights.download_url(url, tmp_path / "big.pyth")
+        out = stream.getvalue()
+        assert ("big.pyth: 100%" in out and "3.00M/3.00M" in out) == shown, (disabled, out)
+
+
+@pytest.mark.timeout(60)
+def test_silent_servers_time_out_and_the_url_is_still_tried(hub: HubServer, hub_cache: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tag, ref, kw, name, data = _official("slowfast")
+    good = hub.add_static(name, data)
+    monkeypatch.setenv("MVIT_ZOO_DOWNLOAD_TIMEOUT", "0.5")
+    with silent_server() as silent, hub_endpoint(silent, cache_dir=hub_cache / "hub", offline=False):
+        start = time.monotonic()
+        with pytest.raises(weights.WeightsUnavailableError) as info:
+            timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=f"{silent}/files/{name}"), **kw)
+        elapsed = time.monotonic() - start
+        model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=good), **kw)
+    assert elapsed < 10, elapsed  # ~400 s on the Hub path and 60 s per read on the URL path before
+    message = str(info.value)
+    assert info.value.reason == "unreachable" and message.count("no answer within 0.5 s") == 2, message
+    assert "MVIT_ZOO_DOWNLOAD_TIMEOUT" in message
+    assert max_diff(ref, model, video_input()) < TOL  # a Hub that times out does not skip the official URL
+
+    monkeypatch.setenv("MVIT_ZOO_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MVIT_ZOO_DOWNLOAD_TIMEOUT='soon' is not a number of seconds"):
+        weights.download_timeout()
+
+
+def test_hub_read_timeout_falls_back_to_the_url(hub: HubServer, hub_cache: Path, no_retry_sleep: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    tag, ref, kw, name, data = _official("slowfast")
+    url = hub.add_static(name, data)
+    hub.add_file(f"mvit-zoo/{tag}", "model.safetensors", b"never sent in time", delay=3)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.2)
+    model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert max_diff(ref, model, video_input()) < TOL and hub.count("GET", "/files/") == 1
+
+
+def test_refused_connection_fails_fast_without_retries(hub: HubServer, hub_cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    tag, _, kw, name, data = _official("slowfast")
+    url = hub.add_static(name, data)
+    hub.stop()
+    with caplog.at_level(logging.INFO), pytest.raises(weights.WeightsUnavailableError) as info:
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert sleeps == [] and "Retrying" not in caplog.text  # huggingface_hub retried 5 times, ~23 s of back-off
+    assert info.value.reason == "unreachable" and "cannot connect" in str(info.value)
+
+
+def test_cli_hint_names_the_cli_flags(hub: HubServer, hub_cache: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from timm.models import _registry
+
+    from mvit_zoo.apps import cli
+
+    tag = "mvit_tiny.fb_in1k"  # its official URL on the fake Hub too: nothing leaves this machine
+    cfg = dataclasses.replace(_registry._model_pretrained_cfgs[tag], url=f"{hub.url}/files/MViTv2_T_in1k.pyth")
+    monkeypatch.setitem(_registry._model_pretrained_cfgs, tag, cfg)
+    small = dict(depths=[1, 1, 1, 1], embed_dim=16, num_heads=1, img_size=32, num_classes=10)
+    argv = ["predict", "--model", "mvit_tiny.fb_in1k", "--model-kwargs", json.dumps(small)]
+    hub.stop()
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err  # no retry noise
+    assert "cannot reach the Hub" in err and "--checkpoint PATH" in err and "--no-pretrained" in err, err
+    assert "pretrained_cfg_overlay" not in err and "HF_ENDPOINT" in err
+
+    with hub_endpoint(hub.url, offline=True):
+        assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE is set" in err and "unset HF_HUB_OFFLINE" in err, err
+    assert "HF_HUB_OFFLINE=1" not in err and "HF_ENDPOINT / HF_HUB_OFFLINE" not in err and "pretrained_cfg" not in err
+
+
+_CONCURRENT = """
+import json, os, sys, time
+import timm, torch, mvit_zoo
+spec = json.load(open(sys.argv[1]))
+open(sys.argv[2], "w").close()  # ready
+while not os.path.exists(spec["go"]):
+    time.sleep(0.01)
+model = timm.create_model(spec["tag"], pretrained=True, pretrained_cfg_overlay=dict(url=spec["url"]), **spec["kw"])
+print(json.dumps(sorted((k, v.double().sum().item()) for k, v in model.state_dict().items())))
+"""
+
+
+def test_concurrent_cold_loads_through_the_url(hub: HubServer, hf_env: dict[str, str], tmp_path: Path) -> None:
+    tag, _, kw, name, data = _official("slowfast")
+    url = hub.add_static(name, data, delay=1.0)  # slow enough that every process asks while one downloads
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(dict(tag=tag, url=url, kw=kw, go=str(tmp_path / "go"))))
+    env = {**hf_env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    ready = [tmp_path / f"ready{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(spec), str(r)], env=env, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert len({out for out, _ in results}) == 1  # the same weights everywhere
+    assert hub.count("GET", "/files/") == 1  # one process downloaded and converted; the others waited
+    cache = Path(hf_env["HF_HOME"]) / "mvit-zoo"
+    assert len(list(cache.glob("*.safetensors"))) == 1 and list((cache / "downloads").iterdir()) == []
+
+
+def test_stale_part_files_are_removed(hub: HubServer, hub_cache: Path) -> None:
+    from filelock import FileLock
+
+    tag, _, kw, name, data = _official("slowfast")
+    url = hub.add_static(name, data)
+    folder = hub_cache / "mvit-zoo" / "downloads"
+    folder.mkdir(parents=True)
+    parts = {what: folder / f".{file}.k3j4h5g6.part" for what, file in
+             [("this", name), ("old", "other.pyth"), ("fresh", "new.pyth"), ("locked", "busy.pyth")]}
+    old = time.time() - 2 * weights.STALE_PART_SECONDS
+    for what, part in parts.items():
+        part.write_bytes(b"part of a download")
+        if what in ("old", "locked"):
+            os.utime(part, (old, old))
+    (hub_cache / "mvit-zoo" / ".locks").mkdir()
+    with FileLock(str(hub_cache / "mvit-zoo" / ".locks" / "busy.pyth.lock")):  # another process's download
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(parts[w].name for w in ("fresh", "locked"))
+
+
+def test_url_errors_name_their_cause(hub: HubServer, hub_cache: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    tag, _, kw, name, data = _official("slowfast")
+    gone = f"{hub.url}/files/{name}"
+    with pytest.raises(weights.WeightsUnavailableError) as info:
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=gone), **kw)
+    message = str(info.value)
+    assert info.value.reason == "missing" and "HTTP 404" in message and "has moved" in message, message
+    assert "cannot reach" not in message
+    hub.down_status = 500
+    with pytest.raises(weights.DownloadError, match="answered HTTP 500") as error:
+        weights.download_url(gone, tmp_path / name)
+    assert error.value.reason == "http"
+    hub.down_status = None
+
+    url = hub.add_static(name, data)
+    real_open = open
+
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, chunk: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(file, mode, *args, **kwargs)
+        if str(file).endswith(".part") and "w" in mode:  # a download's temporary file: the disk is full
+            f.close()
+            return FullDisk()
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    with pytest.raises(weights.CacheError) as cache_error:
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert cache_error.value.errno == errno.ENOSPC
+    assert "No space left on device" in str(cache_error.value) and "MVIT_ZOO_CACHE" in str(cache_error.value)
+    assert list((hub_cache / "mvit-zoo" / "downloads").iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_hub_cache_write_errors_name_their_cause(hub: HubServer, hub_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 code: int) -> None:
+    from huggingface_hub import file_download
+
+    ref, _, kw = timm_reference()
+    hub.add_file("timm/mvitv2_tiny.fb_in1k", "model.safetensors", st_bytes(ref.state_dict()))
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code), str(hub_cache / "hub" / "blobs"))
+
+    monkeypatch.setattr(file_download, "_download_to_tmp_and_move", fail)
+    with pytest.raises(weights.CacheError) as info:
+        timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
+    assert info.value.errno == code and os.strerror(code) in str(info.value)
+    assert "HF_HUB_CACHE" in str(info.value) and "try again" not in str(info.value)
+
+
+def test_read_only_cache_cleanup_keeps_the_real_error(hub: HubServer, hub_cache: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ref, _, kw = timm_reference()
+    hub.add_file("timm/mvitv2_tiny.fb_in1k", "model.safetensors", st_bytes(ref.state_dict()))
+    timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
+    (blob,) = _hub_blobs(hub_cache)
+    blob.write_bytes(blob.read_bytes()[:1000])
+
+    def read_only(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    with pytest.raises(weights.CorruptCheckpointError,
+                       match=r"could not be removed \(Read-only file system\); delete .* by hand"):
+        timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
+
+
+def test_flipped_bytes_in_a_cached_blob_are_detected(hub: HubServer, hub_cache: Path) -> None:
+    ref, _, kw = timm_reference()
+    hub.add_file("timm/mvitv2_tiny.fb_in1k", "model.safetensors", st_bytes(ref.state_dict()))
+    timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
+    (blob,) = _hub_blobs(hub_cache)
+    data = bytearray(blob.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # same length, still a readable safetensors file
+    blob.write_bytes(bytes(data))
+    with pytest.raises(weights.CorruptCheckpointError,
+                       match="does not match the hash it is named by.*cached copy was removed"):
+        timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)
+    hub.reset_requests()
+    model = timm.create_model("mvit_tiny.fb_in1k", pretrained=True, **kw)  # downloaded afresh
+    assert max_diff(ref, model, image_input()) < TOL and hub.count("GET") == 1
+
+
+@pytest.mark.parametrize("bad", ["int64", "bool", "nan", "inf"])
+def test_non_float_and_non_finite_weights_are_refused(hub_cache: Path, tmp_path: Path, bad: str) -> None:
+    ref, _, kw = timm_reference()
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    key = "stages.1.blocks.0.mlp.fc1.weight"
+    if bad == "int64":
+        sd[key] = (sd[key] * 100).to(torch.int64)
+    elif bad == "bool":
+        sd[key] = sd[key] > 0
+    else:
+        sd[key][3, 4] = float(bad)
+    expected = rf"{re.escape(key)} \({bad}\)" if bad in ("int64", "bool") else rf"NaN or Inf .*{re.escape(key)} \(1 of"
+    for path, write in [(tmp_path / "w.safetensors", lambda p: p.write_bytes(st_bytes(sd))),
+                        (tmp_path / "w.pth", lambda p: torch.save({"model_state": sd}, p))]:
+        write(path)
+        with pytest.raises(weights.InvalidWeightsError, match=expected):
+            timm.create_model("mvit_tiny.fb_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kw)
+    with pytest.raises(weights.InvalidWeightsError, match=expected):  # the check convert shares
+        weights.check_state_dict(sd)
+    weights.check_state_dict(ref.state_dict())
+
+
+def test_download_without_a_known_hash_warns(hub: HubServer, hub_cache: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    tag, _, kw, name, data = _official("slowfast")
+    url = hub.add_static(name, data)
+    with caplog.at_level(logging.WARNING, logger="mvit_zoo.weights.hub"):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert "has no published SHA-256" in caplog.text and hashlib.sha256(data).hexdigest() in caplog.text
+    caplog.clear()
+    tag, _, kw, name, data = _official("torchvision-v2")  # checked against its name's SHA-256 prefix
+    with caplog.at_level(logging.WARNING, logger="mvit_zoo.weights.hub"):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=hub.add_static(name, data)), **kw)
+    assert "SHA-256" not in caplog.text
+    with pytest.raises(ValueError, match="the SHA-256 'xyz' given for .* is not one"):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url + "x", file_sha256="xyz"), **kw)
+
+
+def test_model_card_lists_the_official_files_without_a_hash() -> None:
+    card = (REPO_ROOT / "MODEL_CARD.md").read_text()
+    section = card.split("## File hashes", 1)[1].split("\n## ", 1)[0]
+    unverified = section.split("Not verified yet", 1)[1]
+    for name in mvit_zoo.list_pretrained():
+        cfg = timm.models.get_pretrained_cfg(name)
+        if not cfg.url:
+            continue
+        listed = f"`{name}`" in unverified
+        assert listed != bool(weights._expected_hash(cfg.url, cfg.file_sha256)), name
 
 
 # --------------------------------------------------------------------------------------------------
