@@ -186,7 +186,7 @@ class MViTBackbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         maps = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
         out: OrderedDict[str, Tensor] = OrderedDict()
         for lvl, norm, m in zip(self.levels, self.norms, maps):
@@ -228,7 +228,7 @@ class MViTFPN(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.body.set_grad_checkpointing(enable)
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(x))
 
 

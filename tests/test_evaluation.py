@@ -75,7 +75,8 @@ def test_default_views_come_from_the_tag() -> None:
     assert str(view_sampling(tiny_video_model()).views) == "5x1"  # fb_k400
     s = view_sampling(tiny_video_model("mvit_v2_s_16x4.fb_ssv2"))
     assert str(s.views) == "1x3" and s.frame_sampling == "segment"
-    assert view_sampling(tiny_video_model("mvit_v2_l_40x3.fb_ssv2")).mean == pytest.approx((0.406, 0.456, 0.485))  # BGR-order ImageNet stats
+    # BGR-order ImageNet stats
+    assert view_sampling(tiny_video_model("mvit_v2_l_40x3.fb_ssv2")).mean == pytest.approx((0.406, 0.456, 0.485))
 
 
 def test_match_classes() -> None:

@@ -417,7 +417,8 @@ def test_url_download_cut_short_or_corrupt(hub: HubServer, hub_cache: Path) -> N
 
     # an unreadable official file (no published hash): removed, not kept to fail again
     url = hub.add_static("garbage.pyth", bytes(range(256)) * 64)
-    with pytest.raises(weights.CorruptCheckpointError, match="garbage.pyth: it is truncated or not a checkpoint") as info:
+    with pytest.raises(weights.CorruptCheckpointError,
+                       match="garbage.pyth: it is truncated or not a checkpoint") as info:
         timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
     assert "weights_only" not in str(info.value)  # torch's advice to load unsafely is never passed on
     assert downloads(hub_cache) == []
