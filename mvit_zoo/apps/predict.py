@@ -26,7 +26,8 @@ import torch.nn as nn
 
 import timm
 
-from .finetune import CONFIG_FILE, DataConfig, build_transform, parse_model_kwargs, resolve_data_config
+from .finetune import DataConfig, build_transform, parse_model_kwargs, resolve_data_config
+from ..data.config import CONFIG_FILE, find_config
 from ..data.video import is_video_file, load_clip, read_video
 
 __all__ = ['DATA_DIR', 'SAMPLE_IMAGE', 'label_names_for', 'load_label_set', 'load_model', 'predict',
@@ -61,8 +62,8 @@ def label_names_for(model: nn.Module, num_classes: int) -> List[str]:
 
 
 def _read_config(folder: Path) -> Dict[str, Any]:
-    path = folder / CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    config = find_config(folder)  # validated; a malformed file is a one-line ConfigError
+    return config.to_dict() if config is not None else {}
 
 
 def _weights_in(folder: Path) -> Path:

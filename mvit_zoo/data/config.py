@@ -173,7 +173,7 @@ class ModelConfig:
             source = {k: source[k] for k in _SOURCE_FIELDS if source.get(k) is not None}
         try:
             cfg = cls(
-                architecture=d["architecture"], num_classes=num_classes, model_args=dict(d.get("model_args") or {}),
+                architecture=d["architecture"], num_classes=num_classes, model_args=d.get("model_args") or {},
                 pretrained_cfg=pcfg, data_config=d.get("data_config") or {},
                 label_names=tuple(labels) if isinstance(labels, (list, tuple)) else labels,
                 num_features=d.get("num_features"), global_pool=d.get("global_pool"), source=source,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYOUTS", "ArchitectureMismatchWarning", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict",
-    "architecture_mismatches", "check_weight_values", "checkpoint_img_size", "convert_state_dict", "detect_layout",
+    "architecture_mismatches", "architecture_overrides", "check_weight_values", "checkpoint_img_size", "convert_state_dict", "detect_layout",
     "describe_checkpoint", "fit_state_dict", "inflate_image_to_video", "layout_architecture", "matching_architectures",
     "to_native", "unwrap_checkpoint",
 ]
@@ -330,14 +330,24 @@ def _tags_setting(arch: str, fields: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _relevant(implied: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    # residual pooling of the class token only matters where there are both
+    return {k: v for k, v in implied.items() if k != "residual_pool_cls" or (cfg.residual_pooling and cfg.use_cls_token)}
+
+
+def architecture_overrides(implied: Mapping[str, Any], target: Any) -> dict[str, Any]:
+    """The fields of `implied` (see `layout_architecture`) whose value `target` (a model or MViTCfg)
+    lacks: the `create_model` overrides that make it compute what the source model computed."""
+    cfg = _target_cfg(target)
+    return {k: v for k, v in _relevant(implied, cfg).items() if _effective(cfg, k) != v}
+
+
 def architecture_mismatches(implied: Mapping[str, Any], model: nn.Module, layout: str) -> list[str]:
     """One message per field of `implied` (see `layout_architecture`) that `model` was built without,
     naming both values and the fix (a tag that sets it, or the `create_model` override)."""
     cfg = _target_cfg(model)
-    # residual pooling of the class token only matters where there are both
-    relevant = {k: v for k, v in implied.items() if k != "residual_pool_cls" or (
-        cfg.residual_pooling and cfg.use_cls_token)}
-    wrong = {k: v for k, v in relevant.items() if _effective(cfg, k) != v}
+    relevant = _relevant(implied, cfg)
+    wrong = architecture_overrides(implied, cfg)
     if not wrong:
         return []
     arch = _model_name(model)

@@ -77,9 +77,15 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
                            "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
-    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "top-1 78.85%", "4 frames x 32 x 32, sampling rate 4",
-                 "5 clips x 1 crops", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "4 frames x 32 x 32, sampling rate 4",
+                 "## Citation", "fan2021multiscale", "## Intended use and limitations"):
         assert text in card, text
+    # a local file with no published hash is not known to be the tag's official file: no claims about it
+    for claim in ("by the paper's authors", "top-1 78.85%", "5 clips x 1 crops"):
+        assert claim not in card, claim
+    assert "not a verified copy of an official checkpoint of mvit_b_16x4.pv_k400" in card
+    assert "timm.create_model('local-dir:path/to/this/folder', pretrained=True)" in card
+    assert "create_model('mvit_b_16x4.pv_k400', pretrained=True)" not in card  # would download the official weights
 
 
 def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub: HubServer,
@@ -91,6 +97,11 @@ def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], 
     assert folder == tmp_path / "out" / TAG
     for name in ("model.safetensors", "config.json", "README.md"):
         hub.add_file(f"mvit-zoo/{TAG}", name, folder / name)
+
+    card = (folder / "README.md").read_text()  # publish converts the tag's official file: its claims hold
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "top-1 78.85%",
+                 "5 clips x 1 crops", "by the paper's authors", "create_model('mvit_b_16x4.pv_k400', pretrained=True)"):
+        assert text in card, text
 
     via_tag = timm.create_model(TAG, pretrained=True, num_classes=3, **SMALL)
     assert max_diff(ref, via_tag, video_input()) < TOL
