@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..data.config import CONFIG_FILE
 from ..weights import hub
+from ..weights.convert import ArchitectureMismatchWarning
 from ..weights.publish import convert_checkpoint
 from .cli import CliError
 
@@ -58,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
     model_args = parse_model_args(args.model_arg)
     if not re.match(r"^https?://", args.src) and not Path(args.src).expanduser().exists():
         raise CliError(f"checkpoint not found: {args.src}; pass a checkpoint file, a folder or an http(s) URL")
-    folder, report = convert_checkpoint(args.src, args.model, args.out, model_args=model_args, sha256=args.sha256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ArchitectureMismatchWarning)
+        folder, report = convert_checkpoint(args.src, args.model, args.out, model_args=model_args,
+                                            sha256=args.sha256)
+    for warning in caught:
+        print(f"mvit-zoo convert: warning: {warning.message}", file=sys.stderr)
     print(f"{args.src}: {report.summary()}")
     print(f"wrote {folder / hub.WEIGHTS_NAME}, {folder / CONFIG_FILE}, {folder / 'README.md'}")
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..weights import hub
-from ..weights.publish import _pcfg_dict, official_tags, publish
+from ..weights.publish import tag_config, official_tags, publish
 from .convert import add_model_arg, parse_model_args
 
 __all__ = ["configure_parser", "run"]
@@ -31,7 +31,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.list:
         for tag in official_tags(args.only):
-            cfg = _pcfg_dict(tag)
+            cfg = tag_config(tag)
             print(f"{tag}\t{hub.hub_repo_id(cfg['hf_hub_id'])[0]}\t{cfg['url']}")
         return 0
     folders = publish(args.out, only=args.only, source_dir=args.source_dir, push=args.push,

@@ -299,7 +299,11 @@ _RESIDUAL_POOL_CLS = {"slowfast": False, "torchvision": False, "timm": True, "mv
 def layout_architecture(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
     """Architecture fields (`MViTCfg` names) that a state dict in mvit-zoo names (see `to_native`) from
     a `layout` checkpoint implies: `use_cls_token` from its tensors, `pool_norm_eps` and
-    `residual_pool_cls` (with a class token) from the upstream implementation that wrote it."""
+    `residual_pool_cls` (with a class token) from the upstream implementation that wrote it.
+
+    NOTE: the channel order is not a property of a layout (PySlowFast's SSv2 files were normalised in
+    BGR order, its Kinetics files in RGB): the tag carries it (`channel_order`, reversed mean/std) and
+    `mvit-zoo convert` writes it to config.json."""
     out: dict[str, Any] = {"use_cls_token": "cls_token" in sd}
     if layout in _POOL_NORM_EPS:
         out["pool_norm_eps"] = _POOL_NORM_EPS[layout]
@@ -332,7 +336,8 @@ def _tags_setting(arch: str, fields: Mapping[str, Any]) -> list[str]:
 
 def _relevant(implied: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
     # residual pooling of the class token only matters where there are both
-    return {k: v for k, v in implied.items() if k != "residual_pool_cls" or (cfg.residual_pooling and cfg.use_cls_token)}
+    return {k: v for k, v in implied.items()
+            if k != "residual_pool_cls" or (cfg.residual_pooling and cfg.use_cls_token)}
 
 
 def architecture_overrides(implied: Mapping[str, Any], target: Any) -> dict[str, Any]:
@@ -561,11 +566,17 @@ def convert_state_dict(
     `fit_state_dict` for `head` and `strict`.
     """
     sd, layout = to_native(state_dict, model)
-    out = fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head, strict=strict)
-    if out.report.inflated:  # image -> video: the video model's own architecture is what trains next
-        return out
-    out.report.architecture = architecture_mismatches(layout_architecture(sd, layout), model, layout)
-    for message in out.report.architecture:
+    image_to_video = getattr(sd.get("patch_embed.proj.weight"), "ndim", 0) == 4 and _target_cfg(model).ndim == 3
+    # image -> video: the video model's own architecture is what trains next
+    mismatches = [] if image_to_video else architecture_mismatches(layout_architecture(sd, layout), model, layout)
+    try:
+        out = fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head, strict=strict)
+    except CheckpointMismatchError as e:
+        if not mismatches:
+            raise
+        raise CheckpointMismatchError(f"{e}; also {'; '.join(mismatches)}") from None
+    out.report.architecture = mismatches
+    for message in mismatches:
         warnings.warn(ArchitectureMismatchWarning(message), stacklevel=2)
     return out
 

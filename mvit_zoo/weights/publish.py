@@ -32,7 +32,7 @@ from . import hub
 from .convert import (ArchitectureMismatchWarning, ConversionReport, architecture_mismatches, architecture_overrides,
                       check_weight_values, checkpoint_img_size, fit_state_dict, layout_architecture, to_native)
 
-__all__ = ["official_tags", "convert_checkpoint", "publish", "push_folder", "model_card"]
+__all__ = ["convert_checkpoint", "model_card", "official_tags", "publish", "push_folder", "tag_config"]
 
 DATASETS = {
     "imagenet-1k": "ImageNet-1k", "imagenet-21k-winter": "ImageNet-21k (winter 2021)",
@@ -71,7 +71,7 @@ _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "s
               "channel_order")
 
 
-def _pcfg_dict(name: str) -> dict[str, Any]:
+def tag_config(name: str) -> dict[str, Any]:
     """The pretrained cfg of `arch.tag` as a dict. For a bare `arch`, only the data settings of its
     default tag (the weights being converted are not that tag's: no source, accuracy or `arch`)."""
     import timm
@@ -290,7 +290,7 @@ def convert_checkpoint(
     from ..model.registry import create_model
 
     out_dir = Path(out_dir)
-    pcfg = _pcfg_dict(name)
+    pcfg = tag_config(name)
     arch, _, tag = name.partition(".")
     stated = dict(model_args or {})
     local = not re.match(r"^https?://", src)
@@ -413,7 +413,7 @@ def publish(
     out_dir = Path(out_dir)
     folders = []
     for tag in tags:
-        pcfg = _pcfg_dict(tag)
+        pcfg = tag_config(tag)
         url = pcfg["url"]
         local = Path(source_dir) / url.rsplit("/", 1)[-1] if source_dir else None
         src = str(local) if local is not None and local.is_file() else url

@@ -294,3 +294,12 @@ def test_check_weight_values_names_the_key(bad: torch.Tensor, problem: str) -> N
     convert.check_weight_values({"a": torch.zeros(2)})
     with pytest.raises(CheckpointMismatchError, match=r"^norm\.bias: .*" + problem):
         convert.check_weight_values({"a": torch.zeros(2), "norm.bias": bad})
+
+
+def test_class_token_mismatch_says_which_model_to_build() -> None:
+    ref, arch, kw = timm_reference(cls_token=True)
+    model = mvit_zoo.create_model(arch, **kw, use_cls_token=False)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): cls_token; also use_cls_token: the timm "
+                                                      r"checkpoint implies True, the model has False; .*"
+                                                      r"create_model\('mvit_small_cls', use_cls_token=True\)"):
+        convert_state_dict(ref.state_dict(), model)
