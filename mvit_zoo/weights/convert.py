@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYOUTS", "ArchitectureMismatchWarning", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict",
-    "architecture_mismatches", "architecture_overrides", "check_weight_values", "checkpoint_img_size", "convert_state_dict", "detect_layout",
-    "describe_checkpoint", "fit_state_dict", "inflate_image_to_video", "layout_architecture", "matching_architectures",
-    "to_native", "unwrap_checkpoint",
+    "architecture_mismatches", "architecture_overrides", "check_weight_values", "checkpoint_img_size",
+    "convert_state_dict", "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video",
+    "layout_architecture", "matching_architectures", "to_native", "unwrap_checkpoint",
 ]
 
 LAYOUTS = ("mvit-zoo", "timm", "torchvision", "pytorchvideo", "slowfast", "mvit")

@@ -72,7 +72,8 @@ def test_round_trip_and_validation(tmp_path: Path) -> None:
          r"data_config\.frame_sampling must be one of \('stride', 'segment'\), got 'random'"),
         (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "pretrained_cfg": {"input_size": [32, 32]}}),
          r"pretrained_cfg\.input_size must be \[C, H, W\]"),
-        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": [1]}), r"model_args must be an object"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": [1]}),
+         r"model_args must be an object"),
     ]
     for text, message in bad:
         (tmp_path / "config.json").write_text(text)

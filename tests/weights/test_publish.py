@@ -80,8 +80,8 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
                            "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
-    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "4 frames x 32 x 32, sampling rate 4",
-                 "## Citation", "fan2021multiscale", "## Intended use and limitations"):
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout",
+                 "4 frames x 32 x 32, sampling rate 4", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
         assert text in card, text
     # a local file with no published hash is not known to be the tag's official file: no claims about it
     for claim in ("by the paper's authors", "top-1 78.85%", "5 clips x 1 crops"):
