@@ -349,17 +349,23 @@ def architecture_overrides(implied: Mapping[str, Any], target: Any) -> dict[str,
 
 def architecture_mismatches(implied: Mapping[str, Any], model: nn.Module, layout: str) -> list[str]:
     """One message per field of `implied` (see `layout_architecture`) that `model` was built without,
-    naming both values and the fix (a tag that sets it, or the `create_model` override)."""
+    naming both values and the fix (the plain architecture, a tag that sets it, or the `create_model` override)."""
+    from ..model.mvit import MODEL_CFGS
+
     cfg = _target_cfg(model)
     relevant = _relevant(implied, cfg)
     wrong = architecture_overrides(implied, cfg)
     if not wrong:
         return []
     arch = _model_name(model)
-    tags = _tags_setting(arch, relevant)
     overrides = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-    fix = (f"create the model as {' or '.join(repr(t) for t in tags)} (its weights need these values) or with "
-           if tags else "create the model with ") + f"mvit_zoo.create_model({arch!r}, {overrides})"
+    default = MODEL_CFGS.get(arch)
+    if default is not None and not architecture_overrides(relevant, default):
+        fix = f"create {arch!r} without overriding {', '.join(wrong)} (its default is what the checkpoint needs)"
+    else:
+        tags = _tags_setting(arch, relevant)
+        fix = (f"create the model as {' or '.join(repr(t) for t in tags)} (its weights need these values) or with "
+               if tags else "create the model with ") + f"mvit_zoo.create_model({arch!r}, {overrides})"
     return [f"{k}: the {layout} checkpoint implies {v!r}, the model has {_effective(cfg, k)!r}; {fix}"
             for k, v in wrong.items()]
 
