@@ -67,8 +67,7 @@ CITATION_V2 = """@inproceedings{li2022mvitv2,
 # --------------------------------------------------------------------------------------------------
 
 _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv", "classifier",
-              "paper_name", "paper_ids", "label_set", "license", "num_frames", "sampling_rate", "frame_sampling",
-              "channel_order")
+              "paper_name", "paper_ids", "label_set", "num_frames", "sampling_rate", "frame_sampling", "channel_order")
 
 
 def tag_config(name: str) -> dict[str, Any]:
