@@ -290,7 +290,7 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
                   data_cfg: Any = None) -> ViewSampling:
     """The test views of a video model: from its pretrained cfg (``test_views``, ``frame_sampling``) and
     data config (``num_frames``, ``sampling_rate``, size, mean/std, channel order)."""
-    from .apps.finetune import resolve_data_config
+    from .data.transforms import resolve_data_config
 
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     data_cfg = data_cfg or resolve_data_config(model)
@@ -372,7 +372,7 @@ def evaluate(
 def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, device: torch.device, amp: bool,
                      workers: int, class_names: Sequence[str] | None, data_cfg: Any, confusion: bool,
                      progress: bool, desc: str) -> Evaluation:
-    from .apps.finetune import build_transform, is_video_model, resolve_data_config
+    from .data.transforms import build_transform, is_video_model, resolve_data_config
 
     data_cfg = data_cfg or resolve_data_config(model)
     num_classes = int(model.num_classes)

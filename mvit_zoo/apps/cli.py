@@ -2,8 +2,8 @@
 
 Commands (each in its own module, which exposes `configure_parser(parser)` and `run(args) -> int`):
 
-    convert   convert an upstream checkpoint into a Hub-ready folder      (mvit_zoo.weights.publish)
-    publish   convert every official checkpoint, optionally upload them   (mvit_zoo.weights.publish)
+    convert   convert an upstream checkpoint into a Hub-ready folder      (mvit_zoo.apps.convert)
+    publish   convert every official checkpoint, optionally upload them   (mvit_zoo.apps.publish)
     finetune  fine-tune a model on an image / video folder                (mvit_zoo.apps.finetune)
     predict   classify images or videos                                   (mvit_zoo.apps.predict)
     validate  top-1/top-5 on a folder of images or videos, multi-view       (mvit_zoo.apps.validate)
@@ -41,9 +41,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "convert": Command("mvit_zoo.weights.publish", "configure_convert_parser", "run_convert",
+    "convert": Command("mvit_zoo.apps.convert", "configure_parser", "run",
                        "convert a checkpoint (any upstream layout) into model.safetensors + config.json + README.md"),
-    "publish": Command("mvit_zoo.weights.publish", "configure_parser", "run",
+    "publish": Command("mvit_zoo.apps.publish", "configure_parser", "run",
                        "convert every official checkpoint into Hub-ready folders (--push uploads them)"),
     "finetune": Command("mvit_zoo.apps.finetune", "configure_parser", "run",
                         "fine-tune a pretrained model on a folder of images or videos"),

@@ -58,16 +58,16 @@ from tqdm import tqdm
 import timm
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.models import filter_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from ..data.config import ModelConfig, config_for_model, write_config
 from ..data.folders import (
     IMAGE_EXTENSIONS, EpochSeeded, ImageSamples, SampleError, Samples, ShardSampler, derive_seed, scan_data,
     seed_everything,
 )
-from ..data.transforms import DataConfig, build_transform, resolve_data_config
+from ..data.transforms import DataConfig, build_transform, is_video_model, resolve_data_config
 from ..data.video import VIDEO_EXTENSIONS, VideoFolder
 from ..evaluation import evaluate as evaluate_model
 from .cli import CliError
@@ -87,11 +87,6 @@ OPTIMIZER_FILE = 'optimizer.pt'
 WEIGHTS_FILE = 'model.safetensors'
 EMA_WEIGHTS_FILE = 'model_ema.safetensors'
 BEST_WEIGHTS_FILE = 'model_best.safetensors'
-CONFIG_FILE = 'config.json'
-# PretrainedCfg fields that timm accepts back from a config.json
-_TIMM_CFG_KEYS = frozenset(timm.models.PretrainedCfg.__dataclass_fields__)
-# Data settings of video checkpoints that timm's PretrainedCfg has no field for
-_VIDEO_CFG_KEYS = ('num_frames', 'sampling_rate', 'channel_order', 'test_views')
 # Arguments that describe the run rather than the result; they may change on --resume
 _RUNTIME_ARGS = frozenset({'resume', 'output', 'workers', 'progress', 'device', 'save_every', 'data'})
 # Arguments a run cannot start without; `--resume DIR` alone takes them from the run
@@ -134,16 +129,6 @@ def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise CliError(f'--model-kwargs must be a JSON object, got {text!r}; e.g. \'{{"img_size": 64}}\'')
     return _tuples(value)
-
-
-def is_video_model(model: nn.Module) -> bool:
-    """True for models that take clips ``(B, C, T, H, W)``."""
-    if hasattr(model, 'is_video'):
-        return bool(model.is_video)
-    img_size = getattr(model, 'img_size', None)
-    if isinstance(img_size, (tuple, list)):
-        return len(img_size) == 3
-    return len((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))) == 4
 
 
 def _check_model_name(name: str, pretrained: bool) -> None:
@@ -407,37 +392,25 @@ def model_config(
         label_names: Sequence[str],
         model_kwargs: Dict[str, Any],
         data_cfg: DataConfig,
-) -> Dict[str, Any]:
-    """A timm-style ``config.json`` for the fine-tuned weights.
+) -> ModelConfig:
+    """The ``config.json`` of the fine-tuned weights (schema: :mod:`mvit_zoo.data.config`).
 
     ``timm.create_model('local-dir:<folder>', pretrained=True)`` rebuilds the model from it;
-    ``label_names`` are the class folder names. Video data settings that timm's
-    PretrainedCfg has no field for are kept in a top-level ``data_config``.
+    ``label_names`` are the class folder names. The preprocessing is the run's; the frame sampling
+    (an SSv2 model's 'segment') is the pretrained config's.
     """
-    source = filter_pretrained_cfg(dict(getattr(model, 'pretrained_cfg', None) or {}), remove_source=True)
-    pretrained_cfg = {k: v for k, v in source.items() if k in _TIMM_CFG_KEYS and _json_safe(v) is not None}
-    for key in ('architecture', 'tag', 'label_names', 'label_descriptions', 'label_offset', 'state_dict',
-                'test_input_size', 'test_crop_pct', 'pool_size', 'test_pool_size'):
-        pretrained_cfg.pop(key, None)
+    source = dict(getattr(model, 'pretrained_cfg', None) or {})
     data = data_cfg.to_dict()
-    pretrained_cfg.update({k: data[k] for k in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')})
-    pretrained_cfg['num_classes'] = len(label_names)
+    video = {k: data[k] for k in ('num_frames', 'sampling_rate', 'channel_order') if k in data}
+    if data_cfg.is_video:
+        video['frame_sampling'] = source.get('frame_sampling')
     model_args = {k: v for k, v in model_kwargs.items() if k not in ('drop_path_rate', 'drop_rate')}
     model_args['num_classes'] = len(label_names)
-    config: Dict[str, Any] = {
-        'architecture': name.split('.')[0],
-        'num_classes': len(label_names),
-        'num_features': int(getattr(model, 'num_features', 0)),
-        'global_pool': _json_safe(getattr(model, 'global_pool', None)),
-        'label_names': list(label_names),
-        'model_args': json.loads(json.dumps(model_args)),
-        'pretrained_cfg': pretrained_cfg,
-    }
-    if data_cfg.is_video:
-        config['data_config'] = {k: data[k] for k in _VIDEO_CFG_KEYS if k in data}
-    if not isinstance(config['global_pool'], str) or not config['global_pool']:
-        config.pop('global_pool')
-    return config
+    return config_for_model(
+        model, model_args=model_args, label_names=label_names, data_config=video,
+        pretrained_cfg={**source, **{k: data[k] for k in ('mean', 'std', 'crop_pct', 'interpolation')}},
+        source={'tag': name if '.' in name else None, 'description': f'fine-tuned from {name} with mvit-zoo finetune'},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,7 +643,7 @@ class Trainer:
         epoch_loss = all_reduce_sum(self.epoch_loss, self.info, self.device)
         if self.info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            _write_json(self.output / CONFIG_FILE, self.config())
+            write_config(self.output, self.config())
             name = f'{CHECKPOINTS_DIR}/step-{self.global_step:08d}-{uuid.uuid4().hex[:8]}'
             checkpoint = self.output / name
             checkpoint.mkdir(parents=True)
@@ -700,7 +673,7 @@ class Trainer:
             if (checkpoint / file).exists():
                 _link(checkpoint / file, self.output / file)
 
-    def config(self) -> Dict[str, Any]:
+    def config(self) -> ModelConfig:
         return model_config(self.model, self.args.model, self.classes, self.model_kwargs, self.data_cfg)
 
     # -- loop -----------------------------------------------------------------------------------
@@ -711,7 +684,7 @@ class Trainer:
         args, info = self.args, self.info
         if info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            _write_json(self.output / CONFIG_FILE, self.config())
+            write_config(self.output, self.config())
             print(f'{args.model}: {len(self.classes)} classes, {self.num_train} train / {self.num_val} val '
                   f'{"clips" if self.data_cfg.is_video else "images"}, input {tuple(self.data_cfg.input_size)}, '
                   f'{self.steps_per_epoch} steps/epoch x {args.epochs} epochs, {info.world_size} process(es) '

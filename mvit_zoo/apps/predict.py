@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import timm
 
+from ..data.config import CONFIG_FILE, find_config
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.transforms import DataConfig, build_transform, resolve_data_config
 from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
@@ -39,7 +40,7 @@ from ..evaluation import video_scores
 from ..weights.convert import unwrap_checkpoint
 from ..weights.hub import CorruptCheckpointError, read_checkpoint
 from .cli import CliError
-from .finetune import CONFIG_FILE, parse_model_kwargs
+from .finetune import parse_model_kwargs
 
 __all__ = ['DATA_DIR', 'DEFAULT_MODEL', 'SAMPLE_IMAGE', 'find_inputs', 'label_names_for', 'load_label_set',
            'load_input', 'load_model', 'predict', 'configure_parser', 'run', 'main']
@@ -75,8 +76,8 @@ def label_names_for(model: nn.Module, num_classes: int) -> List[str]:
 
 
 def _read_config(folder: Path) -> Dict[str, Any]:
-    path = folder / CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    config = find_config(folder)  # validated; a malformed file is a one-line ConfigError
+    return config.to_dict() if config is not None else {}
 
 
 def _weights_in(folder: Path) -> Path:

@@ -26,7 +26,8 @@ from ..data.views import Views
 from ..evaluation import Evaluation, evaluate
 from .cli import CliError
 from .finetune import parse_model_kwargs
-from .predict import CONFIG_FILE, load_model
+from ..data.config import find_config
+from .predict import load_model
 
 __all__ = ['configure_parser', 'run']
 
@@ -59,9 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _checkpoint_classes(checkpoint: str | None) -> list[str] | None:
     if not checkpoint:
         return None
-    path = Path(checkpoint)
-    config = (path if path.is_dir() else path.parent) / CONFIG_FILE
-    return json.loads(config.read_text()).get('label_names') if config.is_file() else None
+    config = find_config(checkpoint)
+    return list(config.label_names) if config is not None and config.label_names else None
 
 
 def _write_results(path: Path, row: dict) -> None:

@@ -15,7 +15,7 @@ from timm.data.auto_augment import AugmentOp
 
 from .video import ClipTransform
 
-__all__ = ['DataConfig', 'resolve_data_config', 'build_transform']
+__all__ = ['DataConfig', 'is_video_model', 'resolve_data_config', 'build_transform']
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,16 @@ class DataConfig:
         if self.is_video:
             d.update(num_frames=self.num_frames, sampling_rate=self.sampling_rate, channel_order=self.channel_order)
         return d
+
+
+def is_video_model(model: nn.Module) -> bool:
+    """True for models that take clips ``(B, C, T, H, W)``."""
+    if hasattr(model, 'is_video'):
+        return bool(model.is_video)
+    img_size = getattr(model, 'img_size', None)
+    if isinstance(img_size, (tuple, list)):
+        return len(img_size) == 3
+    return len((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))) == 4
 
 
 def resolve_data_config(model: nn.Module, sampling_rate: Optional[int] = None) -> DataConfig:

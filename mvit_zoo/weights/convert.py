@@ -25,12 +25,15 @@ Conversion runs in two steps:
    a stem for another channel count is adapted as timm does, and every key that is missing,
    unexpected or of the wrong shape is reported by name.
 
-`convert_state_dict` runs both.
+`convert_state_dict` runs both, and warns (`ArchitectureMismatchWarning`) when the source layout
+implies architecture fields the target model was built without (`layout_architecture`): pytorchvideo's
+pooling norms use eps 1e-5, PySlowFast's and torchvision's residual pooling skips the class token.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "LAYOUTS", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict", "convert_state_dict",
-    "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video", "matching_architectures",
-    "to_native", "unwrap_checkpoint",
+    "LAYOUTS", "ArchitectureMismatchWarning", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict",
+    "architecture_mismatches", "architecture_overrides", "check_weight_values", "checkpoint_img_size",
+    "convert_state_dict", "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video",
+    "layout_architecture", "matching_architectures", "to_native", "unwrap_checkpoint",
 ]
 
 LAYOUTS = ("mvit-zoo", "timm", "torchvision", "pytorchvideo", "slowfast", "mvit")
@@ -52,6 +56,11 @@ InflateMode = Literal["mean", "center"]
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not fit the model; the message names the keys and shapes that disagree
     and, where it can tell, the architectures the checkpoint does fit."""
+
+
+class ArchitectureMismatchWarning(UserWarning):
+    """The checkpoint loads, but its source layout implies an architecture field (e.g. the pooling-norm
+    eps) that differs from the model's: the model will not compute what the source model computed."""
 
 
 @dataclass
@@ -67,6 +76,7 @@ class ConversionReport:
     fresh: list[str] = field(default_factory=list)  # model keys left as initialised (a classifier the checkpoint lacks)
     missing: list[str] = field(default_factory=list)  # model keys the checkpoint does not provide
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model does not have
+    architecture: list[str] = field(default_factory=list)  # architecture fields the source implies otherwise
 
     def summary(self) -> str:
         parts = [f"layout {self.layout}"]
@@ -74,6 +84,8 @@ class ConversionReport:
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{name} ({len(keys)}): {_names(keys)}")
+        if self.architecture:
+            parts.append(f"architecture differs from the source: {'; '.join(self.architecture)}")
         return "; ".join(parts)
 
 
@@ -274,6 +286,135 @@ def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Ten
 
 
 # --------------------------------------------------------------------------------------------------
+# What a layout implies about the architecture
+# --------------------------------------------------------------------------------------------------
+
+# Q/K/V pooling-norm eps of each upstream implementation. NOTE: PySlowFast changed its eps from 1e-5 to
+# 1e-6 in mid-2022, so its layout alone does not tell; its tags state the eps of their files.
+_POOL_NORM_EPS = {"pytorchvideo": 1e-5, "torchvision": 1e-6, "timm": 1e-6, "mvit": 1e-6}
+# Whether residual pooling adds the pooled query to the class token too
+_RESIDUAL_POOL_CLS = {"slowfast": False, "torchvision": False, "timm": True, "mvit": True}
+
+
+def layout_architecture(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
+    """Architecture fields (`MViTCfg` names) that a state dict in mvit-zoo names (see `to_native`) from
+    a `layout` checkpoint implies: `use_cls_token` from its tensors, `pool_norm_eps` and
+    `residual_pool_cls` (with a class token) from the upstream implementation that wrote it.
+
+    NOTE: the channel order is not a property of a layout (PySlowFast's SSv2 files were normalised in
+    BGR order, its Kinetics files in RGB): the tag carries it (`channel_order`, reversed mean/std) and
+    `mvit-zoo convert` writes it to config.json."""
+    out: dict[str, Any] = {"use_cls_token": "cls_token" in sd}
+    if layout in _POOL_NORM_EPS:
+        out["pool_norm_eps"] = _POOL_NORM_EPS[layout]
+    if "cls_token" in sd and layout in _RESIDUAL_POOL_CLS:
+        out["residual_pool_cls"] = _RESIDUAL_POOL_CLS[layout]
+    return out
+
+
+def _effective(cfg: Any, name: str) -> Any:
+    if name == "pool_norm_eps":
+        return cfg.norm_eps if cfg.pool_norm_eps is None else cfg.pool_norm_eps
+    return getattr(cfg, name)
+
+
+def _tags_setting(arch: str, fields: Mapping[str, Any]) -> list[str]:
+    """Registered tags of `arch` whose weights need exactly these field values."""
+    import timm
+
+    from ..model.mvit import MODEL_CFGS, make_cfg
+
+    if arch not in MODEL_CFGS:
+        return []
+    out = []
+    for name in timm.list_pretrained(f"{arch}.*"):
+        cfg = make_cfg(MODEL_CFGS[arch], **(getattr(timm.models.get_pretrained_cfg(name), "arch", None) or {}))
+        if all(_effective(cfg, k) == v for k, v in fields.items()):
+            out.append(name)
+    return out
+
+
+def _relevant(implied: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    # residual pooling of the class token only matters where there are both
+    return {k: v for k, v in implied.items()
+            if k != "residual_pool_cls" or (cfg.residual_pooling and cfg.use_cls_token)}
+
+
+def architecture_overrides(implied: Mapping[str, Any], target: Any) -> dict[str, Any]:
+    """The fields of `implied` (see `layout_architecture`) whose value `target` (a model or MViTCfg)
+    lacks: the `create_model` overrides that make it compute what the source model computed."""
+    cfg = _target_cfg(target)
+    return {k: v for k, v in _relevant(implied, cfg).items() if _effective(cfg, k) != v}
+
+
+def architecture_mismatches(implied: Mapping[str, Any], model: nn.Module, layout: str) -> list[str]:
+    """One message per field of `implied` (see `layout_architecture`) that `model` was built without,
+    naming both values and the fix (the plain architecture, a tag that sets it, or the `create_model` override)."""
+    from ..model.mvit import MODEL_CFGS
+
+    cfg = _target_cfg(model)
+    relevant = _relevant(implied, cfg)
+    wrong = architecture_overrides(implied, cfg)
+    if not wrong:
+        return []
+    arch = _model_name(model)
+    overrides = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+    default = MODEL_CFGS.get(arch)
+    if default is not None and not architecture_overrides(relevant, default):
+        fix = f"create {arch!r} without overriding {', '.join(wrong)} (its default is what the checkpoint needs)"
+    else:
+        tags = _tags_setting(arch, relevant)
+        fix = (f"create the model as {' or '.join(repr(t) for t in tags)} (its weights need these values) or with "
+               if tags else "create the model with ") + f"mvit_zoo.create_model({arch!r}, {overrides})"
+    return [f"{k}: the {layout} checkpoint implies {v!r}, the model has {_effective(cfg, k)!r}; {fix}"
+            for k, v in wrong.items()]
+
+
+def checkpoint_img_size(sd: Mapping[str, Tensor], target: Any) -> Optional[tuple[int, ...]]:
+    """The input size (H, W) or (T, H, W) whose token grid the position tables of a state dict in
+    mvit-zoo names were made for, under `target`'s (model or MViTCfg) patch stride; None without tables.
+    Stage 0's first block sees the full patch grid, and its relative-position tables span
+    `2 * grid - 1` offsets per axis."""
+    cfg = _target_cfg(target)
+    stride = tuple(cfg.patch_stride)
+    grid: list[Optional[int]] = [None] * cfg.ndim
+    for axis, name in zip(range(cfg.ndim - 2, cfg.ndim), ("h", "w")):
+        table = sd.get(f"stages.0.blocks.0.attn.rel_pos_{name}")
+        if table is not None:
+            grid[axis] = (table.shape[0] + 1) // 2
+    table_t = sd.get("stages.0.blocks.0.attn.rel_pos_t")
+    if cfg.ndim == 3 and table_t is not None:
+        grid[0] = (table_t.shape[0] + 1) // 2
+    spatial = sd.get("pos_embed_spatial")
+    if spatial is None and "pos_embed" in sd:
+        spatial = sd["pos_embed"][:, 1 if "cls_token" in sd else 0:]
+    if spatial is not None and math.isqrt(spatial.shape[1]) ** 2 == spatial.shape[1]:
+        grid[-2] = grid[-1] = math.isqrt(spatial.shape[1])
+    temporal = sd.get("pos_embed_temporal")
+    if cfg.ndim == 3 and temporal is not None:
+        grid[0] = temporal.shape[1]
+    if cfg.ndim == 3 and grid[0] is None and all(g is not None for g in grid[1:]):
+        grid[0] = cfg.img_size[0] // stride[0]  # no temporal table: any frame count fits; keep the default
+    if any(g is None for g in grid):
+        return None
+    return tuple(int(g) * s for g, s in zip(grid, stride))
+
+
+def check_weight_values(sd: Mapping[str, Tensor]) -> None:
+    """Refuse tensors no trained MViT has: integer or bool dtypes (every MViT tensor is floating point)
+    and NaN/Inf values, naming the key and dtype."""
+    for key, value in sd.items():
+        if not value.is_floating_point():
+            raise CheckpointMismatchError(
+                f"{key}: {value.dtype} tensor; MViT weights are floating point, so this file is damaged or not an "
+                f"MViT checkpoint (re-export it from the model's state_dict())")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointMismatchError(
+                f"{key}: {int((~torch.isfinite(value)).sum())} of {value.numel()} values are NaN/Inf ({value.dtype}); "
+                f"the checkpoint is broken (e.g. saved after the training diverged): use an earlier one")
+
+
+# --------------------------------------------------------------------------------------------------
 # Step 2: shapes (fit_state_dict)
 # --------------------------------------------------------------------------------------------------
 
@@ -421,14 +562,29 @@ def convert_state_dict(
     """Map a checkpoint of any supported layout (see `LAYOUTS`) onto `model`, an mvit_zoo `MViT`.
 
     Returns a state dict that `model.load_state_dict(sd, strict=not sd.report.fresh)` accepts, with
-    a `.report` (`ConversionReport`) of what was renamed, resized, inflated, dropped. Relative-position
+    a `.report` (`ConversionReport`) of what was renamed, resized, inflated, dropped. Where the source
+    layout implies architecture fields the model lacks (`layout_architecture`: a pytorchvideo file
+    needs `pool_norm_eps=1e-5`), an `ArchitectureMismatchWarning` names the field, both values and the
+    fix, and `.report.architecture` lists them. Relative-position
     tables and absolute position embeddings are interpolated to the model's build size; a 2-D
     (ImageNet) checkpoint initialises a 3-D model by inflating its kernels over time (`inflate`: 'mean'
     as PySlowFast/I3D, or 'center') and starting the temporal position tables at zero. See
     `fit_state_dict` for `head` and `strict`.
     """
     sd, layout = to_native(state_dict, model)
-    return fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head, strict=strict)
+    image_to_video = getattr(sd.get("patch_embed.proj.weight"), "ndim", 0) == 4 and _target_cfg(model).ndim == 3
+    # image -> video: the video model's own architecture is what trains next
+    mismatches = [] if image_to_video else architecture_mismatches(layout_architecture(sd, layout), model, layout)
+    try:
+        out = fit_state_dict(sd, model, layout=layout, inflate=inflate, head=head, strict=strict)
+    except CheckpointMismatchError as e:
+        if not mismatches:
+            raise
+        raise CheckpointMismatchError(f"{e}; also {'; '.join(mismatches)}") from None
+    out.report.architecture = mismatches
+    for message in mismatches:
+        warnings.warn(ArchitectureMismatchWarning(message), stacklevel=2)
+    return out
 
 
 def inflate_image_to_video(state_dict: Mapping[str, Any], model: nn.Module, *, inflate: InflateMode = "mean",
@@ -476,11 +632,12 @@ def _signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
         m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$", key)
         if m:
             blocks[int(m.group(1)), int(m.group(2))] = value.shape[0] // 3
-    if not blocks:
+    stages = {i for i, _ in blocks}
+    if not blocks or stages != set(range(1 + max(stages))):  # a whole stage without attention: cannot tell
         return None
-    depths = tuple(1 + max(j for (i, j) in blocks if i == s) for s in range(1 + max(i for i, _ in blocks)))
+    depths = tuple(1 + max(j for (i, j) in blocks if i == s) for s in range(len(stages)))
     pool = sd.get("stages.0.blocks.0.attn.pool_k.weight")
-    if pool is not None and pool.shape[0]:
+    if pool is not None and pool.shape[0] and (0, 0) in blocks:
         heads0 = blocks[0, 0] // pool.shape[0]
     return _Signature(
         ndim=patch.ndim - 2, depths=depths, embed_dim=patch.shape[0], num_heads=heads0,

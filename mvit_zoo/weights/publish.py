@@ -1,39 +1,38 @@
-"""`mvit-zoo convert` and `mvit-zoo publish`: upstream checkpoints -> Hub-ready folders.
+"""Upstream checkpoints -> Hub-ready folders (the library behind `mvit-zoo convert` and `mvit-zoo publish`).
 
 A Hub-ready folder holds
 
 * `model.safetensors`: the weights in mvit-zoo's layout, loadable with no conversion;
-* `config.json`: timm-style (`architecture`, `num_classes`, `num_features`, `global_pool`, `model_args`,
-  `pretrained_cfg`, `label_names`), plus `data_config` with the video settings timm's PretrainedCfg
-  has no field for (as `mvit-zoo finetune` writes), so `timm.create_model('hf-hub:<org>/<name>',
-  pretrained=True)` and `mvit_zoo.create_model('<name>', pretrained=True)` both rebuild the model;
-* `README.md`: the model card (Hub metadata header, data, licence, source and its hash, usage, citation).
+* `config.json`: timm-style, written by `mvit_zoo.data.config` (architecture, `model_args` including the
+  architecture fields the source layout implies, data settings, label names, where the file came
+  from), so `timm.create_model('hf-hub:<org>/<name>', pretrained=True)` and
+  `timm.create_model('local-dir:<folder>', pretrained=True)` rebuild the model;
+* `README.md`: the model card of that file (Hub metadata header, data, licence, source and its hash,
+  usage, citation). Provenance and accuracy of a tag are claimed only for the tag's official file.
 
 `publish` does this for every official checkpoint whose tag points at this project's Hub organisation
-(`mvit_zoo.weights.hub.hub_org()`), and with `--push` uploads each folder with huggingface_hub.
+(`mvit_zoo.weights.hub.hub_org()`), and with `push` uploads each folder with huggingface_hub.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import json
+import os
 import re
-import sys
+import shutil
 import tempfile
-from dataclasses import asdict, fields, is_dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
-from torch import nn
 
+from ..data.config import CONFIG_FILE, DATA_FIELDS, ModelConfig, config_for_model, find_config, write_config
 from . import hub
-from .convert import ConversionReport, fit_state_dict, to_native
+from .convert import (ArchitectureMismatchWarning, ConversionReport, architecture_mismatches, architecture_overrides,
+                      check_weight_values, checkpoint_img_size, fit_state_dict, layout_architecture, to_native)
 
-__all__ = [
-    "official_tags", "convert_checkpoint", "publish", "push_folder", "model_config", "model_card",
-    "configure_parser", "run", "configure_convert_parser", "run_convert",
-]
+__all__ = ["convert_checkpoint", "model_card", "official_tags", "publish", "push_folder", "tag_config"]
 
 DATASETS = {
     "imagenet-1k": "ImageNet-1k", "imagenet-21k-winter": "ImageNet-21k (winter 2021)",
@@ -47,12 +46,8 @@ UPSTREAM = [  # (URL part, project, licence of the project that publishes the fi
     ("/pyslowfast/", "PySlowFast (facebookresearch/SlowFast)", "Apache-2.0"),
     ("/mvit/", "facebookresearch/mvit", "Apache-2.0"),
 ]
-_VIDEO_KEYS = ("num_frames", "sampling_rate", "frame_sampling", "channel_order", "test_views")
-_EXTRA_KEYS = ("label_set", "top1", "top5", "file_sha256")
-_TIMM_KEYS = ("url", "hf_hub_id", "tag", "custom_load", "input_size", "test_input_size", "min_input_size",
-              "fixed_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode", "mean", "std",
-              "num_classes", "label_offset", "pool_size", "test_pool_size", "first_conv", "classifier", "license",
-              "description", "origin_url", "paper_name", "paper_ids", "notes")
+# data_config fields that describe a tag's official file, not other weights of the same architecture
+_OFFICIAL_ONLY = ("top1", "top5", "test_views", "file_sha256")
 CITATION_V1 = """@inproceedings{fan2021multiscale,
   title={Multiscale Vision Transformers},
   author={Fan, Haoqi and Xiong, Bo and Mangalam, Karttikeya and Li, Yanghao and Yan, Zhicheng and Malik, Jitendra and Feichtenhofer, Christoph},
@@ -72,10 +67,10 @@ CITATION_V2 = """@inproceedings{li2022mvitv2,
 # --------------------------------------------------------------------------------------------------
 
 _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv", "classifier",
-              "paper_name", "paper_ids", "label_set") + _VIDEO_KEYS
+              "paper_name", "paper_ids", "label_set", "num_frames", "sampling_rate", "frame_sampling", "channel_order")
 
 
-def _pcfg_dict(name: str) -> dict[str, Any]:
+def tag_config(name: str) -> dict[str, Any]:
     """The pretrained cfg of `arch.tag` as a dict. For a bare `arch`, only the data settings of its
     default tag (the weights being converted are not that tag's: no source, accuracy or `arch`)."""
     import timm
@@ -120,39 +115,6 @@ def _head_classes(sd: Mapping[str, torch.Tensor]) -> int:
     return int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
 
 
-def _json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, (tuple, set)) else str(v)))
-
-
-def model_config(model: nn.Module, name: str, pcfg: Mapping[str, Any], model_args: Mapping[str, Any]) -> dict:
-    """timm-style config.json for converted weights (see the module docstring)."""
-    pretrained_cfg = {k: pcfg[k] for k in _TIMM_KEYS if pcfg.get(k) is not None}
-    for key in ("url", "hf_hub_id", "tag"):
-        pretrained_cfg.pop(key, None)
-    pretrained_cfg["num_classes"] = model.num_classes
-    pretrained_cfg["input_size"] = (model.in_chans,) + tuple(model.img_size[-2:])  # the model as built
-    config: dict[str, Any] = {
-        "architecture": name.split(".")[0],
-        "num_classes": model.num_classes,
-        "num_features": int(model.num_features),
-        "global_pool": model.global_pool,
-        "model_args": dict(model_args),
-        "pretrained_cfg": pretrained_cfg,
-    }
-    label_set = pcfg.get("label_set")
-    if label_set:
-        path = Path(__file__).resolve().parent.parent / "data" / f"{label_set}.txt"  # shipped label lists
-        labels = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
-        if labels and len(labels) == model.num_classes:
-            config["label_names"] = list(labels)
-    data = {k: pcfg[k] for k in _VIDEO_KEYS + _EXTRA_KEYS if pcfg.get(k) is not None}
-    if model.is_video:
-        data["num_frames"] = model.img_size[0]
-    if data:
-        config["data_config"] = data
-    return _json(config)
-
-
 def _upstream(url: Optional[str]) -> tuple[str, str]:
     for part, project, licence in UPSTREAM:
         if url and part in url:
@@ -160,64 +122,116 @@ def _upstream(url: Optional[str]) -> tuple[str, str]:
     return "a local checkpoint", "see its source"
 
 
-def model_card(name: str, config: Mapping[str, Any], *, source: str, source_sha256: Optional[str],
-               layout: str, num_params: int, upstream_url: Optional[str] = None) -> str:
-    """README.md for a converted model (Hub metadata header + card). `upstream_url`, the tag's official
-    URL, names the upstream project when `source` is a local copy."""
-    pcfg, data = config["pretrained_cfg"], config.get("data_config", {})
-    arch = config["architecture"]
+@dataclass(frozen=True)
+class _Provenance:
+    """What the card may say about the converted file."""
+
+    source: str  # file path or URL it was read from
+    sha256: str
+    layout: str
+    official: bool  # the tag's official file (publish, the tag's URL, or a matching published hash)
+    changed: tuple[str, ...] = ()  # what conversion did beyond renaming (resized tables, adapted stem)
+    base: Optional[ModelConfig] = None  # the config.json found beside the source file
+
+
+def model_card(name: str, config: ModelConfig, provenance: _Provenance, *, num_params: int,
+               upstream_url: Optional[str] = None) -> str:
+    """README.md for a converted folder (Hub metadata header + card) that describes the file it was made
+    from: a tag's provenance and published accuracy only for that tag's official file, and a usage
+    snippet that loads this folder unless the folder is that official file."""
+    pcfg, data = config.pretrained_cfg, config.data_config
+    arch = config.architecture
     label_set = data.get("label_set")
-    video = "num_frames" in data
-    project, licence = _upstream(upstream_url or source)
+    video = config.num_frames is not None
+    tag_project, tag_licence = _upstream(upstream_url or provenance.source)  # who publishes the tag's file
+    project = tag_project if provenance.official else _upstream(provenance.source)[0]
     hub_licence = (pcfg.get("license") or "apache-2.0").lower()
     v1 = "arXiv:2104.11227" in str(pcfg.get("paper_ids", "")) or arch.startswith(("mvit_b", "mvit_v1"))
+    tag = name if "." in name else None
     lines = ["---", "tags:", f"- {'video-classification' if video else 'image-classification'}", "- timm",
              "- mvit-zoo", "library_name: timm", f"license: {hub_licence}"]
     if label_set in HF_DATASETS:
         lines += ["datasets:", f"- {HF_DATASETS[label_set]}"]
     lines += ["---", f"# Model card for {name}", ""]
     what = f"{'MViT v1' if v1 else 'MViTv2'} {'video' if video else 'image'} classifier"
-    lines += [f"{what} trained on {DATASETS.get(label_set, 'its dataset')} by the paper's authors, converted "
-              f"from the {project} checkpoint to mvit-zoo's safetensors layout. The weights are unchanged: only "
-              f"tensor names (and fused q/k/v projections) differ from the source file.", ""]
-    lines += ["## Model details", f"- **Architecture:** `{arch}` (mvit-zoo; registered with timm on `import mvit_zoo`)",
+    dataset = DATASETS.get(label_set, "its dataset")
+    if provenance.official:
+        lines.append(f"{what} trained on {dataset} by the paper's authors, converted from the {project} checkpoint "
+                     f"to mvit-zoo's safetensors layout.")
+    else:
+        base = provenance.base
+        origin = (f" Its config.json says: {base.source['description']}." if base and base.source.get("description")
+                  else "")
+        lines.append(f"{what} converted from `{provenance.source}`, a {provenance.layout}-layout checkpoint, to "
+                     f"mvit-zoo's safetensors layout.{origin} It is not a verified copy of an official checkpoint"
+                     f"{f' of {tag}' if tag else ''}, so how it was trained and how accurate it is are not known "
+                     f"to this card" + (f"; it uses the data settings of {tag}." if tag else "."))
+    if provenance.changed:
+        lines += ["", f"Conversion changed the weights: {'; '.join(provenance.changed)}."]
+    else:
+        lines += ["", "The weights are unchanged: only tensor names (and fused q/k/v projections) differ from the "
+                  "source file."]
+    lines += ["", "## Model details",
+              f"- **Architecture:** `{arch}` (mvit-zoo; registered with timm on `import mvit_zoo`)",
               f"- **Parameters (M):** {num_params / 1e6:.1f}",
-              f"- **Classes:** {config['num_classes']} ({DATASETS.get(label_set, label_set or 'unknown label set')})"]
+              f"- **Classes:** {config.num_classes} ({DATASETS.get(label_set, label_set or 'unknown label set')})"
+              + (", names in config.json" if config.label_names else "")]
     if video:
-        lines.append(f"- **Input:** {data['num_frames']} frames x {pcfg['input_size'][1]} x {pcfg['input_size'][2]}"
+        lines.append(f"- **Input:** {config.num_frames} frames x {pcfg['input_size'][1]} x {pcfg['input_size'][2]}"
                      + (f", sampling rate {data['sampling_rate']}" if data.get("sampling_rate") else "")
-                     + (f", {data['frame_sampling']} sampling" if data.get("frame_sampling") else ""))
+                     + f", {config.frame_sampling} sampling")
     else:
         lines.append(f"- **Input:** {pcfg['input_size'][1]} x {pcfg['input_size'][2]}")
     lines.append(f"- **Normalisation:** mean {tuple(pcfg.get('mean', ()))}, std {tuple(pcfg.get('std', ()))}, "
-                 f"{data.get('channel_order', 'RGB')} channel order")
+                 f"{config.channel_order} channel order")
     if data.get("top1"):
         views = data.get("test_views")
         lines.append(f"- **Published accuracy:** top-1 {data['top1']}%" + (f", top-5 {data['top5']}%" if data.get(
             "top5") else "") + (f" ({views[0]} clips x {views[1]} crops)" if views else ""))
-    lines.append(f"- **Papers:** {pcfg.get('paper_name', '')} ({pcfg.get('paper_ids', '')})")
-    lines.append(f"- **Source:** {source} ({project}, {layout} layout)"
-                 + (f", SHA-256 `{source_sha256}`" if source_sha256 else ""))
-    lines.append(f"- **Licence:** {hub_licence}, as the upstream project ({project}, {licence}) publishes "
-                 f"these weights; the training data has its own terms (see below).")
-    lines += ["", "## Usage", "```python", "import torch, mvit_zoo  # registers the models with timm",
-              f"model = mvit_zoo.create_model('{name}', pretrained=True).eval()",
-              f"x = torch.randn(1, 3, {data['num_frames']}, {pcfg['input_size'][1]}, {pcfg['input_size'][2]})"
-              if video else f"x = torch.randn(1, 3, {pcfg['input_size'][1]}, {pcfg['input_size'][2]})",
-              "probs = model(x).softmax(-1)", "```", ""]
+    if pcfg.get("paper_name"):
+        lines.append(f"- **Papers:** {pcfg.get('paper_name', '')} ({pcfg.get('paper_ids', '')})")
+    lines.append(f"- **Source:** {provenance.source} ({project}, {provenance.layout} layout), "
+                 f"SHA-256 `{provenance.sha256}`")
+    if provenance.official:
+        lines.append(f"- **Licence:** {hub_licence}, as the upstream project ({project}, {tag_licence}) publishes "
+                     f"these weights; the training data has its own terms (see below).")
+    elif tag:
+        lines.append(f"- **Licence:** {hub_licence}, as {tag_project} ({tag_licence}) publishes the official {tag} "
+                     f"file; this file is not verified to be that one, so its owner's terms apply.")
+    else:
+        lines.append(f"- **Licence:** {hub_licence} as declared in config.json; the terms of the source file and of "
+                     f"its training data are its owner's.")
+    shape = (f"1, 3, {config.num_frames}, {pcfg['input_size'][1]}, {pcfg['input_size'][2]}" if video
+             else f"1, 3, {pcfg['input_size'][1]}, {pcfg['input_size'][2]}")
+    load = (f"model = mvit_zoo.create_model('{tag}', pretrained=True).eval()" if provenance.official and tag else
+            "model = timm.create_model('local-dir:path/to/this/folder', pretrained=True).eval()  # this file")
+    lines += ["", "## Usage", "```python", "import timm, torch, mvit_zoo  # importing mvit_zoo registers the models",
+              load, f"x = torch.randn({shape})", "probs = model(x).softmax(-1)", "```", ""]
     lines += ["## Intended use and limitations",
               f"Research on {'action recognition' if video else 'image classification'} and as a pretrained "
-              f"backbone for fine-tuning. The model predicts only the {config['num_classes']} classes of its "
+              f"backbone for fine-tuning. The model predicts only the {config.num_classes} classes of its "
               "training set, inherits that data's biases (web videos / photos, mostly Western, English labels), "
-              "and reaches the published accuracy only with the published preprocessing and test views. "
+              "and reaches its accuracy only with its preprocessing and test views. "
               "Not for surveillance or decisions about people.", ""]
-    lines += ["## Data and licence notes",
-              "The weights are released by the upstream project under the licence above. The datasets they were "
-              "trained on have their own terms (Kinetics: YouTube videos, annotations CC BY 4.0; "
-              "Something-Something v2 and ImageNet: research licences of their owners); check them for your use.",
-              ""]
+    if provenance.official:
+        lines += ["## Data and licence notes",
+                  "The weights are released by the upstream project under the licence above. The datasets they were "
+                  "trained on have their own terms (Kinetics: YouTube videos, annotations CC BY 4.0; "
+                  "Something-Something v2 and ImageNet: research licences of their owners); check them for your use.",
+                  ""]
     lines += ["## Citation", "```bibtex", CITATION_V1 if v1 else CITATION_V2, "```", ""]
     return "\n".join(lines)
+
+
+def _weights_file(path: Path) -> Path:
+    """A weights file, or the `model.safetensors` of a folder (e.g. a `mvit-zoo finetune` run)."""
+    if path.is_dir():
+        if not (path / hub.WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} is a folder without {hub.WEIGHTS_NAME}")
+        return path / hub.WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
 
 
 def _read_source(src: str, workdir: Path, sha256: Optional[str]) -> tuple[dict[str, Any], str, str]:
@@ -230,13 +244,23 @@ def _read_source(src: str, workdir: Path, sha256: Optional[str]) -> tuple[dict[s
             raise hub.WeightsUnavailableError(f"cannot download {src} ({e}); download it yourself and pass the "
                                               f"file") from None
         return hub.read_checkpoint(dest, forget_if_corrupt=True), src, digest
-    path = Path(src).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {src}")
+    path = _weights_file(Path(src).expanduser())
     digest = hub.sha256_file(path)
     if sha256 and not digest.startswith(sha256.lower()):
         raise hub.HashMismatchError(f"{path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...")
     return hub.read_checkpoint(path, forget_if_corrupt=False), str(path), digest
+
+
+def _label_names(label_set: Optional[str], num_classes: int) -> Optional[list[str]]:
+    path = Path(__file__).resolve().parent.parent / "data" / f"{label_set}.txt"  # shipped label lists
+    labels = path.read_text(encoding="utf-8").splitlines() if label_set and path.is_file() else None
+    return labels if labels and len(labels) == num_classes else None
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def convert_checkpoint(
@@ -248,45 +272,94 @@ def convert_checkpoint(
         source_url: Optional[str] = None,
         sha256: Optional[str] = None,
 ) -> tuple[Path, ConversionReport]:
-    """Convert checkpoint `src` (file or URL, any supported layout) for model `name` (`arch` or
-    `arch.tag`) into a Hub-ready folder `out_dir`; returns the folder and the conversion report.
+    """Convert checkpoint `src` (file, folder with model.safetensors, or URL; any supported layout) for
+    model `name` (`arch` or `arch.tag`) into a Hub-ready folder `out_dir`; returns the folder and the
+    conversion report.
 
-    The tag supplies the data settings and any architecture fields its weights need; `model_args`
-    overrides architecture fields (e.g. `img_size` for a checkpoint fine-tuned at another size) and
-    the class count is read from the checkpoint's classifier. The written file is read back and
-    compared tensor by tensor, so the folder is known to be lossless.
+    The model is built from the checkpoint: architecture fields from a config.json beside `src` (a
+    fine-tuned run's), those the source layout implies (`layout_architecture`: pytorchvideo's
+    `pool_norm_eps=1e-5`), and the input size its position tables were made for; then from the tag,
+    and `model_args` overrides all of them (a stated field that differs from what the layout implies
+    warns). The class count and label names come from the checkpoint and its config.json. `source_url`
+    names the official URL a local `src` is a copy of (`publish`). Tensors that are not floating point
+    or not finite are refused. The folder is written in a temporary folder beside `out_dir`, read back
+    and compared tensor by tensor, then moved into place: a failure leaves nothing behind.
     """
+    from ..model.mvit import MODEL_CFGS, MViTCfg, make_cfg
     from ..model.registry import create_model
 
-    from ..model.mvit import MODEL_CFGS, MViTCfg, make_cfg
-
     out_dir = Path(out_dir)
-    pcfg = _pcfg_dict(name)
-    arch = name.split(".")[0]
-    arch_args = {**(pcfg.get("arch") or {}), **dict(model_args or {})}
+    pcfg = tag_config(name)
+    arch, _, tag = name.partition(".")
+    stated = dict(model_args or {})
+    local = not re.match(r"^https?://", src)
+    base = find_config(_weights_file(Path(src).expanduser())) if local else None
+    if base is not None and base.architecture != arch:
+        raise ValueError(f"{src}: its {CONFIG_FILE} is for {base.architecture}, not {arch}; pass --model "
+                         f"{base.architecture}")
+    known = {**(pcfg.get("arch") or {}), **({k: v for k, v in base.model_args.items() if k != "num_classes"}
+                                            if base else {})}
     cfg_fields = {f.name for f in fields(MViTCfg)} | {"num_frames"}
-    structure = make_cfg(MODEL_CFGS[arch], **{k: v for k, v in arch_args.items() if k in cfg_fields})
+    structure = make_cfg(MODEL_CFGS[arch], **{k: v for k, v in {**known, **stated}.items() if k in cfg_fields})
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, origin, digest = _read_source(src, Path(tmp), sha256)
     native, layout = to_native(checkpoint, structure)
+    check_weight_values(native)
+
+    # the architecture the checkpoint implies, where nothing stated it
+    implied = layout_architecture(native, layout)
+    from_checkpoint = {k: v for k, v in architecture_overrides(implied, structure).items() if k not in stated}
+    size = checkpoint_img_size(native, structure)
+    if size is not None and not {"img_size", "num_frames"} & set(stated) and size != tuple(structure.img_size):
+        from_checkpoint["img_size"] = size
+    arch_args = {**known, **from_checkpoint, **stated}
     num_classes = int(arch_args.pop("num_classes", _head_classes(native)))
     model = create_model(arch, num_classes=num_classes, **arch_args)
+    for message in architecture_mismatches(implied, model, layout):
+        warnings.warn(ArchitectureMismatchWarning(message), stacklevel=2)
     fitted = fit_state_dict(native, model, layout=layout, head="strict", strict=True)
     model.load_state_dict(fitted)
 
-    config = model_config(model, name, {**pcfg, "license": pcfg.get("license") or "apache-2.0"},
-                          {**arch_args, "num_classes": num_classes})
-    source = source_url or origin
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = hub.save_safetensors(fitted, out_dir / hub.WEIGHTS_NAME, metadata={
-        "architecture": name, "source": source, "source_sha256": digest, "source_layout": layout})
-    back = hub.read_checkpoint(weights, forget_if_corrupt=False)
-    if set(back) != set(fitted) or any(not torch.equal(back[k], fitted[k]) for k in fitted):
-        raise RuntimeError(f"{weights}: the written file does not read back identically")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    card = model_card(name, config, source=source, source_sha256=digest, layout=layout,
-                      num_params=sum(p.numel() for p in model.parameters()), upstream_url=pcfg.get("url"))
-    (out_dir / "README.md").write_text(card)
+    expected = hub._expected_hash(pcfg["url"], pcfg.get("file_sha256")) if pcfg.get("url") else None
+    official = bool(tag) and ((source_url or src) == pcfg.get("url") or bool(expected and digest.startswith(expected)))
+    timm_cfg = {**pcfg, **(base.pretrained_cfg if base else {})}
+    data = {k: pcfg[k] for k in DATA_FIELDS if k in pcfg and (official or k not in _OFFICIAL_ONLY)}
+    if base is not None:
+        data.update(base.data_config)
+    labels = (base.label_names if base and base.label_names and len(base.label_names) == num_classes
+              else _label_names(data.get("label_set"), num_classes))
+    source = origin if source_url is None else source_url
+    base_source = dict(base.source) if base else {}
+    config = config_for_model(
+        model, model_args={**arch_args, "num_classes": num_classes},
+        pretrained_cfg={**timm_cfg, "license": timm_cfg.get("license") or "apache-2.0"}, data_config=data,
+        label_names=labels, source={
+            "tag": name if official else base_source.get("tag"), "file": source, "sha256": digest, "layout": layout,
+            "description": ("official checkpoint" if official else base_source.get("description")
+                            or "converted by mvit-zoo convert")})
+    changed = tuple(f"{what} {', '.join(keys)}" for what, keys in (
+        ("resized", fitted.report.resized), ("adapted", fitted.report.adapted)) if keys)
+    provenance = _Provenance(source, digest, layout, official, changed, base)
+    card = model_card(name, config, provenance, num_params=sum(p.numel() for p in model.parameters()),
+                      upstream_url=pcfg.get("url"))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
+    try:
+        weights = hub.save_safetensors(fitted, staging / hub.WEIGHTS_NAME, metadata={
+            "architecture": name, "source": source, "source_sha256": digest, "source_layout": layout})
+        back = hub.read_checkpoint(weights, forget_if_corrupt=False)
+        if set(back) != set(fitted) or any(not torch.equal(back[k], fitted[k]) for k in fitted):
+            raise RuntimeError(f"{out_dir / hub.WEIGHTS_NAME}: the written file does not read back identically")
+        write_config(staging, config)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        out_dir.mkdir(exist_ok=True)
+        mode = _umask_mode()
+        for file in (hub.WEIGHTS_NAME, CONFIG_FILE, "README.md"):
+            os.chmod(staging / file, mode)
+            os.replace(staging / file, out_dir / file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir, fitted.report
 
 
@@ -339,7 +412,7 @@ def publish(
     out_dir = Path(out_dir)
     folders = []
     for tag in tags:
-        pcfg = _pcfg_dict(tag)
+        pcfg = tag_config(tag)
         url = pcfg["url"]
         local = Path(source_dir) / url.rsplit("/", 1)[-1] if source_dir else None
         src = str(local) if local is not None and local.is_file() else url
@@ -353,82 +426,3 @@ def publish(
             log(f"{tag}: pushed to {repo}: {push_folder(folder, repo, token)}")
         folders.append(folder)
     return folders
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-def _parse_model_args(items: Optional[Sequence[str]]) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE is JSON when it parses (numbers, lists), else a string."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
-    return out
-
-
-def _add_model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
-                        help="architecture override, repeatable, VALUE as JSON: img_size=[32,288,288], "
-                             "depths=[1,2,11,2], num_classes=10, pool_norm_eps=1e-5")
-
-
-def configure_convert_parser(parser: argparse.ArgumentParser) -> None:
-    """`mvit-zoo convert SRC --model NAME --out DIR`."""
-    parser.description = ("Convert an MViT checkpoint (mvit-zoo/timm safetensors, torchvision .pth, PySlowFast / "
-                          "pytorchvideo / facebookresearch/mvit .pyth, a file or URL) into a Hub-ready folder: "
-                          "model.safetensors, config.json, README.md.")
-    parser.add_argument("src", help="checkpoint file or http(s) URL")
-    parser.add_argument("--model", required=True, metavar="NAME",
-                        help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--sha256", help="expected SHA-256 (or prefix) of SRC")
-    _add_model_arg(parser)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    folder, report = convert_checkpoint(args.src, args.model, args.out, model_args=_parse_model_args(args.model_arg),
-                                        sha256=args.sha256)
-    print(f"{args.src}: {report.summary()}")
-    print(f"wrote {folder / hub.WEIGHTS_NAME}, {folder / 'config.json'}, {folder / 'README.md'}")
-    return 0
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`mvit-zoo publish`."""
-    parser.description = ("Convert every official MViT checkpoint whose tag points at this project's Hub "
-                          f"organisation (${hub.HUB_ORG_ENV}, default {hub.DEFAULT_HUB_ORG!r}) into Hub-ready "
-                          "folders OUT/<arch.tag>/, and with --push upload them.")
-    parser.add_argument("--out", default="hub-models", metavar="DIR", help="output folder (default: %(default)s)")
-    parser.add_argument("--only", default="*", metavar="PATTERN", help="fnmatch pattern of tags (default: all)")
-    parser.add_argument("--source-dir", metavar="DIR",
-                        help="folder with local copies of the official files (named as in their URLs); "
-                             "missing ones are downloaded")
-    parser.add_argument("--push", action="store_true", help="upload each folder (needs a Hugging Face token)")
-    parser.add_argument("--list", action="store_true", help="print the tags that would be published and exit")
-    _add_model_arg(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.list:
-        for tag in official_tags(args.only):
-            cfg = _pcfg_dict(tag)
-            print(f"{tag}\t{hub.hub_repo_id(cfg['hf_hub_id'])[0]}\t{cfg['url']}")
-        return 0
-    folders = publish(args.out, only=args.only, source_dir=args.source_dir, push=args.push,
-                      model_args=_parse_model_args(args.model_arg))
-    print(f"{len(folders)} folder(s) in {args.out}")
-    return 0
-
-
-def main(argv: Optional[Iterable[str]] = None) -> int:  # pragma: no cover - `mvit-zoo publish` is the entry
-    parser = argparse.ArgumentParser(prog="mvit-zoo publish")
-    configure_parser(parser)
-    return run(parser.parse_args(list(argv) if argv is not None else sys.argv[1:]))

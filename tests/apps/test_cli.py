@@ -164,3 +164,42 @@ def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "mvit-zoo predict: error: argument --top-k: must be at least 1, got 0")
+
+
+def test_convert_and_publish_live_in_apps() -> None:
+    assert cli.COMMANDS["convert"].module == "mvit_zoo.apps.convert"
+    assert cli.COMMANDS["publish"].module == "mvit_zoo.apps.publish"
+    from mvit_zoo.weights import publish
+
+    assert not hasattr(publish, "configure_parser") and not hasattr(publish, "run_convert")  # library only
+    from mvit_zoo.apps import convert
+
+    with pytest.raises(cli.CliError, match=r"--model-arg expects KEY=VALUE, got 'depths'"):
+        convert.parse_model_args(["depths"])
+
+
+def test_convert_builds_the_model_the_checkpoint_needs(tmp_path: Path, hub_cache: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A pytorchvideo file converted without a tag: config.json carries the pool-norm eps its layout
+    implies; stating another one converts as asked, with a one-line warning naming the fix."""
+    import mvit_zoo
+    from references import pv_checkpoint, pv_reference
+
+    ref, _, _ = pv_reference()
+    src = tmp_path / "model.pyth"
+    torch.save(pv_checkpoint(ref), src)
+    small = SMALL_ARGS[:6]  # no img_size: read from the position tables
+    assert cli.main(["convert", str(src), "--model", "mvit_b_16x4", "--out", str(tmp_path / "a")] + small) == 0
+    assert "warning" not in capsys.readouterr().err
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["model_args"]["pool_norm_eps"] == 1e-5 and config["model_args"]["img_size"] == [4, 32, 32]
+    model = mvit_zoo.create_model("mvit_b_16x4", **config["model_args"])
+    model.load_state_dict(safetensors.torch.load_file(str(tmp_path / "a" / "model.safetensors")))
+    assert max_diff(ref, model, video_input()) < 1e-5
+
+    assert cli.main(["convert", str(src), "--model", "mvit_b_16x4", "--out", str(tmp_path / "b"), "--model-arg",
+                     "pool_norm_eps=1e-6"] + small) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mvit-zoo convert: warning: pool_norm_eps: the pytorchvideo checkpoint implies 1e-05, the model has "
+                   "1e-06; create the model as 'mvit_b_16x4.pv_k400' (its weights need these values) or with "
+                   "mvit_zoo.create_model('mvit_b_16x4', pool_norm_eps=1e-05)"]

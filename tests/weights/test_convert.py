@@ -4,6 +4,7 @@ run time; mismatches are reported by name."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +64,7 @@ def test_layout_converts_to_the_reference_function(case: str) -> None:
     model = mvit_zoo.create_model(arch, **kw)
     sd = convert_state_dict(checkpoint, model)
     assert sd.report.layout == layout and not (sd.report.missing or sd.report.unexpected or sd.report.resized)
+    assert sd.report.architecture == []  # built as the reference: nothing to warn about
     model.load_state_dict(sd)  # strict
     assert max_diff(ref, model, video_input() if video else image_input()) < TOL
 
@@ -226,3 +228,80 @@ def test_describe_flat_layouts() -> None:
     assert describe_checkpoint(pv_checkpoint(ref)) == (
         "pytorchvideo layout; video, depths (1, 2, 1, 1), width 16; 3 classes; fits no registered architecture")
     assert convert.matching_architectures({"epoch": 1}) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture fields a layout implies
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, field, wrong, fix", [
+    # pytorchvideo's pooling norms use eps 1e-5; the plain architecture has 1e-6
+    ("pytorchvideo", "pool_norm_eps", {}, "'mvit_b_16x4.pv_k400'"),
+    # PySlowFast's (and torchvision's) residual pooling skips the class token
+    ("slowfast-v2", "residual_pool_cls", {"residual_pool_cls": True},
+     "create 'mvit_v2_s_16x4' without overriding residual_pool_cls"),
+])
+def test_layout_implied_architecture_warns_with_a_fix_that_works(case: str, field: str, wrong: dict,
+                                                                  fix: str) -> None:
+    build, make_checkpoint, layout, _ = CASES[case]
+    ref, arch, kw = build()
+    kw = {k: v for k, v in kw.items() if k != "pool_norm_eps"}
+    model = mvit_zoo.create_model(arch, **kw, **wrong)
+    with pytest.warns(convert.ArchitectureMismatchWarning) as record:
+        sd = convert_state_dict(make_checkpoint(ref), model)
+    (message,) = [str(w.message) for w in record]
+    assert message.startswith(f"{field}: the {layout} checkpoint implies") and fix in message, message
+    assert sd.report.architecture == [message] and field in sd.report.summary()
+    model.load_state_dict(sd)  # strict: the keys alone do not show it
+    assert max_diff(ref, model, video_input()) > 1e-5
+
+    implied = convert.layout_architecture(to_native(make_checkpoint(ref), model)[0], layout)
+    fixed = mvit_zoo.create_model(arch, **{**kw, **wrong, field: implied[field]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", convert.ArchitectureMismatchWarning)
+        fixed.load_state_dict(convert_state_dict(make_checkpoint(ref), fixed))
+    assert max_diff(ref, fixed, video_input()) < 1e-5
+    if case == "pytorchvideo":  # the tag the warning names builds the same
+        tagged = mvit_zoo.create_model("mvit_b_16x4.pv_k400", **kw)
+        tagged.load_state_dict(convert_state_dict(make_checkpoint(ref), tagged))
+        assert max_diff(ref, tagged, video_input()) < 1e-5
+
+
+def test_checkpoint_img_size_reads_the_tables() -> None:
+    for build in (lambda: timm_reference(), lambda: tv_reference(True), lambda: tv_reference(False),
+                  lambda: pv_reference()):
+        ref, arch, kw = build()
+        model = mvit_zoo.create_model(arch, **kw)
+        native, _ = to_native(ref.state_dict(), model)
+        size = kw["img_size"]
+        assert convert.checkpoint_img_size(native, model) == ((size, size) if isinstance(size, int) else size), arch
+
+
+def test_missing_attention_weights_are_reported_by_name() -> None:
+    """A stage whose only block lacks its qkv weight: the report names it (the hint code copes)."""
+    ref, arch, kw = timm_reference()
+    sd = {k: v for k, v in ref.state_dict().items() if k != "stages.3.blocks.0.attn.qkv.weight"}
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): stages\.3\.blocks\.0\.attn\.qkv\.weight"):
+        convert_state_dict(sd, mvit_zoo.create_model(arch, **kw))
+    del sd["stages.0.blocks.0.attn.qkv.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(2\): stages\.0\.blocks\.0\.attn\.qkv\.weight"):
+        convert_state_dict(sd, mvit_zoo.create_model(arch, **kw))
+    assert matching_architectures(sd) == []
+
+
+@pytest.mark.parametrize("bad, problem", [(torch.tensor([float("nan"), 1.0]), r"1 of 2 values are NaN/Inf"),
+                                          (torch.tensor([1, 2]), r"torch\.int64 tensor"),
+                                          (torch.tensor([True, False]), r"torch\.bool tensor")])
+def test_check_weight_values_names_the_key(bad: torch.Tensor, problem: str) -> None:
+    convert.check_weight_values({"a": torch.zeros(2)})
+    with pytest.raises(CheckpointMismatchError, match=r"^norm\.bias: .*" + problem):
+        convert.check_weight_values({"a": torch.zeros(2), "norm.bias": bad})
+
+
+def test_class_token_mismatch_says_which_model_to_build() -> None:
+    ref, arch, kw = timm_reference(cls_token=True)
+    model = mvit_zoo.create_model(arch, **kw, use_cls_token=False)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): cls_token; also use_cls_token: the timm "
+                                                      r"checkpoint implies True, the model has False; create "
+                                                      r"'mvit_small_cls' without overriding use_cls_token"):
+        convert_state_dict(ref.state_dict(), model)

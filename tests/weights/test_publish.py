@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import torch
 
 import mvit_zoo
 from hub_server import HubServer
+from mvit_zoo.apps import finetune
+from mvit_zoo.data.config import read_config, write_config
+from mvit_zoo.weights import convert, publish
 from mvit_zoo.weights import hub as weights
-from mvit_zoo.weights import publish
 from mvit_zoo.weights.convert import convert_state_dict
 from references import max_diff, pv_checkpoint, pv_reference, tv_reference, video_input
 
@@ -77,9 +80,15 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     card = (folder / "README.md").read_text()
     assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
                            "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
-    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "top-1 78.85%", "4 frames x 32 x 32, sampling rate 4",
-                 "5 clips x 1 crops", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout",
+                 "4 frames x 32 x 32, sampling rate 4", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
         assert text in card, text
+    # a local file with no published hash is not known to be the tag's official file: no claims about it
+    for claim in ("by the paper's authors", "top-1 78.85%", "5 clips x 1 crops"):
+        assert claim not in card, claim
+    assert "not a verified copy of an official checkpoint of mvit_b_16x4.pv_k400" in card
+    assert "timm.create_model('local-dir:path/to/this/folder', pretrained=True)" in card
+    assert "create_model('mvit_b_16x4.pv_k400', pretrained=True)" not in card  # would download the official weights
 
 
 def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub: HubServer,
@@ -91,6 +100,11 @@ def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], 
     assert folder == tmp_path / "out" / TAG
     for name in ("model.safetensors", "config.json", "README.md"):
         hub.add_file(f"mvit-zoo/{TAG}", name, folder / name)
+
+    card = (folder / "README.md").read_text()  # publish converts the tag's official file: its claims hold
+    for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout", "top-1 78.85%",
+                 "5 clips x 1 crops", "by the paper's authors", "create_model('mvit_b_16x4.pv_k400', pretrained=True)"):
+        assert text in card, text
 
     via_tag = timm.create_model(TAG, pretrained=True, num_classes=3, **SMALL)
     assert max_diff(ref, via_tag, video_input()) < TOL
@@ -140,3 +154,102 @@ def test_push(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub_cache: Path
     assert calls == [("token", "hf_x"), ("create_repo", f"my-org/{TAG}"),
                      ("upload_folder", (f"my-org/{TAG}", ["README.md", "config.json", "model.safetensors"]))]
     assert logs[-1] == f"{TAG}: pushed to my-org/{TAG}: https://hub/my-org/{TAG}/commit/1"
+
+
+def test_converted_folder_loads_as_its_card_says(pv: tuple[torch.nn.Module, bytes], tmp_path: Path,
+                                                 hub_cache: Path) -> None:
+    """Without a tag: the model is built from the checkpoint (pytorchvideo's pool-norm eps in
+    config.json) and the card's snippet loads this folder."""
+    ref, data = pv
+    src = tmp_path / "model.pyth"
+    src.write_bytes(data)
+    small = {k: v for k, v in SMALL.items() if k != "img_size"}  # the input size comes from the tables
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder, _ = publish.convert_checkpoint(str(src), "mvit_b_16x4", tmp_path / "out", model_args=small)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_args"]["pool_norm_eps"] == 1e-5 and config["model_args"]["img_size"] == [4, 32, 32]
+    assert config["source"] == {"file": str(src), "sha256": weights.sha256_file(src), "layout": "pytorchvideo",
+                                "description": "converted by mvit-zoo convert"}
+    card = (folder / "README.md").read_text()
+    assert "timm.create_model('local-dir:path/to/this/folder', pretrained=True)" in card
+    assert "by the paper's authors" not in card and "Published accuracy" not in card
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert max_diff(ref, model, video_input()) < 1e-5
+
+    with pytest.warns(convert.ArchitectureMismatchWarning, match=r"pool_norm_eps: the pytorchvideo checkpoint "
+                                                                 r"implies 1e-05, the model has 1e-06"):
+        publish.convert_checkpoint(str(src), "mvit_b_16x4", tmp_path / "stated", model_args={**small,
+                                                                                             "pool_norm_eps": 1e-6})
+
+
+def test_finetuned_checkpoint_keeps_its_size_and_labels(tmp_path: Path, hub_cache: Path) -> None:
+    """A 64 px fine-tuned folder converted without restating img_size: no resizing, its labels kept; a
+    bare weights file (no config.json) still gets the size its tables were made for."""
+    kw = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1}
+    model = mvit_zoo.create_model("mvit_tiny.fb_in1k", img_size=64, num_classes=3, **kw).eval()
+    run = tmp_path / "run"
+    write_config(run, finetune.model_config(model, "mvit_tiny.fb_in1k", ["cat", "dog", "owl"],
+                                            {**kw, "img_size": 64, "num_classes": 3},
+                                            finetune.resolve_data_config(model)))
+    finetune.save_weights(run / "model.safetensors", model, 1)
+    x = torch.randn(1, 3, 64, 64)
+
+    folder, report = publish.convert_checkpoint(str(run / "model.safetensors"), "mvit_tiny", tmp_path / "out",
+                                                model_args=kw)
+    assert not report.resized
+    config = read_config(folder)
+    assert config.label_names == ("cat", "dog", "owl") and config.model_args["img_size"] == 64  # the run's own
+    assert config.pretrained_cfg["input_size"] == [3, 64, 64]
+    card = (folder / "README.md").read_text()
+    assert "weights are unchanged" in card and "fine-tuned from mvit_tiny.fb_in1k" in card
+    assert "create_model('mvit_tiny" not in card
+    converted = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
+
+    bare = tmp_path / "bare" / "weights.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes((run / "model.safetensors").read_bytes())
+    folder, report = publish.convert_checkpoint(str(bare), "mvit_tiny", tmp_path / "out2", model_args=kw)
+    assert not report.resized and read_config(folder).model_args["img_size"] == [64, 64]
+    folder, report = publish.convert_checkpoint(str(bare), "mvit_tiny", tmp_path / "out3",
+                                                model_args={**kw, "img_size": 96})  # asked for: resized, and said
+    assert report.resized and "Conversion changed the weights: resized" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [(float("nan"), r"norm\.weight: 1 of 128 values are NaN/Inf"),
+                                          ("int", r"norm\.weight: torch\.int64 tensor")])
+def test_unusable_tensors_are_refused_and_nothing_is_left(bad: Any, message: str, tmp_path: Path,
+                                                          hub_cache: Path) -> None:
+    ref, _, kw = tv_reference(v2=True)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    if bad == "int":
+        sd["norm.weight"] = sd["norm.weight"].round().long()
+    else:
+        sd["norm.weight"][0] = bad
+    src = tmp_path / "src" / "mvit_v2_s.pth"
+    src.parent.mkdir()
+    torch.save(sd, src)
+    with pytest.raises(convert.CheckpointMismatchError, match=message):
+        publish.convert_checkpoint(str(src), "mvit_v2_s_16x4", tmp_path / "out", model_args=kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no folder, no stray file
+
+
+def test_a_failed_write_leaves_the_previous_folder(tmp_path: Path, hub_cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ref, _, kw = tv_reference(v2=True)
+    src = tmp_path / "mvit_v2_s.pth"
+    torch.save(ref.state_dict(), src)
+    folder, _ = publish.convert_checkpoint(str(src), "mvit_v2_s_16x4", tmp_path / "out", model_args=kw)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publish, "write_config", broken)
+    with pytest.raises(OSError, match="No space left"):
+        publish.convert_checkpoint(str(src), "mvit_v2_s_16x4", tmp_path / "out", model_args={**kw, "num_classes": 3,
+                                                                                            "drop_rate": 0.5})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mvit_v2_s.pth", "out"]

@@ -1,0 +1,72 @@
+"""`mvit-zoo convert SRC --model NAME --out DIR`: one checkpoint -> a Hub-ready folder.
+
+The library function is `mvit_zoo.weights.publish.convert_checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..data.config import CONFIG_FILE
+from ..weights import hub
+from ..weights.convert import ArchitectureMismatchWarning
+from ..weights.publish import convert_checkpoint
+from .cli import CliError
+
+__all__ = ["add_model_arg", "configure_parser", "parse_model_args", "run"]
+
+
+def parse_model_args(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    """`--model-arg` KEY=VALUE pairs; VALUE is JSON when it parses (numbers, lists), else a string."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--model-arg expects KEY=VALUE, got {item!r} (e.g. --model-arg img_size=[16,224,224])")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[key.strip().replace("-", "_")] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
+                        help="architecture override, repeatable, VALUE as JSON: img_size=[32,288,288], "
+                             "depths=[1,2,11,2], num_classes=10, pool_norm_eps=1e-5")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """`mvit-zoo convert SRC --model NAME --out DIR`."""
+    parser.description = ("Convert an MViT checkpoint (mvit-zoo/timm safetensors or a `mvit-zoo finetune` folder, "
+                          "torchvision .pth, PySlowFast / pytorchvideo / facebookresearch/mvit .pyth, a file or URL) "
+                          "into a Hub-ready folder: model.safetensors, config.json, README.md. The model is built "
+                          "from the checkpoint (its config.json, the fields its layout implies, the input size of "
+                          "its position tables) unless --model-arg says otherwise.")
+    parser.add_argument("src", help="checkpoint file, folder with model.safetensors (+ config.json), or http(s) URL")
+    parser.add_argument("--model", required=True, metavar="NAME",
+                        help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--sha256", help="expected SHA-256 (or prefix) of SRC")
+    add_model_arg(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    model_args = parse_model_args(args.model_arg)
+    if not re.match(r"^https?://", args.src) and not Path(args.src).expanduser().exists():
+        raise CliError(f"checkpoint not found: {args.src}; pass a checkpoint file, a folder or an http(s) URL")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ArchitectureMismatchWarning)
+        folder, report = convert_checkpoint(args.src, args.model, args.out, model_args=model_args,
+                                            sha256=args.sha256)
+    for warning in caught:
+        print(f"mvit-zoo convert: warning: {warning.message}", file=sys.stderr)
+    print(f"{args.src}: {report.summary()}")
+    print(f"wrote {folder / hub.WEIGHTS_NAME}, {folder / CONFIG_FILE}, {folder / 'README.md'}")
+    return 0

@@ -1,0 +1,40 @@
+"""`mvit-zoo publish`: every official checkpoint -> Hub-ready folders, optionally uploaded.
+
+The library function is `mvit_zoo.weights.publish.publish`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..weights import hub
+from ..weights.publish import tag_config, official_tags, publish
+from .convert import add_model_arg, parse_model_args
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """`mvit-zoo publish`."""
+    parser.description = ("Convert every official MViT checkpoint whose tag points at this project's Hub "
+                          f"organisation (${hub.HUB_ORG_ENV}, default {hub.DEFAULT_HUB_ORG!r}) into Hub-ready "
+                          "folders OUT/<arch.tag>/, and with --push upload them.")
+    parser.add_argument("--out", default="hub-models", metavar="DIR", help="output folder (default: %(default)s)")
+    parser.add_argument("--only", default="*", metavar="PATTERN", help="fnmatch pattern of tags (default: all)")
+    parser.add_argument("--source-dir", metavar="DIR",
+                        help="folder with local copies of the official files (named as in their URLs); "
+                             "missing ones are downloaded")
+    parser.add_argument("--push", action="store_true", help="upload each folder (needs a Hugging Face token)")
+    parser.add_argument("--list", action="store_true", help="print the tags that would be published and exit")
+    add_model_arg(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for tag in official_tags(args.only):
+            cfg = tag_config(tag)
+            print(f"{tag}\t{hub.hub_repo_id(cfg['hf_hub_id'])[0]}\t{cfg['url']}")
+        return 0
+    folders = publish(args.out, only=args.only, source_dir=args.source_dir, push=args.push,
+                      model_args=parse_model_args(args.model_arg))
+    print(f"{len(folders)} folder(s) in {args.out}")
+    return 0
