@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYOUTS", "ArchitectureMismatchWarning", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict",
-    "architecture_mismatches", "architecture_overrides", "check_weight_values", "checkpoint_img_size",
+    "architecture_mismatches", "architecture_overrides", "checkpoint_img_size",
     "convert_state_dict", "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video",
     "layout_architecture", "matching_architectures", "to_native", "unwrap_checkpoint",
 ]
@@ -398,20 +398,6 @@ def checkpoint_img_size(sd: Mapping[str, Tensor], target: Any) -> Optional[tuple
     if any(g is None for g in grid):
         return None
     return tuple(int(g) * s for g, s in zip(grid, stride))
-
-
-def check_weight_values(sd: Mapping[str, Tensor]) -> None:
-    """Refuse tensors no trained MViT has: integer or bool dtypes (every MViT tensor is floating point)
-    and NaN/Inf values, naming the key and dtype."""
-    for key, value in sd.items():
-        if not value.is_floating_point():
-            raise CheckpointMismatchError(
-                f"{key}: {value.dtype} tensor; MViT weights are floating point, so this file is damaged or not an "
-                f"MViT checkpoint (re-export it from the model's state_dict())")
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointMismatchError(
-                f"{key}: {int((~torch.isfinite(value)).sum())} of {value.numel()} values are NaN/Inf ({value.dtype}); "
-                f"the checkpoint is broken (e.g. saved after the training diverged): use an earlier one")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 from ..data.config import CONFIG_FILE, DATA_FIELDS, ModelConfig, config_for_model, find_config, write_config
 from . import hub
 from .convert import (ArchitectureMismatchWarning, ConversionReport, architecture_mismatches, architecture_overrides,
-                      check_weight_values, checkpoint_img_size, fit_state_dict, layout_architecture, to_native)
+                      checkpoint_img_size, fit_state_dict, layout_architecture, to_native)
 
 __all__ = ["convert_checkpoint", "model_card", "official_tags", "publish", "push_folder", "tag_config"]
 
@@ -304,7 +304,7 @@ def convert_checkpoint(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, origin, digest = _read_source(src, Path(tmp), sha256)
     native, layout = to_native(checkpoint, structure)
-    check_weight_values(native)
+    hub.check_state_dict(native, source=str(src))
 
     # the architecture the checkpoint implies, where nothing stated it
     implied = layout_architecture(native, layout)
