@@ -489,7 +489,7 @@ def test_img_size_sets_model_and_data(tiny: Path, tmp_path: Path) -> None:
     trainer = Trainer(_args(*finetune_args(tiny, tmp_path / "o", "--img-size", "64", *TINY, kwargs=kwargs)))
     trainer.setup()
     assert trainer.model.img_size == (64, 64) and trainer.data_cfg.input_size == (3, 64, 64)
-    config = trainer.config()
+    config = trainer.config().to_dict()
     assert config["model_args"]["img_size"] == 64 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
 
 
