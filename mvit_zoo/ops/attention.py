@@ -176,7 +176,7 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                      rel: List[Optional[Tensor]], num_prefix: int, fused: bool) -> Tensor:
     has_rel = any(r is not None for r in rel)
-    path = select("attention", q, fused_attn=fused, rel_pos=has_rel)
+    path = select("attention", q, fused_attn=fused, rel_pos=has_rel, grid_rank=len(q_grid))
     if path == "cpu_flash":
         return cpu_flash_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
     if path == "sdpa_augmented":

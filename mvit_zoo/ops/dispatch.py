@@ -36,7 +36,8 @@ def _16bit(x: Tensor) -> bool:
 
 
 @torch.jit.unused
-def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, conv_3d_or_strided: bool = False) -> str:
+def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, grid_rank: int = 2,
+           conv_3d_or_strided: bool = False) -> str:
     """The implementation of `op` for its first input `x`; the first row that holds applies.
 
     ======================================  ==========================================================  =================
@@ -46,6 +47,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
     attention                               no relative-position table                                  sdpa
     attention                               torch.compile / torch.export capture                       sdpa_mask
     attention                               CPU, autograd records, CPU flash ops present                cpu_flash
+    attention                               CPU, autograd off, float32, 2D grid                         sdpa_mask
     attention                               otherwise (CPU inference, CUDA, any other device)           sdpa_augmented
     norm_linears, norm_mlp, residual_linear graph capture, autograd off, or a device other than         plain
     max_pool                                CPU/CUDA (meta: autocast has no such device)
@@ -75,8 +77,12 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
             return "sdpa"
         if not eager:
             return "sdpa_mask"
-        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled() and HAS_CPU_FLASH:
-            return "cpu_flash"
+        if x.device.type == "cpu":
+            if x.requires_grad and torch.is_grad_enabled():
+                if HAS_CPU_FLASH:
+                    return "cpu_flash"
+            elif grid_rank == 2 and not _16bit(x):
+                return "sdpa_mask"
         return "sdpa_augmented"
     recording = eager and torch.is_grad_enabled()
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):

@@ -129,7 +129,7 @@ def test_16bit_heads_are_padded_to_32() -> None:
 
 @pytest.mark.parametrize("grad,fused,has_rel,expected", [
     (True, True, True, "cpu_flash"),
-    (False, True, True, "sdpa_augmented"),
+    (False, True, True, "sdpa_mask"),  # CPU 2D float32 inference
     (True, False, True, "explicit"),
     (True, True, False, "sdpa"),
 ])
@@ -137,7 +137,7 @@ def test_dispatch_picks_the_documented_path(grad, fused, has_rel, expected, monk
     q_grid, k_grid, prefix, axes = CASES[1]
     q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes if has_rel else [], torch.float32, d=8)
     q.requires_grad_(grad)
-    assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel) == expected
+    assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel, grid_rank=len(q_grid)) == expected
     calls = []
     for name in ("cpu_flash_attention", "augmented_attention", "explicit_attention"):
         fn = getattr(ops_attention, name)
@@ -145,7 +145,7 @@ def test_dispatch_picks_the_documented_path(grad, fused, has_rel, expected, monk
     with torch.set_grad_enabled(grad):
         out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix, fused)
     names = {"cpu_flash": ["cpu_flash_attention"], "sdpa_augmented": ["augmented_attention"],
-             "explicit": ["explicit_attention"], "sdpa": []}
+             "explicit": ["explicit_attention"], "sdpa": [], "sdpa_mask": []}
     assert calls == names[expected]
     bias = rel_pos_bias(q, q_grid, k_grid, rel, prefix) if has_rel else None
     torch.testing.assert_close(out, explicit_attention(q, k, v, SCALE, bias), rtol=1e-5, atol=1e-5)
@@ -155,8 +155,11 @@ def test_compiled_graphs_take_the_mask_path() -> None:
     q = torch.randn(1, 1, 4, 8)
     torch._dynamo.reset()
     compiled = torch.compile(lambda q: dispatch.select("attention", q), fullgraph=False, backend="eager")
-    assert compiled(q) == "sdpa_mask"
-    assert dispatch.select("attention", q) == "sdpa_augmented"
+    assert compiled(q.requires_grad_(True)) == "sdpa_mask"
+    assert dispatch.select("attention", q) == "cpu_flash"
+    with torch.no_grad():
+        assert dispatch.select("attention", q, grid_rank=3) == "sdpa_augmented"
+        assert dispatch.select("attention", q.bfloat16(), grid_rank=2) == "sdpa_augmented"
 
 
 def test_without_the_cpu_flash_ops_training_takes_autograd_through_sdpa(monkeypatch) -> None:
