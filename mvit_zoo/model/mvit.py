@@ -469,8 +469,9 @@ class MultiScaleBlock(nn.Module):
         return self.shortcut_pool_attn(shortcut, grid)[0]
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        if self.memory_efficient:
-            return self.forward_memory_efficient(x, grid)
+        if not torch.jit.is_scripting():  # (TorchScript compiles no autograd function: it never trains)
+            if self.memory_efficient:
+                return self.forward_memory_efficient(x, grid)
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
         x_norm = self.norm1(x)
         shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)

@@ -59,8 +59,9 @@ def merge_heads(x: Tensor) -> Tensor:
     (pytorch/pytorch#136543, #141107)."""
     B, H, L, d = x.shape
     x = x.transpose(1, 2)
-    if not torch.jit.is_scripting() and torch.compiler.is_exporting():
-        x = x.contiguous()
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            x = x.clone(memory_format=torch.contiguous_format)  # (always a copy; .contiguous() may not be)
     return x.reshape(B, L, H * d)
 
 
@@ -225,10 +226,14 @@ class _DepthwiseConvFloat32Backward(torch.autograd.Function):
 
 def depthwise_conv(x: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
     """Depthwise conv (groups = channels) of x (B, C, *grid) with weight (C, 1, *kernel), 2D or 3D."""
-    if torch.jit.is_scripting():
-        return _conv(x, weight, stride, padding)
-    if select("depthwise_conv", x, conv_3d_or_strided=x.dim() == 5 or max(stride) > 1) == "plain":
-        return _conv(x, weight, stride, padding)
+    if not torch.jit.is_scripting():
+        if select("depthwise_conv", x, conv_3d_or_strided=x.dim() == 5 or max(stride) > 1) != "plain":
+            return _depthwise_conv_float32_backward(x, weight, stride, padding)
+    return _conv(x, weight, stride, padding)
+
+
+@torch.jit.unused
+def _depthwise_conv_float32_backward(x: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
     device = x.device.type
     x, weight = lowered(device, [x, weight])
     with torch.autocast(device, enabled=False):
@@ -254,8 +259,16 @@ class _MaxPoolRecomputeIndices(torch.autograd.Function):
 def max_pool(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]) -> Tensor:
     """Max pooling of x (B, C, *grid), 2D or 3D; in training it keeps x (which the residual stream keeps
     anyway), not the int64 argmax indices (2-4x the size of the output)."""
-    if torch.jit.is_scripting() or select("max_pool", x) == "plain":
-        return (F.max_pool2d if x.dim() == 4 else F.max_pool3d)(x, kernel, stride, padding)
+    if not torch.jit.is_scripting():
+        if select("max_pool", x) != "plain":
+            return _max_pool_keeping_input(x, kernel, stride, padding)
+    if x.dim() == 4:
+        return F.max_pool2d(x, kernel, stride, padding)
+    return F.max_pool3d(x, kernel, stride, padding)
+
+
+@torch.jit.unused
+def _max_pool_keeping_input(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]) -> Tensor:
     return _MaxPoolRecomputeIndices.apply(x, list(kernel), list(stride), list(padding))
 
 
