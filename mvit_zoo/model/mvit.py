@@ -33,7 +33,8 @@ from timm.models._features import feature_take_indices
 
 from ..ops.attention import attention
 from ..ops.dispatch import use_fused_attn
-from ..ops.memory import depthwise_conv, max_pool, merge_heads, norm_linears, norm_mlp, not_plain, residual_linear, residual_pooling
+from ..ops.memory import (depthwise_conv, max_pool, merge_heads, norm_linears, norm_mlp, not_plain, residual_linear,
+                          residual_pooling)
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -504,7 +505,8 @@ class MultiScaleBlock(nn.Module):
 
     def blockers(self) -> List[str]:
         """What `forward_memory_efficient` would skip in this block (`ops.memory.not_plain`); [] if nothing."""
-        modules = dict(attn=self.attn, mlp=self.mlp, norm1=self.norm1, norm2=self.norm2, shortcut_proj_attn=self.shortcut_proj_attn)
+        modules = dict(attn=self.attn, mlp=self.mlp, norm1=self.norm1, norm2=self.norm2,
+                       shortcut_proj_attn=self.shortcut_proj_attn)
         if isinstance(self.attn, MultiScaleAttention):
             modules.update({"attn.qkv": self.attn.qkv, "attn.proj": self.attn.proj})
         if isinstance(self.mlp, Mlp):
@@ -568,7 +570,7 @@ def check_input(x: Tensor, weight: Tensor, in_chans: int, img_size: Grid, min_si
         raise TypeError(
             f"expected a floating-point input, got {x.dtype}; convert and normalise it first, e.g. "
             f"x.float() / 255 then (x - mean) / std with the model's pretrained_cfg mean/std")
-    autocast = x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
     if x.dtype != weight.dtype and not autocast:
         raise TypeError(
             f"input dtype {x.dtype} does not match the model's {weight.dtype} weights; convert the input "
@@ -586,7 +588,7 @@ def check_input(x: Tensor, weight: Tensor, in_chans: int, img_size: Grid, min_si
         raise ValueError(
             f"expected {in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
             f"create the model with in_chans={x.shape[1]} to use other channel counts")
-    if check_finite and x.device.type != "meta" and not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError("input contains NaN or Inf values; clean the input (the check is on because "
                          "model.check_finite = True)")
     small = [(name, size, low) for name, size, low in zip(("T", "H", "W")[-nd:], x.shape[2:], min_size) if size < low]

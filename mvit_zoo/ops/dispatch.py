@@ -45,10 +45,11 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     ======================================  ==========================================================  =================
     attention                               fused_attn is False (MVIT_FUSED_ATTN=0, set_fused_attn)     explicit
     attention                               no relative-position table                                  sdpa
-    attention                               torch.compile / torch.export capture                       sdpa_mask
+    attention                               torch.compile / torch.export capture                        sdpa_mask
+    attention                               a device other than CPU/CUDA (meta: shapes, FLOP counts)    sdpa_mask
     attention                               CPU, autograd records, CPU flash ops present                cpu_flash
     attention                               CPU, autograd off, float32, 2D grid                         sdpa_mask
-    attention                               otherwise (CPU inference, CUDA, any other device)           sdpa_augmented
+    attention                               otherwise (CPU 16-bit or 3D inference, CUDA)                sdpa_augmented
     norm_linears, norm_mlp, residual_linear graph capture, autograd off, or a device other than         plain
     max_pool                                CPU/CUDA (meta: autocast has no such device)
     norm_linears, norm_mlp, residual_linear otherwise                                                   recompute
@@ -66,8 +67,9 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     CPU flash forward and backward ops in one autograd function that keeps q, k, v, the output and the
     row log-sum-exp, no (Nq, Nk) or augmented tensor (SDPA's CPU math fallback would keep the mask and
     the probabilities). recompute: the `memory` autograd functions, which keep inputs and recompute
-    LayerNorm / GELU outputs (max pooling: argmax indices) in backward. float32_backward: CPU 16-bit depthwise conv backward is 3-30x
-    slower than float32's with the casts on 3D or strided convs (2D stride 1: faster; kept there).
+    LayerNorm / GELU outputs (max pooling: argmax indices) in backward. float32_backward: CPU 16-bit
+    depthwise conv backward is 3-30x slower than float32's with the casts on 3D or strided convs (2D
+    stride 1: faster; kept there).
     """
     eager = not torch.compiler.is_compiling()  # torch.compile and torch.export
     if op == "attention":
@@ -75,7 +77,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
             return "explicit"
         if not rel_pos:
             return "sdpa"
-        if not eager:
+        if not eager or x.device.type not in ("cpu", "cuda"):
             return "sdpa_mask"
         if x.device.type == "cpu":
             if x.requires_grad and torch.is_grad_enabled():
