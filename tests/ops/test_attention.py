@@ -175,7 +175,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)],
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2), (torch.float16, 2e-2)],
                          ids=["fp32", "bf16", "fp16"])
 def test_cuda_fused_kernel_equals_the_explicit_path(q_grid, k_grid, prefix, axes, dtype, tol) -> None:
     """`attention` on CUDA (sdpa_augmented) under sdpa_kernel with the math backend excluded (it raises if no
