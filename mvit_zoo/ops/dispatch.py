@@ -57,6 +57,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     depthwise_conv                          eager CPU, autograd records, 16-bit (dtype or autocast),    float32_backward
                                             3D or strided
     depthwise_conv                          otherwise                                                   plain
+    gelu                                    eager, autograd off                                         in_place
+    gelu                                    otherwise                                                   plain
     ======================================  ==========================================================  =================
 
     explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
@@ -69,7 +71,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     the probabilities). recompute: the `memory` autograd functions, which keep inputs and recompute
     LayerNorm / GELU outputs (max pooling: argmax indices) in backward. float32_backward: CPU 16-bit
     depthwise conv backward is 3-30x slower than float32's with the casts on 3D or strided convs (2D
-    stride 1: faster; kept there).
+    stride 1: faster; kept there). in_place: no second buffer of the MLP's largest tensor.
     """
     eager = not torch.compiler.is_compiling()  # torch.compile and torch.export
     if op == "attention":
@@ -89,6 +91,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     recording = eager and torch.is_grad_enabled()
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):
         return "recompute" if recording and x.device.type in ("cpu", "cuda") else "plain"
+    if op == "gelu":
+        return "in_place" if eager and not torch.is_grad_enabled() else "plain"
     if op == "depthwise_conv":
         slow = x.device.type == "cpu" and conv_3d_or_strided and _16bit(x)
         return "float32_backward" if recording and slow else "plain"
