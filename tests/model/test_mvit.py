@@ -446,6 +446,7 @@ def test_instance_patched_forward_and_global_hooks_are_called(train: bool) -> No
                 baked.train()  # where the memory-saving path is decided
             _input_and_param_grads(baked, x)
         else:
+            baked.eval()  # (where the model checks its modules: qkv's forward, not slices of its weight)
             with torch.no_grad():
                 baked(x)
     finally:
