@@ -81,13 +81,23 @@ def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor)
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _layer_norm_to(dtype: torch.dtype, x: Tensor, norm_dtype: torch.dtype, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of x computed in norm_dtype, output in `dtype`, and its mean and rstd. A 16-bit x with a
+    16-bit output takes the mixed-precision kernel (float32 inside, no casts; at most 1 ulp from autocast's
+    float32 norm then cast): ~4% of a bf16 CPU training step, measured."""
+    if x.dtype == dtype and x.element_size() < 4 and norm_dtype == torch.float32:
+        return torch.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+    out, mean, rstd = torch.native_layer_norm(x.to(norm_dtype), [x.shape[-1]], weight, bias, eps)
+    return out.to(dtype), mean, rstd
+
+
 class _NormLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
                 norm_dtype: torch.dtype, n: int, *weights_and_biases: Optional[Tensor]) -> Tuple[Tensor, ...]:
         weights, biases = weights_and_biases[:n], weights_and_biases[n:]
-        x_norm, mean, rstd = torch.native_layer_norm(x.to(norm_dtype), [x.shape[-1]], norm_weight, norm_bias, eps)
-        x_norm = x_norm.to(weights[0].dtype)
+        x_norm, mean, rstd = _layer_norm_to(weights[0].dtype, x, norm_dtype, norm_weight, norm_bias, eps)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, *weights)
         ctx.eps, ctx.norm_dtype, ctx.n, ctx.has_bias = eps, norm_dtype, n, [b is not None for b in biases]
         return tuple(F.linear(x_norm, w, b) for w, b in zip(weights, biases))
@@ -96,9 +106,9 @@ class _NormLinears(torch.autograd.Function):
     @autocast_off
     def backward(ctx, *d_outs: Optional[Tensor]):
         x_in, mean, rstd, norm_weight, norm_bias, *weights = ctx.saved_tensors
-        x = x_in.to(ctx.norm_dtype)
+        x_norm = _layer_norm_to(weights[0].dtype, x_in, ctx.norm_dtype, norm_weight, norm_bias, ctx.eps)[0]
+        x = x_in.to(ctx.norm_dtype)  # (the backward in norm_dtype: the mixed kernel's weight gradient is 13-15% off)
         shape, n, need, first = [x.shape[-1]], ctx.n, ctx.needs_input_grad, 6  # first: index of weights[0]
-        x_norm = torch.native_layer_norm(x, shape, norm_weight, norm_bias, ctx.eps)[0].to(weights[0].dtype)
         x_norm2 = x_norm.reshape(-1, shape[0])
         d_weights: List[Optional[Tensor]] = [None] * n
         d_biases: List[Optional[Tensor]] = [None] * n
