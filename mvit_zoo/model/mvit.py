@@ -17,24 +17,24 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
-                                     _global_forward_pre_hooks)
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, trunc_normal_tf_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_tf_
 from timm.models._features import feature_take_indices
 
-from ..ops.attention import (attention_in_row_blocks, augmented_attention, augmenting_pays, mask_in_row_blocks_pays,
-                        rel_pos_attention, rel_pos_bias)
-from ..ops.memory import (add_residual, compute_dtype, depthwise_conv, max_pool, mlp_in_row_blocks, norm_linears, norm_mlp,
-                    residual_linear, splitting_pays, tracing)
+from ..ops.attention import attention
+from ..ops.dispatch import use_fused_attn
+from ..ops.memory import (depthwise_conv, gelu, max_pool, merge_heads, norm_linears, norm_mlp, not_plain, residual_linear,
+                          residual_pooling)
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -139,172 +139,57 @@ def make_cfg(base: MViTCfg, **overrides: Any) -> MViTCfg:
     return replace(base, **overrides)
 
 
+
 # --------------------------------------------------------------------------------------------------
-# Token-grid helpers
+# Variants
 # --------------------------------------------------------------------------------------------------
 
-def _prod(values: Sequence[int]) -> int:
-    return math.prod(values)
+def _v2_image(depths: tuple[int, ...], dim: int, heads: int, **kw: Any) -> MViTCfg:
+    """MViTv2 for ImageNet (timm `mvitv2_*`)."""
+    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), **kw)
 
 
-class TokenPool(nn.Module):
-    """Pool tokens (B, P + N, C) on their grid -> (B, P + N', C) and the pooled grid; the P prefix tokens
-    pass through unchanged.
-
-    'conv' is a depthwise conv over one head's channels (C / heads) shared by all heads (its `weight`
-    is the reference's `pool_q.weight`): heads stay folded in the channels and the conv runs once,
-    channels-last, with its kernel repeated per head. 'max' and 'avg' pool every channel.
-    """
-
-    def __init__(self, mode: str, nd: int, channels: int, kernel: Grid, stride: Grid, num_prefix: int,
-                 heads: int = 1) -> None:
-        super().__init__()
-        if mode not in ("conv", "max", "avg"):
-            raise ValueError(f"pool_mode must be 'conv', 'max' or 'avg', got {mode!r}")
-        self.mode = mode
-        self.nd = nd
-        self.heads = heads
-        self.num_prefix = num_prefix
-        self.kernel_size = list(kernel)
-        self.stride = list(stride)
-        self.padding = [k // 2 for k in kernel]
-        # CPU bf16 depthwise conv backward is slower than float32's with the casts, 3-30x, except 2D stride 1
-        # (2-6x faster there; measured per shape, see fused.depthwise_conv)
-        self.slow_16bit_backward = nd == 3 or max(stride) > 1
-        self.memory_efficient = True  # max pooling keeps no indices when training (MViT.set_memory_efficient)
-        self.register_parameter("weight", None)
-        if mode == "conv":
-            self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv's default init
-
-    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        p = self.num_prefix
-        prefix, x = x[:, :p], x[:, p:]
-        B, C = x.shape[0], x.shape[2]
-        x = x.reshape([B] + grid + [C]).movedim(-1, 1)
-        if self.nd == 2:
-            x = x.contiguous(memory_format=torch.channels_last)
-        else:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        if self.weight is not None:
-            weight = self.weight.repeat([self.heads] + [1] * (self.weight.dim() - 1))
-            ones = [1] * self.nd
-            if not torch.jit.is_scripting() and _training_graph() and self.slow_16bit_backward and compute_dtype(x) != torch.float32:
-                x = depthwise_conv(x, weight, self.stride, self.padding)  # its backward in float32: faster
-            elif self.nd == 2:
-                x = F.conv2d(x, weight, None, self.stride, self.padding, ones, C)
-            else:
-                x = F.conv3d(x, weight, None, self.stride, self.padding, ones, C)
-        elif self.mode == "max":
-            if not torch.jit.is_scripting() and self.memory_efficient and _training_graph():
-                x = max_pool(x, self.kernel_size, self.stride, self.padding)  # keeps no int64 indices
-            elif self.nd == 2:
-                x = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
-            else:
-                x = F.max_pool3d(x, self.kernel_size, self.stride, self.padding)
-        else:
-            if self.nd == 2:
-                x = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
-            else:
-                x = F.avg_pool3d(x, self.kernel_size, self.stride, self.padding)
-        grid = list(x.shape[2:])
-        x = x.movedim(1, -1).reshape(B, -1, C)
-        if p > 0:
-            x = torch.cat((prefix, x), dim=1)
-        return x, grid
-
-    def extra_repr(self) -> str:
-        return f"{self.mode}, kernel={self.kernel_size}, stride={self.stride}, heads={self.heads}"
+_VIDEO = dict(
+    patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), kernel_qkv=(3, 3, 3),
+    stride_q=(1, 2, 2), stride_kv_adaptive=(1, 8, 8), use_cls_token=True, drop_rate=0.5,
+)
+_V1 = dict(
+    pool_q_all_blocks=False, expand_attn=False, residual_pooling=False, rel_pos=False,
+    abs_pos="separable", use_cls_token=True,
+)
+_V2_VIDEO = dict(_VIDEO, rel_pos_temporal=True, residual_pool_cls=False)
 
 
-def rel_pos_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
-    """Table row of each (query, key) position pair along one axis, (q_size, k_size) long.
-
-    Query and key positions are scaled to the finer of the two grids (MViTv2 eq. 4). The index does
-    not depend on the weights, so it is kept per size and device (`_cached_rel_pos_index`); the cached
-    tensors are never written to, so threads can share them.
-    """
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    dist = (
-        torch.arange(q_size, device=device).unsqueeze(-1) * q_ratio
-        - torch.arange(k_size, device=device).unsqueeze(0) * k_ratio
-    )
-    dist += (k_size - 1) * k_ratio
-    return dist.long()
+def _video(depths: tuple[int, ...], dim: int, heads: int, size: Grid, **kw: Any) -> MViTCfg:
+    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), img_size=size, **kw)
 
 
-_cached_rel_pos_index = functools.lru_cache(maxsize=256)(rel_pos_index)
-
-
-@torch.jit.unused
-def _cached_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
-    # (inference-mode tensors cannot be saved for a later backward, so none enter the cache)
-    if tracing() or torch.is_inference_mode_enabled():
-        return rel_pos_index(q_size, k_size, device)
-    return _cached_rel_pos_index(q_size, k_size, device)
-
-
-def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
-    """Relative-position embeddings (q_size, k_size, C) for one axis, from a (L, C) table.
-
-    The table is linearly interpolated to 2 * max(q_size, k_size) - 1 entries when it was built for
-    another size (on the fly: it depends on the weights, and costs ~1% of a forward).
-    """
-    length = 2 * max(q_size, k_size) - 1
-    if table.shape[0] != length:
-        table = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
-    if torch.jit.is_scripting():
-        index = rel_pos_index(q_size, k_size, table.device)
-    else:
-        index = _cached_index(q_size, k_size, table.device)
-    return F.embedding(index, table)
-
-
-def _training_graph() -> bool:
-    """Whether autograd records this eager forward (not scripted, compiled or exported: those graphs
-    decide on their own what to keep for backward)."""
-    if torch.jit.is_scripting() or not torch.is_grad_enabled():
-        return False
-    return not tracing()
-
-
-def _plain(*modules: Optional[nn.Module], types: Tuple[type, ...] = (nn.Linear, nn.LayerNorm)) -> bool:
-    """Whether the fast paths may use these modules' parameters directly instead of calling them: each is
-    exactly one of `types` with no hooks. A subclass or wrapper put in their place (LoRA, quantisation, a
-    forward patched on the instance) or a forward or backward hook, the module's own or a global one
-    (`nn.modules.module.register_module_forward_hook`, ...), must run, so the plain module calls are taken."""
-    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
-        return False
-    for m in modules:
-        if m is not None and (type(m) not in types or "forward" in m.__dict__ or m._forward_hooks
-                              or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
-            return False
-    return True
-
-
-@torch.jit.unused
-def _export_layout(x: Tensor) -> Tensor:
-    """Under torch.export, `x` copied to the contiguous layout its strides claim; else `x` itself."""
-    return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_exporting() else x
+MODEL_CFGS: dict[str, MViTCfg] = {
+    # 2D MViTv2, ImageNet
+    "mvit_tiny": _v2_image((1, 2, 5, 2), 96, 1),
+    "mvit_small": _v2_image((1, 2, 11, 2), 96, 1),
+    "mvit_base": _v2_image((2, 3, 16, 3), 96, 1),
+    "mvit_large": _v2_image((2, 6, 36, 4), 144, 2, expand_attn=False),
+    "mvit_small_cls": _v2_image((1, 2, 11, 2), 96, 1, use_cls_token=True),
+    "mvit_base_cls": _v2_image((2, 3, 16, 3), 96, 1, use_cls_token=True),
+    "mvit_large_cls": _v2_image((2, 6, 36, 4), 144, 2, use_cls_token=True),
+    "mvit_huge_cls": _v2_image((4, 8, 60, 8), 192, 3, use_cls_token=True),
+    # 2D MViT v1, ImageNet (SlowFast ImageNet/MVIT_B_16_CONV, pytorchvideo mvit_base_16)
+    "mvit_v1_b_16": MViTCfg(depths=(1, 2, 11, 2), **_V1),
+    # 3D MViT v1, Kinetics
+    "mvit_b_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **{**_VIDEO, **_V1}),
+    "mvit_b_32x3": _video((1, 2, 11, 2), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1}),
+    "mvit_b24_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1, "kernel_qkv": None}),
+    # 3D MViTv2, Kinetics / Something-Something v2
+    "mvit_v2_s_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **_V2_VIDEO),
+    "mvit_v2_b_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **_V2_VIDEO),
+    "mvit_v2_l_40x3": _video((2, 6, 36, 4), 144, 2, (40, 312, 312), **_V2_VIDEO),
+}
 
 
 # --------------------------------------------------------------------------------------------------
-# Layers
+# Block specs (MViT tables 1-3: channels, heads and pooling per block)
 # --------------------------------------------------------------------------------------------------
-
-class PatchEmbed(nn.Module):
-    """Patchify with a strided conv: (B, C, *size) -> tokens (B, N, D) and their grid."""
-
-    def __init__(self, in_chans: int, dim: int, kernel: Grid, stride: Grid, padding: Grid) -> None:
-        super().__init__()
-        conv = nn.Conv2d if len(kernel) == 2 else nn.Conv3d
-        self.proj = conv(in_chans, dim, kernel_size=kernel, stride=stride, padding=padding)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, List[int]]:
-        x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), list(x.shape[2:])
-
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -327,7 +212,7 @@ def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
 
     def kernel_for(stride: Grid) -> Optional[Grid]:
         kernel = cfg.kernel_qkv or tuple(s + 1 if s > 1 else s for s in stride)
-        return None if _prod(kernel) == 1 and _prod(stride) == 1 else tuple(kernel)
+        return None if math.prod(kernel) == 1 and math.prod(stride) == 1 else tuple(kernel)
 
     grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
     stride_kv = tuple(cfg.stride_kv_adaptive)
@@ -341,7 +226,7 @@ def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
         for j in range(depth):
             dim_out = stage_dim if (cfg.expand_attn or j == depth - 1) else dim
             stride_q = stage_stride_q if j == 0 else ones
-            kernel_q = kernel_for(stride_q) if (cfg.pool_q_all_blocks or _prod(stride_q) > 1) else None
+            kernel_q = kernel_for(stride_q) if (cfg.pool_q_all_blocks or math.prod(stride_q) > 1) else None
             blocks.append(BlockSpec(
                 dim=dim, dim_out=dim_out, num_heads=cfg.num_heads[i], grid=grid,
                 kernel_q=kernel_q, stride_q=stride_q, kernel_kv=kernel_for(stride_kv), stride_kv=stride_kv,
@@ -353,15 +238,110 @@ def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
     return stages
 
 
-class MultiScaleAttention(nn.Module):
-    """Pooling attention (MViT sec. 3.1, MViTv2 sec. 4.1).
+# --------------------------------------------------------------------------------------------------
+# Patch embedding (MViT sec. 3.2: a strided conv, "cube" for video)
+# --------------------------------------------------------------------------------------------------
 
-    Q, K and V are pooled on the token grid before attention: Q by the stage stride (so the block
-    downsamples), K and V by a larger stride (cheaper attention). Decomposed relative positions and
-    residual pooling are the MViTv2 additions. Attention runs through
-    `F.scaled_dot_product_attention` with the relative-position bias as an additive mask (CPU inference
-    in 16-bit or on video: folded into q . k, no mask; CPU training: `rel_pos_attention`), unless
-    `fused_attn` is False (the explicit softmax(QK^T + bias) V path).
+def token_grid(x: Tensor) -> List[int]:
+    """The grid (H, W) or (T, H, W) of a map (B, C, *grid)."""
+    return list(x.shape[2:])
+
+
+class PatchEmbed(nn.Module):
+    """Patchify with a strided conv: (B, C, *size) -> tokens (B, N, D) and their grid."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: Grid, stride: Grid, padding: Grid) -> None:
+        super().__init__()
+        self.proj = (nn.Conv2d, nn.Conv3d)[len(kernel) - 2](in_chans, dim, kernel, stride, padding)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, List[int]]:
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), token_grid(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling (MViT sec. 3.1: pooling operator P on the token grid)
+# --------------------------------------------------------------------------------------------------
+
+class TokenPool(nn.Module):
+    """Pool tokens (B, P + N, C) on their grid -> (B, P + N', C) and the pooled grid; the P prefix tokens
+    pass through unchanged.
+
+    'conv' is a depthwise conv over one head's channels (C / heads) shared by all heads (its `weight`
+    is the reference's `pool_q.weight`): heads stay folded in the channels and the conv runs once,
+    channels-last, with its kernel repeated per head. 'max' and 'avg' pool every channel.
+    """
+
+    def __init__(self, mode: str, nd: int, channels: int, kernel: Grid, stride: Grid, num_prefix: int,
+                 heads: int = 1) -> None:
+        super().__init__()
+        if mode not in ("conv", "max", "avg"):
+            raise ValueError(f"pool_mode must be 'conv', 'max' or 'avg', got {mode!r}")
+        self.mode = mode
+        self.heads = heads
+        self.num_prefix = num_prefix
+        self.stride = list(stride)
+        self.padding = [k // 2 for k in kernel]
+        self.kernel = list(kernel)
+        self.avg_pool = (nn.AvgPool2d, nn.AvgPool3d)[nd - 2](kernel, stride, self.padding) if mode == "avg" else nn.Identity()
+        self.register_parameter("weight", None)
+        if mode == "conv":
+            self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv's default init
+
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        p = self.num_prefix
+        prefix, x = x[:, :p], x[:, p:]
+        B, C = x.shape[0], x.shape[2]
+        x = x.reshape([B] + grid + [C]).contiguous().movedim(-1, 1)  # (B, C, *grid), channels-last
+        if self.weight is not None:
+            weight = self.weight.repeat([self.heads] + [1] * (self.weight.dim() - 1))
+            x = depthwise_conv(x, weight, self.stride, self.padding)
+        elif self.mode == "max":
+            x = max_pool(x, self.kernel, self.stride, self.padding)
+        x = self.avg_pool(x)
+        grid = token_grid(x)
+        x = x.movedim(1, -1).reshape(B, -1, C)
+        if p > 0:
+            x = torch.cat((prefix, x), dim=1)
+        return x, grid
+
+    def extra_repr(self) -> str:
+        return f"{self.mode}, stride={self.stride}, heads={self.heads}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Decomposed relative positions (MViTv2 sec. 4.1, eq. 4; the bias itself: ops.attention.rel_pos_terms)
+# --------------------------------------------------------------------------------------------------
+
+def rel_pos_index(q_size: int, k_size: int, device: torch.device) -> Tensor:
+    """Table row of each (query, key) position pair along one axis, (q_size, k_size) long: query and key
+    positions scaled to the finer of the two grids."""
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = (torch.arange(q_size, device=device).unsqueeze(-1) * q_ratio
+            - torch.arange(k_size, device=device).unsqueeze(0) * k_ratio)
+    return (dist + (k_size - 1) * k_ratio).long()
+
+
+def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
+    """R (q_size, k_size, C) for one axis from a (L, C) table, linearly interpolated to 2 * max(q_size,
+    k_size) - 1 entries when it was built for another size."""
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    return F.embedding(rel_pos_index(q_size, k_size, table.device), table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling attention (MViT sec. 3.1, MViTv2 sec. 4.1-4.2)
+# --------------------------------------------------------------------------------------------------
+
+class MultiScaleAttention(nn.Module):
+    """Pooling attention: Q, K and V are pooled on the token grid, Q by the stage stride (the block
+    downsamples), K and V by a larger one (cheaper attention). MViTv2 adds decomposed relative
+    positions and residual pooling. `mvit_zoo.ops.attention` computes the attention itself; `fused_attn`
+    False (or MVIT_FUSED_ATTN=0 at construction) takes the explicit softmax(QK^T + bias) V path.
     """
 
     def __init__(self, spec: BlockSpec, cfg: MViTCfg, dim_out: int, norm_layer: Callable[[int], nn.Module]) -> None:
@@ -373,8 +353,9 @@ class MultiScaleAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.num_prefix = 1 if cfg.use_cls_token else 0
         self.residual_pooling = cfg.residual_pooling
-        self.residual_pool_cls = cfg.residual_pool_cls
-        self.fused_attn = True
+        self.residual_skip = 0 if cfg.residual_pool_cls else self.num_prefix  # rows without residual pooling
+        self.fused_attn = use_fused_attn()
+        self.split_qkv = False  # set by MViT where qkv is a plain nn.Linear (see forward)
 
         self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
@@ -396,64 +377,27 @@ class MultiScaleAttention(nn.Module):
         self.register_parameter("rel_pos_t", None)
         if cfg.rel_pos:
             # table lengths as in the reference code: from the build grid, by floor division
-            def length(axis: int) -> int:
+            def table(axis: int) -> nn.Parameter:
                 size = spec.grid[axis]
-                return 2 * max(size // spec.stride_q[axis], size // spec.stride_kv[axis]) - 1
+                length = 2 * max(size // spec.stride_q[axis], size // spec.stride_kv[axis]) - 1
+                return nn.Parameter(trunc_normal_tf_(torch.zeros(length, self.head_dim), std=0.02))
 
-            self.rel_pos_h = nn.Parameter(torch.zeros(length(nd - 2), self.head_dim))
-            self.rel_pos_w = nn.Parameter(torch.zeros(length(nd - 1), self.head_dim))
-            trunc_normal_tf_(self.rel_pos_h, std=0.02)
-            trunc_normal_tf_(self.rel_pos_w, std=0.02)
+            self.rel_pos_h, self.rel_pos_w = table(nd - 2), table(nd - 1)
             if cfg.rel_pos_temporal:
-                self.rel_pos_t = nn.Parameter(torch.zeros(2 * spec.grid[0] - 1, self.head_dim))
-                trunc_normal_tf_(self.rel_pos_t, std=0.02)
+                self.rel_pos_t = nn.Parameter(trunc_normal_tf_(torch.zeros(2 * spec.grid[0] - 1, self.head_dim), std=0.02))
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, L, C) -> (B, heads, L, head_dim), a view."""
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(B, L, C_in) -> q, k, v, each (B, L, C_out).
+    def _qkv_part(self, x: Tensor, i: int) -> Tensor:
+        """q (i = 0), k (1) or v (2) of x: (B, L, C_in) -> (B, L, C_out)."""
+        C, bias = self.dim_out, self.qkv.bias
+        return F.linear(x, self.qkv.weight[i * C:(i + 1) * C], None if bias is None else bias[i * C:(i + 1) * C])
 
-        Three GEMMs on slices of the fused weight: each of q, k, v comes out contiguous, so the
-        channels-last pooling reads it without a copy.
-        """
-        if not torch.jit.is_scripting():
-            if not self._qkv_is_plain():
-                q, k, v = self.qkv(x).chunk(3, dim=-1)
-                return q, k, v
-        weights, biases = self.qkv_params()
-        return F.linear(x, weights[0], biases[0]), F.linear(x, weights[1], biases[1]), F.linear(x, weights[2], biases[2])
-
-    @torch.jit.unused
-    def _qkv_is_plain(self) -> bool:
-        return _plain(self.qkv)
-
-    def qkv_params(self) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
-        """The fused qkv weight and bias as [q, k, v] slices (views: gradients reach `qkv`)."""
-        weights = list(self.qkv.weight.chunk(3))
-        biases: List[Optional[Tensor]] = [None, None, None]
-        bias = self.qkv.bias
-        if bias is not None:
-            for i, b in enumerate(bias.chunk(3)):
-                biases[i] = b
-        return weights, biases
-
-    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
-        q, k, v = self.project_qkv(x)
-        return self.attend(q, k, v, grid)
-
-    def _keeps_no_attention(self, q: Tensor) -> bool:
-        """Whether to train through `rel_pos_attention`: on CPU (SDPA's CUDA kernels take the bias
-        gradient themselves) when autograd records an eager forward."""
-        return q.device.type == "cpu" and _training_graph()
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int], keep_less: bool = False) -> Tuple[Tensor, List[int]]:
-        """Projected q, k, v (B, P + N, C) on `grid` -> pooled attention, (B, P + N_q, C) on the Q grid.
-
-        keep_less: in a recorded eager forward, the residual pooling and the output projection run as
-        `residual_linear`, which keeps no tensor of its own for the backward."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, Tensor, List[int]]:
+        """Projected q, k, v (B, P + N, C) on `grid` -> the attention output and the pooled q, each
+        (B, heads, P + Nq, head_dim), and the Q grid."""
         B, h, d = q.shape[0], self.num_heads, self.head_dim
         q_grid, k_grid = grid, grid
         # pool, then normalise per head (heads are folded in the channels)
@@ -470,51 +414,25 @@ class MultiScaleAttention(nn.Module):
         if self.norm_v is not None:
             v = self.norm_v(v.view(B, -1, h, d)).view(B, -1, h * d)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        tables: List[Optional[Tensor]] = [self.rel_pos_t, self.rel_pos_h, self.rel_pos_w]
+        tables = tables[3 - len(grid):]
+        rel: List[Optional[Tensor]] = []
+        for axis, table in enumerate(tables):
+            rel.append(None if table is None else rel_pos_lookup(table, q_grid[axis], k_grid[axis]))
+        out = attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix, self.fused_attn)
+        return out, q, q_grid
 
-        bias: Optional[Tensor] = None
-        out: Optional[Tensor] = None
-        if self.rel_pos_h is not None:
-            tables: List[Optional[Tensor]] = [self.rel_pos_h, self.rel_pos_w]
-            if len(grid) == 3:
-                tables.insert(0, self.rel_pos_t)
-            rel: List[Optional[Tensor]] = []
-            for axis, table in enumerate(tables):
-                rel.append(None if table is None else rel_pos_lookup(table, q_grid[axis], k_grid[axis]))
-            if self.fused_attn and self._keeps_no_attention(q):
-                out = rel_pos_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
-            elif not torch.jit.is_scripting() and self.fused_attn and augmenting_pays(q, len(grid)):
-                out = augmented_attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
-            elif not torch.jit.is_scripting() and self.fused_attn and mask_in_row_blocks_pays(q, k):
-                out = attention_in_row_blocks(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix)
-            else:
-                bias = rel_pos_bias(q, q_grid, k_grid, rel, self.num_prefix).to(q.dtype)
-
-        if out is None:
-            if self.fused_attn:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-            else:
-                attn = (q * self.scale) @ k.transpose(-2, -1)
-                if bias is not None:
-                    attn = attn + bias
-                out = attn.softmax(dim=-1) @ v
-
-        p = 0 if self.residual_pool_cls else self.num_prefix  # rows without residual pooling
-        if not torch.jit.is_scripting() and keep_less and _training_graph():
-            residual = q if self.residual_pooling else None
-            return residual_linear(out, residual, p, self.proj.weight, self.proj.bias), q_grid
+    def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
+        if self.split_qkv:  # three GEMMs on slices of its weight: q, k, v come out contiguous for the pooling
+            q, k, v = self._qkv_part(x, 0), self._qkv_part(x, 1), self._qkv_part(x, 2)
+        else:
+            qkv, C = self.qkv(x), self.dim_out
+            q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        out, q, q_grid = self.attend(q, k, v, grid)
         if self.residual_pooling:
-            if torch.is_grad_enabled():
-                out = add_residual(out, q, p)
-            else:  # in place: no new (B, heads, L, d) buffer (SDPA's backward would need the old value)
-                out[:, :, p:] += q[:, :, p:]
-
-        # (B, heads, L, d) -> (B, L, C). SDPA's CPU/CUDA kernels lay `out` out as (B, L, heads, d), so this
-        # is a view. Under torch.export it is an explicit copy: the ONNX exporter's math decomposition of
-        # SDPA cannot honour that layout (pytorch/pytorch#136543, #141107)
-        out = out.transpose(1, 2)
-        if not torch.jit.is_scripting():
-            out = _export_layout(out)
-        return self.proj(out.reshape(B, -1, self.dim_out)), q_grid
+            out = residual_pooling(out, q, self.residual_skip)
+        return self.proj(merge_heads(out)), q_grid
 
 
 class Mlp(nn.Module):
@@ -525,112 +443,85 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim_out)
 
-    @torch.jit.unused
-    def _is_plain(self) -> bool:
-        return _plain(self.fc1, self.fc2)
-
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if self._is_plain() and splitting_pays(x, x.numel() // x.shape[-1] * self.fc1.out_features):
-                # CPU inference: a hidden tensor this large would come in fresh pages (fused.FRESH_PAGES_BYTES)
-                return mlp_in_row_blocks(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        x = self.fc1(x)
-        # without autograd, GELU in place: no second (..., hidden) buffer, the largest of the block
-        x = F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
-        return self.fc2(x)
+        return self.fc2(gelu(self.fc1(x)))
 
 
-def _residual(branch: Tensor, shortcut: Tensor) -> Tensor:
-    """branch + shortcut: without autograd in place on the branch output (no second buffer); out of place
-    when autograd records, where a backward hook on the branch module makes its output a view that
-    autograd forbids writing into."""
-    if torch.is_grad_enabled():
-        return branch + shortcut
-    return branch.add_(shortcut)
+# --------------------------------------------------------------------------------------------------
+# Block and stage (MViT sec. 3.2-3.3, MViTv2 fig. 2)
+# --------------------------------------------------------------------------------------------------
 
-
+@register_notrace_module  # a leaf for timm's fx feature extraction (token grids are Python lists)
 class MultiScaleBlock(nn.Module):
     """Pooling attention and MLP, each with a residual; the attention shortcut is max-pooled by the
     Q stride, and a linear projection on it changes channels where the block does."""
 
     def __init__(self, spec: BlockSpec, cfg: MViTCfg, drop_path: float, norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        nd = cfg.ndim
         dim, dim_out = spec.dim, spec.dim_out
         attn_dim = dim_out if cfg.expand_attn else dim
-        self.num_prefix = 1 if cfg.use_cls_token else 0
-
         self.norm1 = norm_layer(dim)
         self.shortcut_proj_attn = nn.Linear(dim, dim_out) if cfg.expand_attn and dim != dim_out else None
         self.shortcut_pool_attn = None  # (no annotation: TorchScript warns on an Optional one in __init__)
-        if _prod(spec.stride_q) > 1:
+        if math.prod(spec.stride_q) > 1:
             kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
-            self.shortcut_pool_attn = TokenPool("max", nd, dim, kernel, spec.stride_q, self.num_prefix)
+            self.shortcut_pool_attn = TokenPool("max", cfg.ndim, dim, kernel, spec.stride_q, 1 if cfg.use_cls_token else 0)
         self.attn = MultiScaleAttention(spec, cfg, attn_dim, norm_layer)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
         self.norm2 = norm_layer(attn_dim)
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
         self.mlp = Mlp(attn_dim, int(attn_dim * cfg.mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.memory_efficient = True  # train through mvit_zoo.fused (see MViT.set_memory_efficient)
+        self.memory_efficient = False  # set by MViT: train through forward_memory_efficient
+
+    def _pool_shortcut(self, shortcut: Tensor, grid: List[int]) -> Tensor:
+        if self.shortcut_pool_attn is None:
+            return shortcut
+        return self.shortcut_pool_attn(shortcut, grid)[0]
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        if not torch.jit.is_scripting():  # (TorchScript compiles no autograd function: it never trains)
+            if self.memory_efficient:
+                return self.forward_memory_efficient(x, grid)
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
-        in_grid = grid
-        shortcut, fused = x, False
-        # (TorchScript: the eager-only calls sit in ifs nested under is_scripting(), which it skips)
-        if not torch.jit.is_scripting():
-            if self.memory_efficient and _training_graph() and self._attn_fusable():
-                q, k, v, shortcut = self._norm_qkv(x)
-                x, grid = self.attn.attend(q, k, v, grid, keep_less=True)
-                fused = True
-        if not fused:
-            x_norm = self.norm1(x)
-            shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
-            x, grid = self.attn(x_norm, grid)
-        if self.shortcut_pool_attn is not None:
-            shortcut, _ = self.shortcut_pool_attn(shortcut, in_grid)
-        x = _residual(self.drop_path1(x), shortcut)
-
-        if not torch.jit.is_scripting():
-            if self.shortcut_proj_mlp is None and self.memory_efficient and _training_graph() and self._mlp_fusable():
-                # (out of place: autograd forbids writing into a custom function's output, a view of its GEMM's)
-                return x + self.drop_path2(self._norm_mlp(x)), grid
+        x_norm = self.norm1(x)
+        shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
+        x_attn, q_grid = self.attn(x_norm, grid)
+        x = self._pool_shortcut(shortcut, grid) + self.drop_path1(x_attn)
         x_norm = self.norm2(x)
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
-        return _residual(self.drop_path2(self.mlp(x_norm)), shortcut), grid
+        return shortcut + self.drop_path2(self.mlp(x_norm)), q_grid
 
     @torch.jit.unused
-    def _attn_fusable(self) -> bool:
-        """Whether the memory-saving path may use the attention branch's parameters directly (`_plain`;
-        an attention module put in place of ours is called as it is)."""
-        attn = self.attn
-        return (_plain(attn, types=(MultiScaleAttention,))
-                and _plain(self.norm1, attn.qkv, attn.proj, self.shortcut_proj_attn))
-
-    @torch.jit.unused
-    def _mlp_fusable(self) -> bool:
-        """Whether the memory-saving path may use the MLP branch's parameters directly (`_plain`; an MLP
-        module put in place of ours is called as it is)."""
-        return _plain(self.mlp, types=(Mlp,)) and _plain(self.norm2) and self.mlp._is_plain()
-
-    @torch.jit.unused
-    def _norm_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """norm1, q, k, v (and the shortcut projection) as one autograd function that keeps only x."""
-        proj = self.shortcut_proj_attn
-        weights, biases = self.attn.qkv_params()
+    def forward_memory_efficient(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
+        """`forward` with the same values and gradients, keeping less for backward (`mvit_zoo.ops.memory`):
+        norm1 + q/k/v (+ shortcut projection) keep x only, residual pooling + projection keep no sum,
+        norm2 + MLP keep x and fc1's output. It reads the linears' parameters instead of calling them,
+        so `MViT` sets it only on blocks whose modules are plain (`ops.memory.not_plain`)."""
+        attn, proj = self.attn, self.shortcut_proj_attn
+        weights, biases = list(attn.qkv.weight.chunk(3)), [None] * 3 if attn.qkv.bias is None else list(attn.qkv.bias.chunk(3))
         if proj is not None:
-            weights.append(proj.weight)
-            biases.append(proj.bias)
-        outs = norm_linears(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, weights, biases)
-        return outs[0], outs[1], outs[2], (outs[3] if proj is not None else x)
+            weights, biases = weights + [proj.weight], biases + [proj.bias]
+        norm1, norm2, mlp = self.norm1, self.norm2, self.mlp
+        q, k, v, *shortcut = norm_linears(x, norm1.weight, norm1.bias, norm1.eps, weights, biases)
+        out, q, q_grid = attn.attend(q, k, v, grid)
+        x_attn = residual_linear(out, q if attn.residual_pooling else None, attn.residual_skip, attn.proj.weight, attn.proj.bias)
+        x = self._pool_shortcut(shortcut[0] if proj is not None else x, grid) + self.drop_path1(x_attn)
+        if self.shortcut_proj_mlp is not None:
+            x_norm = self.norm2(x)
+            return self.shortcut_proj_mlp(x_norm) + self.drop_path2(self.mlp(x_norm)), q_grid
+        x_mlp = norm_mlp(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return x + self.drop_path2(x_mlp), q_grid
 
-    @torch.jit.unused
-    def _norm_mlp(self, x: Tensor) -> Tensor:
-        """norm2 and the MLP as one autograd function that recomputes the norm and GELU outputs in backward."""
-        norm, mlp = self.norm2, self.mlp
-        return norm_mlp(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    def blockers(self) -> List[str]:
+        """What `forward_memory_efficient` would skip in this block (`ops.memory.not_plain`); [] if nothing."""
+        modules = dict(attn=self.attn, mlp=self.mlp, norm1=self.norm1, norm2=self.norm2,
+                       shortcut_proj_attn=self.shortcut_proj_attn)
+        if isinstance(self.attn, MultiScaleAttention):
+            modules.update({"attn.qkv": self.attn.qkv, "attn.proj": self.attn.proj})
+        if isinstance(self.mlp, Mlp):
+            modules.update({"mlp.fc1": self.mlp.fc1, "mlp.fc2": self.mlp.fc2})
+        return not_plain(modules, dict(attn=MultiScaleAttention, mlp=Mlp, norm1=nn.LayerNorm, norm2=nn.LayerNorm))
 
 
 class MultiScaleStage(nn.Module):
@@ -662,6 +553,89 @@ class MultiScaleStage(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
+
+def check_input(x: Tensor, weight: Tensor, in_chans: int, img_size: Grid, min_size: Grid, check_finite: bool) -> Tensor:
+    """x itself, or a ValueError/TypeError that names the problem and the fix for a malformed model input.
+
+    `weight` is the patch embedding's (its dtype is the model's). A leaf for torch.fx (`torch.fx.wrap`
+    below): symbolic tracing records the call (x flows through it, so it is not dropped as dead code),
+    and the traced module checks real inputs.
+    """
+    nd = len(min_size)
+    layout = "(B, C, T, H, W)" if nd == 3 else "(B, C, H, W)"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.ndim != nd + 2:
+        if nd == 3 and x.ndim == 4:
+            raise ValueError(
+                f"this is a video model and expects {layout}; got a 4-D tensor {tuple(x.shape)}. For a "
+                f"single image add a time axis (x.unsqueeze(2)); the model was built for {img_size[0]} frames")
+        if nd == 2 and x.ndim == 5:
+            raise ValueError(
+                f"this is an image model and expects {layout}; got a 5-D video tensor {tuple(x.shape)}. "
+                f"Use a video model (e.g. mvit_v2_s_16x4) or fold time into the batch")
+        hint = "; for a single sample add a batch axis (x.unsqueeze(0))" if x.ndim == nd + 1 else ""
+        raise ValueError(f"expected a {nd + 2}-D input {layout}, got {x.ndim}-D {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point input, got {x.dtype}; convert and normalise it first, e.g. "
+            f"x.float() / 255 then (x - mean) / std with the model's pretrained_cfg mean/std")
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not autocast:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the model's {weight.dtype} weights; convert the input "
+            f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+    if x.shape[0] == 0:
+        raise ValueError("got an empty batch (batch size 0); pass at least one sample")
+    if x.shape[1] != in_chans:
+        if x.shape[-1] == in_chans:
+            order = "(B, T, H, W, C)" if nd == 3 else "(B, H, W, C)"
+            axes = "0, 4, 1, 2, 3" if nd == 3 else "0, 3, 1, 2"
+            raise ValueError(
+                f"the input {tuple(x.shape)} looks channels-last {order}: its last axis has the model's "
+                f"{in_chans} channels; the model expects {layout}: permute it, x.permute({axes})")
+        hint = " (video may be (B, T, C, H, W): permute to (B, C, T, H, W))" if nd == 3 else ""
+        raise ValueError(
+            f"expected {in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
+            f"create the model with in_chans={x.shape[1]} to use other channel counts")
+    if check_finite and not torch.isfinite(x).all():
+        raise ValueError("input contains NaN or Inf values; clean the input (the check is on because "
+                         "model.check_finite = True)")
+    small = [(name, size, low) for name, size, low in zip(("T", "H", "W")[-nd:], x.shape[2:], min_size) if size < low]
+    if small:
+        what = ", ".join(f"{n}={s} (min {m})" for n, s, m in small)
+        raise ValueError(
+            f"input too small for the pooling stack: {what}; each axis needs at least its total stride "
+            f"{min_size} so every stage keeps one token. Resize or pad the input")
+    return x
+
+
+def add_abs_pos(x: Tensor, pos_embed: Optional[Tensor], spatial: Optional[Tensor], temporal: Optional[Tensor],
+                cls: Optional[Tensor], build_grid: List[int], grid: List[int], num_prefix: int) -> Tensor:
+    """Tokens x (B, P + N, C) on `grid` plus the absolute position embedding (1, P + N, C), interpolated from
+    the build grid: one joint table (`pos_embed`), or MViT v1's separable space + time (+ class) tables."""
+    if pos_embed is not None:
+        if grid == build_grid:
+            return x + pos_embed
+        return x + torch.cat((pos_embed[:, :num_prefix], _resize_grid(pos_embed[:, num_prefix:], build_grid, grid)), dim=1)
+    if spatial is None:
+        return x
+    pos = _resize_grid(spatial, build_grid[-2:], grid[-2:])
+    if temporal is not None:
+        if temporal.shape[1] != grid[0]:
+            temporal = F.interpolate(temporal.transpose(1, 2), size=grid[0], mode="linear").transpose(1, 2)
+        pos = pos.repeat(1, grid[0], 1) + temporal.repeat_interleave(pos.shape[1], dim=1)
+    if cls is not None:
+        pos = torch.cat((cls, pos), dim=1)
+    return x + pos
+
+
+# torch.fx symbolic tracing: record these calls instead of tracing into them (they read shapes or
+# check values, which a Proxy has not); MultiScaleBlock is a leaf module for timm's fx feature extraction
+torch.fx.wrap("check_input")
+torch.fx.wrap("add_abs_pos")
+torch.fx.wrap("token_grid")
+
 
 class MViT(nn.Module):
     """Multiscale Vision Transformer for images (B, C, H, W) or video (B, C, T, H, W).
@@ -712,9 +686,9 @@ class MViT(nn.Module):
         self.register_parameter("pos_embed_temporal", None)
         self.register_parameter("pos_embed_class", None)
         if cfg.abs_pos == "joint":
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + _prod(self.patch_grid), dim0))
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + math.prod(self.patch_grid), dim0))
         elif cfg.abs_pos == "separable":
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, _prod(self.patch_grid[-2:]), dim0))
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, math.prod(self.patch_grid[-2:]), dim0))
             if self.is_video:
                 self.pos_embed_temporal = nn.Parameter(torch.zeros(1, self.patch_grid[0], dim0))
             if cfg.use_cls_token:
@@ -738,6 +712,7 @@ class MViT(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head = self._make_head(num_classes)
         self._init_weights()
+        self.set_memory_efficient(True)
 
     # -- construction helpers ---------------------------------------------------------------------
 
@@ -783,12 +758,35 @@ class MViT(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_memory_efficient(self, enable: bool = True) -> None:
-        """Train through `mvit_zoo.fused` (default): norm1 + q/k/v and norm2 + MLP as autograd functions that
-        recompute the LayerNorm and GELU outputs in backward instead of keeping them, residual pooling +
-        projection and max pooling keeping only their inputs (same gradients)."""
+        """Train through `MultiScaleBlock.forward_memory_efficient` (default): the same values and gradients,
+        less kept for backward (`mvit_zoo.ops.memory`). Decided here and at every `train()` / `eval()`, not per call:
+        a block whose linears or norms are replaced (LoRA, quantisation), patched or hooked, or with global
+        module hooks registered, trains through its modules instead, with a warning that names why (and
+        its attention calls a replaced or hooked qkv, in inference too, rather than three GEMMs on slices of its
+        weight). Hooks or replacements made after that are seen at the next `train()`, `eval()` or
+        `set_memory_efficient()`."""
+        self.memory_efficient = enable
+        blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, MultiScaleBlock)]
+        skipped = []
         for m in self.modules():
-            if isinstance(m, (MultiScaleBlock, TokenPool)):
-                m.memory_efficient = enable
+            if isinstance(m, MultiScaleAttention):  # (inference too: a replaced or hooked qkv is called)
+                m.split_qkv = not not_plain({"attn.qkv": m.qkv}, {})
+        for name, block in blocks:
+            reasons = block.blockers() if enable and self.training else []
+            block.memory_efficient = enable and self.training and not reasons
+            if reasons:
+                skipped.append(f"{name}: {', '.join(reasons)}")
+        if skipped:
+            warnings.warn(
+                f"memory-efficient training is off for {len(skipped)} of {len(blocks)} blocks, which call their "
+                f"modules (hooks and replaced modules need that; it keeps more for backward): {'; '.join(skipped[:3])}"
+                f"{'; ...' if len(skipped) > 3 else ''}. model.set_memory_efficient(False) turns it off everywhere",
+                stacklevel=2)
+
+    def train(self, mode: bool = True) -> "MViT":
+        super().train(mode)
+        self.set_memory_efficient(self.memory_efficient)
+        return self
 
     def set_fused_attn(self, enable: bool = True) -> None:
         """Use `scaled_dot_product_attention` (default) or the explicit softmax(QK^T + bias) V path."""
@@ -829,50 +827,11 @@ class MViT(nn.Module):
     @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
         """Raise a ValueError/TypeError that names the problem and the fix for a malformed input."""
-        nd = self.cfg.ndim
-        layout = "(B, C, T, H, W)" if nd == 3 else "(B, C, H, W)"
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor {layout}, got {type(x).__name__}")
-        if x.ndim != nd + 2:
-            if nd == 3 and x.ndim == 4:
-                raise ValueError(
-                    f"this is a video model and expects {layout}; got a 4-D tensor {tuple(x.shape)}. For a "
-                    f"single image add a time axis (x.unsqueeze(2)); the model was built for "
-                    f"{self.img_size[0]} frames")
-            if nd == 2 and x.ndim == 5:
-                raise ValueError(
-                    f"this is an image model and expects {layout}; got a 5-D video tensor {tuple(x.shape)}. "
-                    f"Use a video model (e.g. mvit_v2_s_16x4) or fold time into the batch")
-            hint = "; for a single sample add a batch axis (x.unsqueeze(0))" if x.ndim == nd + 1 else ""
-            raise ValueError(f"expected a {nd + 2}-D input {layout}, got {x.ndim}-D {tuple(x.shape)}{hint}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected a floating-point input, got {x.dtype}; convert and normalise it first, e.g. "
-                f"x.float() / 255 then (x - mean) / std with the model's pretrained_cfg mean/std")
-        weight = self.patch_embed.proj.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"input dtype {x.dtype} does not match the model's {weight.dtype} weights; convert the input "
-                f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
-        if x.shape[0] == 0:
-            raise ValueError("got an empty batch (batch size 0); pass at least one sample")
-        if x.shape[1] != self.in_chans:
-            hint = " (video may be (B, T, C, H, W): permute to (B, C, T, H, W))" if nd == 3 else ""
-            raise ValueError(
-                f"expected {self.in_chans} input channels at dim 1 {layout}, got {x.shape[1]}{hint}; "
-                f"create the model with in_chans={x.shape[1]} to use other channel counts")
-        if self.check_finite and not tracing() and not torch.isfinite(x).all():
-            raise ValueError("input contains NaN or Inf values; clean the input (the check is on because "
-                             "model.check_finite = True)")
-        small = [
-            (name, size, low) for name, size, low in zip(("T", "H", "W")[-nd:], x.shape[2:], self.min_input_size)
-            if size < low
-        ]
-        if small:
-            what = ", ".join(f"{n}={s} (min {m})" for n, s, m in small)
-            raise ValueError(
-                f"input too small for the pooling stack: {what}; each axis needs at least its total stride "
-                f"{self.min_input_size} so every stage keeps one token. Resize or pad the input")
+        check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size, self.check_finite)
+
+    def _checked(self, x: Tensor) -> Tensor:
+        return check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size,
+                           self.check_finite)
 
     def _check_input_scripted(self, x: Tensor) -> None:
         """The checks of `check_input` that TorchScript can compile (rank, dtype, channels)."""
@@ -887,41 +846,17 @@ class MViT(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def _pos_embed(self, grid: List[int]) -> Optional[Tensor]:
-        """Absolute position embedding (1, P + N, C) for `grid`, interpolated from the build grid."""
-        if self.pos_embed is not None:
-            pos = self.pos_embed
-            if grid != self._patch_grid:
-                prefix, pos = pos[:, :self.num_prefix_tokens], pos[:, self.num_prefix_tokens:]
-                pos = _resize_grid(pos, self._patch_grid, grid)
-                pos = torch.cat((prefix, pos), dim=1)
-            return pos
-        if self.pos_embed_spatial is None:
-            return None
-        space = _resize_grid(self.pos_embed_spatial, self._patch_grid[-2:], grid[-2:])
-        if self.pos_embed_temporal is not None:
-            time = self.pos_embed_temporal
-            if time.shape[1] != grid[0]:
-                time = F.interpolate(time.transpose(1, 2), size=grid[0], mode="linear").transpose(1, 2)
-            pos = space.repeat(1, grid[0], 1) + time.repeat_interleave(space.shape[1], dim=1)
-        else:
-            pos = space
-        if self.pos_embed_class is not None:
-            pos = torch.cat((self.pos_embed_class, pos), dim=1)
-        return pos
-
     def embed(self, x: Tensor) -> Tuple[Tensor, List[int]]:
         """Input -> tokens (B, P + N, C) with class token and absolute positions, and their grid."""
         if torch.jit.is_scripting():
             self._check_input_scripted(x)
         else:
-            self.check_input(x)
+            x = self._checked(x)
         x, grid = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        pos = self._pos_embed(grid)
-        if pos is not None:
-            x = x + pos
+        x = add_abs_pos(x, self.pos_embed, self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class,
+                        self._patch_grid, grid, self.num_prefix_tokens)
         return x, grid
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -1014,50 +949,3 @@ def _resize_grid(tokens: Tensor, src: List[int], dst: List[int]) -> Tensor:
     mode = "bicubic" if len(src) == 2 else "trilinear"
     x = F.interpolate(x, size=dst, mode=mode, align_corners=False)
     return x.movedim(1, -1).reshape(1, -1, C)
-
-
-# --------------------------------------------------------------------------------------------------
-# Variants
-# --------------------------------------------------------------------------------------------------
-
-def _v2_image(depths: tuple[int, ...], dim: int, heads: int, **kw: Any) -> MViTCfg:
-    """MViTv2 for ImageNet (timm `mvitv2_*`)."""
-    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), **kw)
-
-
-_VIDEO = dict(
-    patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), kernel_qkv=(3, 3, 3),
-    stride_q=(1, 2, 2), stride_kv_adaptive=(1, 8, 8), use_cls_token=True, drop_rate=0.5,
-)
-_V1 = dict(
-    pool_q_all_blocks=False, expand_attn=False, residual_pooling=False, rel_pos=False,
-    abs_pos="separable", use_cls_token=True,
-)
-_V2_VIDEO = dict(_VIDEO, rel_pos_temporal=True, residual_pool_cls=False)
-
-
-def _video(depths: tuple[int, ...], dim: int, heads: int, size: Grid, **kw: Any) -> MViTCfg:
-    return MViTCfg(depths=depths, embed_dim=_per_stage(dim, 4), num_heads=_per_stage(heads, 4), img_size=size, **kw)
-
-
-MODEL_CFGS: dict[str, MViTCfg] = {
-    # 2D MViTv2, ImageNet
-    "mvit_tiny": _v2_image((1, 2, 5, 2), 96, 1),
-    "mvit_small": _v2_image((1, 2, 11, 2), 96, 1),
-    "mvit_base": _v2_image((2, 3, 16, 3), 96, 1),
-    "mvit_large": _v2_image((2, 6, 36, 4), 144, 2, expand_attn=False),
-    "mvit_small_cls": _v2_image((1, 2, 11, 2), 96, 1, use_cls_token=True),
-    "mvit_base_cls": _v2_image((2, 3, 16, 3), 96, 1, use_cls_token=True),
-    "mvit_large_cls": _v2_image((2, 6, 36, 4), 144, 2, use_cls_token=True),
-    "mvit_huge_cls": _v2_image((4, 8, 60, 8), 192, 3, use_cls_token=True),
-    # 2D MViT v1, ImageNet (SlowFast ImageNet/MVIT_B_16_CONV, pytorchvideo mvit_base_16)
-    "mvit_v1_b_16": MViTCfg(depths=(1, 2, 11, 2), **_V1),
-    # 3D MViT v1, Kinetics
-    "mvit_b_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **{**_VIDEO, **_V1}),
-    "mvit_b_32x3": _video((1, 2, 11, 2), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1}),
-    "mvit_b24_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **{**_VIDEO, **_V1, "kernel_qkv": None}),
-    # 3D MViTv2, Kinetics / Something-Something v2
-    "mvit_v2_s_16x4": _video((1, 2, 11, 2), 96, 1, (16, 224, 224), **_V2_VIDEO),
-    "mvit_v2_b_32x3": _video((2, 3, 16, 3), 96, 1, (32, 224, 224), **_V2_VIDEO),
-    "mvit_v2_l_40x3": _video((2, 6, 36, 4), 144, 2, (40, 312, 312), **_V2_VIDEO),
-}

@@ -259,3 +259,36 @@ def test_resized_rel_pos_tables_follow_weight_updates() -> None:
     assert not torch.allclose(updated[1], first[1])
     for a, b in zip(updated, updated_grad):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- torch.fx symbolic tracing ---------------------------------------------------------------------
+
+FX_CASES = [  # every family: v2 image, v2 image with class token, v1 image, v2 video, v1 video
+    ("mvit_tiny", (2, 3, 64, 64)),
+    ("mvit_small_cls", (2, 3, 64, 64)),
+    ("mvit_v1_b_16", (2, 3, 64, 64)),
+    ("mvit_v2_s_16x4", (1, 3, 4, 64, 64)),
+    ("mvit_b_16x4", (1, 3, 4, 64, 64)),
+]
+
+
+@pytest.mark.parametrize("name,shape", FX_CASES, ids=[c[0] for c in FX_CASES])
+def test_fx_feature_extractor_equals_eager_forward_and_backward(name: str, shape: tuple[int, ...]) -> None:
+    """timm's fx feature extraction traces the model; the traced module gives the eager logits and
+    gradients, and still checks its input (an eager error, not a Proxy TypeError at trace time)."""
+    from timm.models._features_fx import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = mvit_zoo.create_model(name, img_size=shape[2:], **SMALL).eval()
+    traced = create_feature_extractor(model, return_nodes={"head": "out"})
+    x = torch.randn(shape)
+    x_ref = x.clone().requires_grad_(True)
+    x_fx = x.clone().requires_grad_(True)
+    ref = model(x_ref)
+    out = traced(x_fx)["out"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    torch.testing.assert_close(x_fx.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="input channels|channels-last|video model"):
+        traced(torch.randn(shape[:1] + (5,) + shape[2:]))

@@ -86,6 +86,15 @@ def test_wrong_channel_count(image_model: MViT, video_model: MViT) -> None:
     _rejects(video_model, torch.randn(1, 4, 3, 32, 32), ValueError, "expected 3 input channels", "got 4", "permute")
 
 
+def test_channels_last_input_says_permute(image_model: MViT, video_model: MViT) -> None:
+    """An NHWC image (as PIL/numpy give it) is named channels-last with the permute, not 'in_chans=32'."""
+    message = _rejects(image_model, torch.randn(1, 32, 32, 3), ValueError, "channels-last (B, H, W, C)",
+                       "x.permute(0, 3, 1, 2)")
+    assert "in_chans" not in message
+    _rejects(video_model, torch.randn(1, 4, 32, 32, 3), ValueError, "channels-last (B, T, H, W, C)",
+             "x.permute(0, 4, 1, 2, 3)")
+
+
 def test_too_small_states_the_minimum(image_model: MViT, video_model: MViT) -> None:
     assert image_model.min_input_size == (32, 32)
     assert video_model.min_input_size[1:] == (32, 32)
@@ -287,3 +296,16 @@ def test_concurrent_inference_in_threads(video_model: MViT) -> None:
     assert after[1] == before[1], "forward added attributes or buffers (shared mutable state)"
     for k, v in before[0].items():
         assert torch.equal(after[0][k], v), k
+
+
+@pytest.mark.parametrize("name,shape", [("mvit_small_cls", (2, 3, 224, 224)), ("mvit_v2_s_16x4", (1, 3, 16, 224, 224))])
+def test_meta_device_forward_and_backward(name: str, shape: tuple[int, ...]) -> None:
+    """Full-size models on the meta device (shape inference, deferred init) run forward and backward with
+    autograd on, in training mode too (the memory-saving path takes the plain ops there)."""
+    with torch.device("meta"):
+        model = mvit_zoo.create_model(name).train()
+        x = torch.randn(shape, requires_grad=True)
+    out = model(x)
+    assert out.shape == (shape[0], model.num_classes) and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Callable
 from unittest import mock
 
@@ -18,7 +19,7 @@ import torchvision.models.video.mvit as tv_mvit
 from timm.models import mvitv2 as timm_mvitv2
 
 import mvit_zoo
-from mvit_zoo.ops import attention, memory as fused
+from mvit_zoo.ops import dispatch
 from mvit_zoo.model import mvit as mvit_module
 from mvit_zoo.weights.convert import convert_state_dict
 from mvit_zoo.model.mvit import MODEL_CFGS, MViT, block_specs, make_cfg
@@ -319,38 +320,6 @@ def _small_reference_pair(which: str) -> tuple[torch.nn.Module, MViT, dict, torc
     return ref.eval(), ours, kwargs, references.video_input()
 
 
-@pytest.mark.parametrize("which", ["timm", "timm_cls", "torchvision_v2"])
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_inference_in_row_blocks_matches_reference(which: str, autocast: bool, monkeypatch) -> None:
-    """With every MLP hidden tensor and attention mask above the fresh-pages size (the threshold set to
-    0, blocks of a few rows), CPU inference takes the row-block paths and gives the reference's logits
-    (in float32) and the whole-tensor path's (both dtypes)."""
-    ref, ours, kwargs, x = _small_reference_pair(which)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        whole = ours(x)
-        ref_logits = ref.eval()(x)
-        calls = {"mlp": 0, "attention": 0}
-
-        def counted(key, fn):
-            def wrapper(*args, **kw):
-                calls[key] += 1
-                return fn(*args, **kw)
-            return wrapper
-
-        monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", 0)
-        monkeypatch.setattr(fused, "BLOCK_BYTES", 3 * 96 * 4)  # a few rows per block
-        monkeypatch.setattr(mvit_module, "mlp_in_row_blocks", counted("mlp", fused.mlp_in_row_blocks))
-        monkeypatch.setattr(mvit_module, "attention_in_row_blocks", counted("attention", attention.attention_in_row_blocks))
-        blocks = ours(x)
-    depth = sum(kwargs["depths"])
-    assert calls["mlp"] == depth
-    # the mask path is for 2D float32 (16-bit and video CPU inference fold the bias into q . k)
-    assert calls["attention"] == (depth if which.startswith("timm") and not autocast else 0)
-    torch.testing.assert_close(blocks, whole, rtol=0, atol=1e-5 if not autocast else 0.05 * whole.abs().max().item())
-    if not autocast:
-        assert _max_diff(blocks, ref_logits) < ATOL
-
-
 @pytest.mark.parametrize("which", ["timm", "torchvision_v2"])
 def test_bf16_autocast_matches_reference_and_float32(which: str) -> None:
     """CPU bf16 autocast: logits agree with the reference under the same autocast, and the training
@@ -399,11 +368,12 @@ def _shifted(linear: torch.nn.Linear) -> _ShiftedLinear:
     return out
 
 
-@pytest.mark.parametrize("mode", ["eval", "eval_row_blocks", "train"])
-def test_replaced_or_hooked_linears_are_called(mode: str, monkeypatch) -> None:
-    """The fast paths read qkv/proj/fc1/fc2 weights directly; a module put in their place (here one that
-    adds 0.5) must still be called, in inference, CPU row blocks and memory-saving training: the model
-    then equals one whose biases carry the +0.5. A forward hook on a plain linear runs too."""
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_replaced_or_hooked_linears_are_called(mode: str) -> None:
+    """The memory-saving path reads qkv/proj/fc1/fc2 weights directly; a module put in their place (here one
+    that adds 0.5) must still be called, in inference and in training (`train()` sees it and the blocks call
+    their modules): the model then equals one whose biases carry the +0.5. A forward hook on a plain linear
+    runs too."""
     _, ours, _, x = _small_reference_pair("timm")
     baked = copy.deepcopy(ours)
     names = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -415,11 +385,12 @@ def test_replaced_or_hooked_linears_are_called(mode: str, monkeypatch) -> None:
                 setattr(getattr(block, parent), attr, _shifted(linear))
                 with torch.no_grad():
                     getattr(getattr(ref_block, parent), attr).bias += 0.5
-    if mode == "eval_row_blocks":
-        monkeypatch.setattr(fused, "FRESH_PAGES_BYTES", 0)
-    _assert_same_function(ours, baked, x, train=mode == "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the memory-saving path steps aside, and says so: tested below)
+        _assert_same_function(ours, baked, x, train=mode == "train")
     calls = []
     baked.stages[0].blocks[0].attn.qkv.register_forward_hook(lambda *a: calls.append(1))
+    baked.eval()
     with torch.no_grad():
         baked(x)
     assert calls == [1]
@@ -469,8 +440,11 @@ def test_instance_patched_forward_and_global_hooks_are_called(train: bool) -> No
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
     try:
         if train:
+            with pytest.warns(UserWarning, match="global module hooks"):
+                baked.train()  # where the memory-saving path is decided
             _input_and_param_grads(baked, x)
         else:
+            baked.eval()  # (where the model checks its modules: qkv's forward, not slices of its weight)
             with torch.no_grad():
                 baked(x)
     finally:
@@ -496,3 +470,37 @@ def test_hooks_run_in_training(on: str) -> None:
         module.register_forward_hook(lambda m, args, out: seen.append(("forward", m)))
     _assert_same_function(hooked, ours, x, train=True)
     assert len(seen) == 2 * len(modules)
+
+
+def test_memory_saving_path_steps_aside_with_a_message_naming_why() -> None:
+    """Decided once, at `set_memory_efficient` / `train()`: a hooked or replaced module turns the memory-saving
+    path off for its block, with a warning naming the block and the module; plain blocks keep it."""
+    model = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1)).train()
+    assert all(b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock))
+    model.stages[1].blocks[0].mlp.fc2.register_forward_hook(lambda *a: None)
+    model.stages[2].blocks[0].attn.qkv = _shifted(model.stages[2].blocks[0].attn.qkv)
+    with pytest.warns(UserWarning, match=r"off for 2 of 4 blocks.*stages\.1\.blocks\.0: mlp\.fc2 has hooks.*"
+                                         r"stages\.2\.blocks\.0: attn\.qkv is a _ShiftedLinear"):
+        model.train()
+    flags = [b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock)]
+    assert flags == [True, False, False, True]
+    model.eval()
+    assert not any(b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.set_memory_efficient(False)
+        model.train()
+
+
+def test_global_switch_builds_explicit_attention(monkeypatch) -> None:
+    """`mvit_zoo.ops.set_fused_attn(False)` (timm's set_fused_attn; MVIT_FUSED_ATTN=0) fixes the explicit path
+    for models built after it, with the same logits."""
+    model = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1), img_size=64).eval()
+    monkeypatch.setattr(dispatch, "_USE_FUSED_ATTN", dispatch._USE_FUSED_ATTN)
+    mvit_zoo.ops.set_fused_attn(False)
+    explicit = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1), img_size=64).eval()
+    explicit.load_state_dict(model.state_dict())
+    assert all(not m.fused_attn for m in explicit.modules() if isinstance(m, mvit_module.MultiScaleAttention))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(explicit(x), model(x)) < ATOL

@@ -1,14 +1,13 @@
-"""`mvit_zoo.ops.memory` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv`, `max_pool` and
+"""`mvit_zoo.ops.memory` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv` and
 `residual_linear` give the same values and gradients in float64 (gradcheck), float32 and bf16 autocast,
-without biases too, and keep for the backward only what they say they keep; `mlp_in_row_blocks` gives
-the plain MLP's values."""
+without biases too, and keep for the backward only what they say they keep."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mvit_zoo.ops.memory import depthwise_conv, mlp_in_row_blocks, norm_linears, norm_mlp
+from mvit_zoo.ops.memory import depthwise_conv, norm_linears, norm_mlp
 
 
 def _params(dtype, c=6, hidden=12, c_out=5, bias=True, seed=0):
@@ -170,27 +169,6 @@ def test_norm_linears_keeps_a_bf16_input_in_bf16_under_autocast() -> None:
         assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
-# -- max_pool -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape,kernel,stride", [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
-                         ids=["2d", "3d"])
-def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None:
-    from mvit_zoo.ops.memory import max_pool
-
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    padding = [k // 2 for k in kernel]
-    plain = F.max_pool2d if len(shape) == 4 else F.max_pool3d
-    assert torch.autograd.gradcheck(lambda x: max_pool(x, kernel, stride, padding), (x,))
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
-        out = max_pool(x, kernel, stride, padding)
-    assert torch.equal(out, plain(x, kernel, stride, padding)) and torch.int64 not in kept
-    g = torch.randn_like(out)
-    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(plain(x, kernel, stride, padding), x, g)[0])
-
-
-# -- residual_linear ------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("skip,with_residual", [(0, True), (1, True), (0, False)], ids=["all_rows", "skip_prefix", "no_residual"])
 def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None:
     from mvit_zoo.ops.memory import residual_linear
@@ -217,16 +195,29 @@ def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None
     y += 1  # the output is not a view: the block adds its shortcut in place
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 4, 7, 1000])
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_mlp_in_row_blocks_matches_plain(bias: bool, rows: int, autocast: bool) -> None:
-    """Blocks of 1, 4 and 7 rows of 3 * 5 (a short last block) and one block of every row."""
-    _, _, w1, b1, w2, b2 = _params(torch.float32, bias=bias)
-    x = torch.randn(3, 5, 6)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = mlp_in_row_blocks(x, w1, b1, w2, b2, block_bytes=rows * w1.shape[0] * (2 if autocast else 4))
-        ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
-    assert out.shape == ref.shape == (3, 5, 5) and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
+                         ids=["2d", "3d"])
+def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None:
+    from mvit_zoo.ops.memory import max_pool
+    padding = [k // 2 for k in kernel]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    plain = F.max_pool2d if len(shape) == 4 else F.max_pool3d
+    assert torch.autograd.gradcheck(lambda x: max_pool(x, kernel, stride, padding), (x,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = max_pool(x, kernel, stride, padding)
+    assert torch.int64 not in saved
+    assert torch.equal(out, plain(x, kernel, stride, padding))
 
+
+def test_gelu_in_place_without_autograd_same_values() -> None:
+    from mvit_zoo.ops.memory import gelu
+    x = torch.randn(4, 8)
+    ref = F.gelu(x)
+    with torch.no_grad():
+        y = x.clone()
+        out = gelu(y)
+    assert out.data_ptr() == y.data_ptr() and torch.equal(out, ref)
+    x.requires_grad_(True)
+    out = gelu(x)
+    assert out.data_ptr() != x.data_ptr() and torch.equal(out, ref)

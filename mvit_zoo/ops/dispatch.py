@@ -1,0 +1,99 @@
+"""The one place that decides which implementation of an op runs, and the global attention switch.
+
+`MVIT_FUSED_ATTN=0` in the environment (or `set_fused_attn(False)` before building a model) makes new
+attention modules take the explicit softmax(q k^T * scale + bias) v path, as timm's `TIMM_FUSED_ATTN`
+does; a built model switches with `MViT.set_fused_attn`.
+"""
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH"]
+
+_USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")
+
+# SDPA's CPU flash kernel and its backward, as ATen ops (private names; they exist from torch 2.2)
+HAS_CPU_FLASH = all(hasattr(torch.ops.aten, name) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def use_fused_attn() -> bool:
+    """Whether attention modules built from now on use scaled_dot_product_attention (default)."""
+    return _USE_FUSED_ATTN
+
+
+def set_fused_attn(enable: bool = True) -> None:
+    """Default of `fused_attn` for attention modules built from now on (fixed at construction)."""
+    global _USE_FUSED_ATTN
+    _USE_FUSED_ATTN = enable
+
+
+def _16bit(x: Tensor) -> bool:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type) != torch.float32
+    return x.element_size() < 4
+
+
+@torch.jit.unused
+def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, grid_rank: int = 2,
+           conv_3d_or_strided: bool = False) -> str:
+    """The implementation of `op` for its first input `x`; the first row that holds applies.
+
+    ======================================  ==========================================================  =================
+    op                                      condition                                                   implementation
+    ======================================  ==========================================================  =================
+    attention                               fused_attn is False (MVIT_FUSED_ATTN=0, set_fused_attn)     explicit
+    attention                               no relative-position table                                  sdpa
+    attention                               torch.compile / torch.export capture                        sdpa_mask
+    attention                               a device other than CPU/CUDA (meta: shapes, FLOP counts)    sdpa_mask
+    attention                               CPU, autograd records, CPU flash ops present                cpu_flash
+    attention                               CPU, autograd off, float32, 2D grid                         sdpa_mask
+    attention                               otherwise (CPU 16-bit or 3D inference, CUDA)                sdpa_augmented
+    norm_linears, norm_mlp, residual_linear graph capture, autograd off, or a device other than         plain
+    max_pool                                CPU/CUDA (meta: autocast has no such device)
+    norm_linears, norm_mlp, residual_linear otherwise                                                   recompute
+    max_pool
+    depthwise_conv                          eager CPU, autograd records, 16-bit (dtype or autocast),    float32_backward
+                                            3D or strided
+    depthwise_conv                          otherwise                                                   plain
+    gelu                                    eager, autograd off                                         in_place
+    gelu                                    otherwise                                                   plain
+    ======================================  ==========================================================  =================
+
+    explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
+    sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its
+    mask (graphs keep their own choices; ONNX takes it as it is). sdpa_augmented: the bias folded into
+    q . k (`attention.augment_qk`), SDPA with no mask, so every fused kernel applies (CPU flash, CUDA
+    flash / memory-efficient / cuDNN); autograd through it on CUDA. cpu_flash: the same through SDPA's
+    CPU flash forward and backward ops in one autograd function that keeps q, k, v, the output and the
+    row log-sum-exp, no (Nq, Nk) or augmented tensor (SDPA's CPU math fallback would keep the mask and
+    the probabilities). recompute: the `memory` autograd functions, which keep inputs and recompute
+    LayerNorm / GELU outputs (max pooling: argmax indices) in backward. float32_backward: CPU 16-bit
+    depthwise conv backward is 3-30x slower than float32's with the casts on 3D or strided convs (2D
+    stride 1: faster; kept there). in_place: no second buffer of the MLP's largest tensor.
+    """
+    eager = not torch.compiler.is_compiling()  # torch.compile and torch.export
+    if op == "attention":
+        if not fused_attn:
+            return "explicit"
+        if not rel_pos:
+            return "sdpa"
+        if not eager or x.device.type not in ("cpu", "cuda"):
+            return "sdpa_mask"
+        if x.device.type == "cpu":
+            if x.requires_grad and torch.is_grad_enabled():
+                if HAS_CPU_FLASH:
+                    return "cpu_flash"
+            elif grid_rank == 2 and not _16bit(x):
+                return "sdpa_mask"
+        return "sdpa_augmented"
+    recording = eager and torch.is_grad_enabled()
+    if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):
+        return "recompute" if recording and x.device.type in ("cpu", "cuda") else "plain"
+    if op == "gelu":
+        return "in_place" if eager and not torch.is_grad_enabled() else "plain"
+    if op == "depthwise_conv":
+        slow = x.device.type == "cpu" and conv_3d_or_strided and _16bit(x)
+        return "float32_backward" if recording and slow else "plain"
+    raise ValueError(f"no implementations of {op!r}")
