@@ -630,11 +630,18 @@ def add_abs_pos(x: Tensor, pos_embed: Optional[Tensor], spatial: Optional[Tensor
     return x + pos
 
 
+def tokens_to_map(x: Tensor, grid: List[int], num_prefix: int) -> Tensor:
+    """Tokens (B, P + N, C) -> map (B, C, *grid), the P prefix tokens dropped."""
+    B, _, C = x.shape
+    return x[:, num_prefix:].reshape([B] + grid + [C]).movedim(-1, 1)
+
+
 # torch.fx symbolic tracing: record these calls instead of tracing into them (they read shapes or
 # check values, which a Proxy has not); MultiScaleBlock is a leaf module for timm's fx feature extraction
 torch.fx.wrap("check_input")
 torch.fx.wrap("add_abs_pos")
 torch.fx.wrap("token_grid")
+torch.fx.wrap("tokens_to_map")
 
 
 class MViT(nn.Module):
@@ -877,11 +884,6 @@ class MViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _to_map(self, x: Tensor, grid: List[int]) -> Tensor:
-        """Tokens (B, P + N, C) -> map (B, C, *grid), prefix tokens dropped."""
-        B, _, C = x.shape
-        return x[:, self.num_prefix_tokens:].reshape((B,) + tuple(grid) + (C,)).movedim(-1, 1)
-
     def forward_intermediates(
             self,
             x: Tensor,
@@ -909,7 +911,8 @@ class MViT(nn.Module):
             x, grid = stage(x, grid)
             if feat_idx in take_indices:
                 x_inter = self.norm(x) if (norm and feat_idx == last) else x
-                intermediates.append(x_inter if output_fmt == "NLC" else self._to_map(x_inter, grid))
+                x_out = x_inter if output_fmt == "NLC" else tokens_to_map(x_inter, grid, self.num_prefix_tokens)
+                intermediates.append(x_out)
         if intermediates_only:
             return intermediates
         if feat_idx == last:

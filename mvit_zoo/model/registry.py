@@ -10,9 +10,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import timm
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_notrace_functions, get_notrace_modules
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, FeatureInfo
+from torch import nn
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 
@@ -170,12 +173,50 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
     if pretrained:
         hub.load_pretrained(model, pcfg)
     if features_only:
-        if feature_cls not in ("getter", FeatureGetterNet):
-            raise ValueError(f"features_only for MViT supports feature_cls='getter', got {feature_cls!r}")
         pretrained_cfg = model.pretrained_cfg
-        model = FeatureGetterNet(model, out_indices=out_indices)
+        if feature_cls in ("getter", FeatureGetterNet):
+            model = FeatureGetterNet(model, out_indices=out_indices)
+        elif feature_cls == "fx":
+            model = feature_graph(model, out_indices)
+        else:
+            raise ValueError(f"features_only for MViT takes feature_cls='getter' (default) or 'fx', got {feature_cls!r}")
         model.pretrained_cfg = model.default_cfg = pretrained_cfg
     return model
+
+
+class _Pyramid(nn.Module):
+    """`model.forward_intermediates` as a forward: the maps of the stages `indices`."""
+
+    def __init__(self, model: MViT, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.indices = list(indices)
+
+    def forward(self, x: Any) -> Any:
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with timm's leaf modules and no-trace functions (ours are registered there)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.leaves = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+def feature_graph(model: MViT, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> torch.fx.GraphModule:
+    """`features_only=True, feature_cls='fx'`: the pyramid as a torch.fx GraphModule (the stage maps are
+    nodes of its graph, for tools that select or rewrite nodes), with the getter's `feature_info`; the
+    stages after the last selected one and the head are pruned, as the getter does."""
+    info = FeatureInfo(model.feature_info, out_indices)
+    model.prune_intermediate_layers(list(out_indices), prune_head=True)
+    root = _Pyramid(model, tuple(out_indices))
+    graph = torch.fx.GraphModule(root, _Tracer().trace(root), class_name="MViTFeatureGraph")
+    graph.feature_info = info
+    return graph
 
 
 def _entrypoint(name: str) -> None:
