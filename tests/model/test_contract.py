@@ -9,7 +9,9 @@ import math
 
 import pytest
 import torch
-from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+from timm.layers import get_notrace_functions, get_notrace_modules
+from timm.models._features_fx import get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor
 from torch import Tensor, nn
 
 import mvit_zoo
@@ -155,7 +157,9 @@ def test_torchscript(name: str) -> None:
 def _fx_final_node(model: nn.Module) -> nn.Module:
     """timm's fx check: a feature extractor that returns the graph's last node, in train and in eval mode."""
     train_nodes, eval_nodes = get_graph_node_names(model)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]])
+    tracer_kwargs = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
 
 
 def test_fx_forward(name: str) -> None:
