@@ -33,8 +33,8 @@ from timm.models._features import feature_take_indices
 
 from ..ops.attention import attention
 from ..ops.dispatch import use_fused_attn
-from ..ops.memory import (depthwise_conv, gelu, max_pool, merge_heads, norm_linears, norm_mlp, not_plain, residual_linear,
-                          residual_pooling)
+from ..ops.memory import (depthwise_conv, gelu, max_pool, merge_heads, norm_linears, norm_mlp, not_plain,
+                          residual_linear, residual_pooling)
 
 Grid = tuple[int, ...]  # a token grid in a config: (H, W) or (T, H, W); List[int] in forward
 
@@ -283,7 +283,8 @@ class TokenPool(nn.Module):
         self.stride = list(stride)
         self.padding = [k // 2 for k in kernel]
         self.kernel = list(kernel)
-        self.avg_pool = (nn.AvgPool2d, nn.AvgPool3d)[nd - 2](kernel, stride, self.padding) if mode == "avg" else nn.Identity()
+        self.avg_pool = ((nn.AvgPool2d, nn.AvgPool3d)[nd - 2](kernel, stride, self.padding) if mode == "avg"
+                         else nn.Identity())
         self.register_parameter("weight", None)
         if mode == "conv":
             self.weight = nn.Parameter(torch.empty((channels, 1) + tuple(kernel)))
@@ -384,7 +385,8 @@ class MultiScaleAttention(nn.Module):
 
             self.rel_pos_h, self.rel_pos_w = table(nd - 2), table(nd - 1)
             if cfg.rel_pos_temporal:
-                self.rel_pos_t = nn.Parameter(trunc_normal_tf_(torch.zeros(2 * spec.grid[0] - 1, self.head_dim), std=0.02))
+                self.rel_pos_t = nn.Parameter(trunc_normal_tf_(torch.zeros(2 * spec.grid[0] - 1, self.head_dim),
+                                                               std=0.02))
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, L, C) -> (B, heads, L, head_dim), a view."""
@@ -465,7 +467,8 @@ class MultiScaleBlock(nn.Module):
         self.shortcut_pool_attn = None  # (no annotation: TorchScript warns on an Optional one in __init__)
         if math.prod(spec.stride_q) > 1:
             kernel = tuple(s + 1 if s > 1 else s for s in spec.stride_q)
-            self.shortcut_pool_attn = TokenPool("max", cfg.ndim, dim, kernel, spec.stride_q, 1 if cfg.use_cls_token else 0)
+            self.shortcut_pool_attn = TokenPool("max", cfg.ndim, dim, kernel, spec.stride_q,
+                                                1 if cfg.use_cls_token else 0)
         self.attn = MultiScaleAttention(spec, cfg, attn_dim, norm_layer)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(attn_dim)
@@ -499,18 +502,21 @@ class MultiScaleBlock(nn.Module):
         norm2 + MLP keep x and fc1's output. It reads the linears' parameters instead of calling them,
         so `MViT` sets it only on blocks whose modules are plain (`ops.memory.not_plain`)."""
         attn, proj = self.attn, self.shortcut_proj_attn
-        weights, biases = list(attn.qkv.weight.chunk(3)), [None] * 3 if attn.qkv.bias is None else list(attn.qkv.bias.chunk(3))
+        weights, biases = (list(attn.qkv.weight.chunk(3)),
+                           [None] * 3 if attn.qkv.bias is None else list(attn.qkv.bias.chunk(3)))
         if proj is not None:
             weights, biases = weights + [proj.weight], biases + [proj.bias]
         norm1, norm2, mlp = self.norm1, self.norm2, self.mlp
         q, k, v, *shortcut = norm_linears(x, norm1.weight, norm1.bias, norm1.eps, weights, biases)
         out, q, q_grid = attn.attend(q, k, v, grid)
-        x_attn = residual_linear(out, q if attn.residual_pooling else None, attn.residual_skip, attn.proj.weight, attn.proj.bias)
+        x_attn = residual_linear(out, q if attn.residual_pooling else None, attn.residual_skip, attn.proj.weight,
+                                 attn.proj.bias)
         x = self._pool_shortcut(shortcut[0] if proj is not None else x, grid) + self.drop_path1(x_attn)
         if self.shortcut_proj_mlp is not None:
             x_norm = self.norm2(x)
             return self.shortcut_proj_mlp(x_norm) + self.drop_path2(self.mlp(x_norm)), q_grid
-        x_mlp = norm_mlp(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        x_mlp = norm_mlp(x, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                         mlp.fc2.bias)
         return x + self.drop_path2(x_mlp), q_grid
 
     def blockers(self) -> List[str]:
@@ -617,7 +623,8 @@ def add_abs_pos(x: Tensor, pos_embed: Optional[Tensor], spatial: Optional[Tensor
     if pos_embed is not None:
         if grid == build_grid:
             return x + pos_embed
-        return x + torch.cat((pos_embed[:, :num_prefix], _resize_grid(pos_embed[:, num_prefix:], build_grid, grid)), dim=1)
+        return x + torch.cat((pos_embed[:, :num_prefix], _resize_grid(pos_embed[:, num_prefix:], build_grid, grid)),
+                             dim=1)
     if spatial is None:
         return x
     pos = _resize_grid(spatial, build_grid[-2:], grid[-2:])
@@ -790,7 +797,7 @@ class MViT(nn.Module):
                 f"{'; ...' if len(skipped) > 3 else ''}. model.set_memory_efficient(False) turns it off everywhere",
                 stacklevel=2)
 
-    def train(self, mode: bool = True) -> "MViT":
+    def train(self, mode: bool = True) -> MViT:
         super().train(mode)
         self.set_memory_efficient(self.memory_efficient)
         return self
@@ -834,7 +841,8 @@ class MViT(nn.Module):
     @torch.jit.unused
     def check_input(self, x: Tensor) -> None:
         """Raise a ValueError/TypeError that names the problem and the fix for a malformed input."""
-        check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size, self.check_finite)
+        check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size,
+                    self.check_finite)
 
     def _checked(self, x: Tensor) -> Tensor:
         return check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size,

@@ -65,8 +65,9 @@ def _image_cfg(**kw: Any) -> MViTPretrainedCfg:
 
 def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretrainedCfg:
     return MViTPretrainedCfg(**{
-        "input_size": (3, size, size), "num_frames": frames, "sampling_rate": rate, "frame_sampling": "stride", "crop_pct": size / 256 if
-        size == 224 else 1.0, "interpolation": "bilinear", "mean": KINETICS_MEAN, "std": KINETICS_STD,
+        "input_size": (3, size, size), "num_frames": frames, "sampling_rate": rate, "frame_sampling": "stride",
+        "crop_pct": size / 256 if size == 224 else 1.0, "interpolation": "bilinear", "mean": KINETICS_MEAN,
+        "std": KINETICS_STD,
         "num_classes": 400, "first_conv": "patch_embed.proj", "classifier": "head.fc", "license": "apache-2.0",
         "label_set": "kinetics-400", "test_views": (5, 1), "paper_name": PAPER_V2, "paper_ids": "arXiv:2112.01526",
         **kw,
@@ -179,7 +180,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
         elif feature_cls == "fx":
             model = feature_graph(model, out_indices)
         else:
-            raise ValueError(f"features_only for MViT takes feature_cls='getter' (default) or 'fx', got {feature_cls!r}")
+            raise ValueError(f"features_only for MViT takes feature_cls='getter' (default) or 'fx', "
+                             f"got {feature_cls!r}")
         model.pretrained_cfg = model.default_cfg = pretrained_cfg
     return model
 

@@ -42,7 +42,8 @@ def rel_pos_terms(q: Tensor, q_grid: List[int], rel: List[Optional[Tensor]], num
     return terms
 
 
-def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]],
+                 num_prefix: int) -> Tensor:
     """The bias (B, h, P + Nq, P + Nk) of eq. 4: sum over axes of `rel_pos_terms`, 0 for prefix rows/columns."""
     B, H, nd, p = q.shape[0], q.shape[1], len(q_grid), num_prefix
     n_q = q.shape[2] - p
@@ -149,7 +150,8 @@ class _CpuFlashRelPos(torch.autograd.Function):
             d_term = (d_q_aug[:, :, p:, offset:offset + size] * (1.0 / scale)).reshape([B, H] + q_grid + [size])
             offset += size
             # dL/dT_a (B, h, *q_grid, k_a) . R_a (q_a, k_a, d) -> dL/dq (B, h, *q_grid, d)
-            d_q[:, :, p:] += torch.einsum(f"bn{letters}k,{letters[axis]}kc->bn{letters}c", d_term, r).reshape(B, H, -1, d)
+            d_q[:, :, p:] += torch.einsum(f"bn{letters}k,{letters[axis]}kc->bn{letters}c", d_term, r).reshape(
+                B, H, -1, d)
             # dL/dT_a (B, h, *q_grid, k_a) . q (B, h, *q_grid, d) -> dL/dR_a (q_a, k_a, d)
             d_rel.append(torch.einsum(f"bn{letters}k,bn{letters}c->{letters[axis]}kc", d_term, r_q))
         return (d_q, d_k[..., :d], d_v[..., :d], None, None, None, None, *d_rel)

@@ -40,9 +40,9 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
            conv_3d_or_strided: bool = False) -> str:
     """The implementation of `op` for its first input `x`; the first row that holds applies.
 
-    ======================================  ==========================================================  =================
+    ======================================  ==========================================================  ================
     op                                      condition                                                   implementation
-    ======================================  ==========================================================  =================
+    ======================================  ==========================================================  ================
     attention                               fused_attn is False (MVIT_FUSED_ATTN=0, set_fused_attn)     explicit
     attention                               no relative-position table                                  sdpa
     attention                               torch.compile / torch.export capture                        sdpa_mask
@@ -59,7 +59,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     depthwise_conv                          otherwise                                                   plain
     gelu                                    eager, autograd off                                         in_place
     gelu                                    otherwise                                                   plain
-    ======================================  ==========================================================  =================
+    ======================================  ==========================================================  ================
 
     explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
     sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its

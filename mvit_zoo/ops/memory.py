@@ -22,8 +22,8 @@ from torch.nn.modules import module as _module
 
 from .dispatch import select
 
-__all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "gelu", "residual_pooling", "merge_heads", "depthwise_conv",
-           "not_plain", "lowered", "autocast_off"]
+__all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "gelu", "residual_pooling", "merge_heads",
+           "depthwise_conv", "not_plain", "lowered", "autocast_off"]
 
 
 def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,7 +127,8 @@ class _NormLinears(torch.autograd.Function):
         mask = [need[0], need[1] and norm_weight is not None, need[2] and norm_bias is not None]
         d_x, d_norm_w, d_norm_b = torch.ops.aten.native_layer_norm_backward(
             d_norm.view(x.shape).to(x.dtype), x, shape, mean, rstd, norm_weight, norm_bias, mask)
-        return (None if d_x is None else d_x.to(x_in.dtype), d_norm_w, d_norm_b, None, None, None, *d_weights, *d_biases)
+        return (None if d_x is None else d_x.to(x_in.dtype), d_norm_w, d_norm_b, None, None, None, *d_weights,
+                *d_biases)
 
 
 def norm_linears(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
@@ -181,7 +182,8 @@ def norm_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tenso
 
 class _ResidualLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def forward(ctx, out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(out, residual, weight)
         ctx.skip, ctx.has_bias = skip, bias is not None
         x = merge_heads(out if residual is None else residual_pooling(out, residual, skip))
@@ -207,7 +209,8 @@ class _ResidualLinear(torch.autograd.Function):
         return d_out, d_res, None, d_w, d_b
 
 
-def residual_linear(out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def residual_linear(out: Tensor, residual: Optional[Tensor], skip: int, weight: Tensor,
+                    bias: Optional[Tensor]) -> Tensor:
     """linear(merge_heads(out + residual)): out, residual (B, h, L, d) -> (B, L, C_out), the first `skip`
     rows without residual; keeps out and residual, not their sum."""
     if select("residual_linear", out) == "plain":

@@ -53,13 +53,13 @@ CITATION_V1 = """@inproceedings{fan2021multiscale,
   author={Fan, Haoqi and Xiong, Bo and Mangalam, Karttikeya and Li, Yanghao and Yan, Zhicheng and Malik, Jitendra and Feichtenhofer, Christoph},
   booktitle={ICCV},
   year={2021}
-}"""
+}"""  # noqa: E501
 CITATION_V2 = """@inproceedings{li2022mvitv2,
   title={MViTv2: Improved Multiscale Vision Transformers for Classification and Detection},
   author={Li, Yanghao and Wu, Chao-Yuan and Fan, Haoqi and Mangalam, Karttikeya and Xiong, Bo and Malik, Jitendra and Feichtenhofer, Christoph},
   booktitle={CVPR},
   year={2022}
-}"""
+}"""  # noqa: E501
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ SCRIPT_CASES = [
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated in torch 2.14
-@pytest.mark.parametrize("name,overrides,shapes", SCRIPT_CASES, ids=[c[0] + "-" + str(i) for i, c in enumerate(SCRIPT_CASES)])
+@pytest.mark.parametrize("name,overrides,shapes", SCRIPT_CASES,
+                         ids=[c[0] + "-" + str(i) for i, c in enumerate(SCRIPT_CASES)])
 def test_torchscript_matches_eager_and_round_trips(name: str, overrides: dict, shapes: list, tmp_path) -> None:
     model = mvit_zoo.create_model(name, img_size=shapes[0][2:], **SMALL, **overrides).eval()
     with warnings.catch_warnings(record=True) as caught:

@@ -191,7 +191,7 @@ def test_timm_fails_where_we_do_not() -> None:
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(1, 3, 256, 320)
     with torch.no_grad():
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017
             ref.forward_intermediates(x)
         maps = ours.forward_intermediates(x, intermediates_only=True)
     assert [tuple(m.shape) for m in maps] == _expected_shapes(ours.feature_info, (256, 320))

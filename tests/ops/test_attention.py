@@ -81,7 +81,8 @@ def test_values_and_gradients_equal_the_explicit_path(path, q_grid, k_grid, pref
         if dtype != torch.float32:
             q, k, v, tables = q.to(dtype), k.to(dtype), v.to(dtype), [t.to(dtype) for t in tables]
         with torch.autocast("cpu", enabled=False):
-            return _with_tables(lambda q, k, v, rel: _reference(q, k, v, q_grid, k_grid, rel, prefix), rel)(q, k, v, *tables)
+            return _with_tables(lambda q, k, v, rel: _reference(q, k, v, q_grid, k_grid, rel, prefix), rel)(
+                q, k, v, *tables)
 
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         out, grads = _grads(ours, tensors)

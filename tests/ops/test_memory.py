@@ -122,7 +122,8 @@ def test_depthwise_conv_bf16_autocast_grads_are_float32_accurate() -> None:
 def test_norm_linears_gradcheck_with_unused_output() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    nw, nb = (1 + 0.1 * torch.randn(6, dtype=torch.float64, generator=g)).requires_grad_(), torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    nw, nb = ((1 + 0.1 * torch.randn(6, dtype=torch.float64, generator=g)).requires_grad_(),
+              torch.zeros(6, dtype=torch.float64, requires_grad=True))
     ws = [torch.randn(o, 6, dtype=torch.float64, generator=g, requires_grad=True) for o in (4, 4, 5)]
     b0 = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
 
@@ -169,7 +170,8 @@ def test_norm_linears_keeps_a_bf16_input_in_bf16_under_autocast() -> None:
         assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
-@pytest.mark.parametrize("skip,with_residual", [(0, True), (1, True), (0, False)], ids=["all_rows", "skip_prefix", "no_residual"])
+@pytest.mark.parametrize("skip,with_residual", [(0, True), (1, True), (0, False)],
+                         ids=["all_rows", "skip_prefix", "no_residual"])
 def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None:
     from mvit_zoo.ops.memory import residual_linear
 
@@ -195,7 +197,8 @@ def test_residual_linear_gradcheck_and_keeps_no_sum(skip, with_residual) -> None
     y += 1  # the output is not a view: the block adds its shortcut in place
 
 
-@pytest.mark.parametrize("shape,kernel,stride", [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
+@pytest.mark.parametrize("shape,kernel,stride",
+                         [((2, 3, 7, 6), [3, 3], [2, 2]), ((1, 2, 3, 6, 5), [1, 3, 3], [1, 2, 2])],
                          ids=["2d", "3d"])
 def test_max_pool_same_gradients_keeps_no_indices(shape, kernel, stride) -> None:
     from mvit_zoo.ops.memory import max_pool

@@ -72,7 +72,8 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     pcfg = config["pretrained_cfg"]
     assert pcfg["mean"] == [0.45, 0.45, 0.45] and pcfg["input_size"] == [3, 32, 32] and pcfg["num_classes"] == 3
     assert set(pcfg) <= {f.name for f in timm.models.PretrainedCfg.__dataclass_fields__.values()}  # timm reads it
-    assert config["data_config"]["num_frames"] == 4 and config["data_config"]["sampling_rate"] == 4 and config["data_config"]["label_set"] == "kinetics-400"
+    assert (config["data_config"]["num_frames"] == 4 and config["data_config"]["sampling_rate"] == 4
+            and config["data_config"]["label_set"] == "kinetics-400")
     assert "label_names" not in config  # 3 classes: not Kinetics-400's 400 names
 
     meta = safetensors.safe_open(str(folder / "model.safetensors"), "pt").metadata()
@@ -81,7 +82,8 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
                            "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
     for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout",
-                 "4 frames x 32 x 32, sampling rate 4", "## Citation", "fan2021multiscale", "## Intended use and limitations"):
+                 "4 frames x 32 x 32, sampling rate 4", "## Citation", "fan2021multiscale",
+                 "## Intended use and limitations"):
         assert text in card, text
     # a local file with no published hash is not known to be the tag's official file: no claims about it
     for claim in ("by the paper's authors", "top-1 78.85%", "5 clips x 1 crops"):
