@@ -1,4 +1,4 @@
-"""`mvit-zoo convert SRC --model NAME --out DIR`: one checkpoint -> a Hub-ready folder.
+"""`mvit-zoo convert SRC --model NAME --output DIR`: one checkpoint -> a Hub-ready folder.
 
 The library function is `mvit_zoo.weights.publish.convert_checkpoint`.
 """
@@ -43,7 +43,7 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`mvit-zoo convert SRC --model NAME --out DIR`."""
+    """`mvit-zoo convert SRC --model NAME --output DIR`."""
     parser.description = ("Convert an MViT checkpoint (mvit-zoo/timm safetensors or a `mvit-zoo finetune` folder, "
                           "torchvision .pth, PySlowFast / pytorchvideo / facebookresearch/mvit .pyth, a file or URL) "
                           "into a Hub-ready folder: model.safetensors, config.json, README.md. The model is built "
@@ -52,7 +52,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint file, folder with model.safetensors (+ config.json), or http(s) URL")
     parser.add_argument("--model", required=True, metavar="NAME",
                         help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--output", "--out", dest="output", required=True, metavar="DIR",
+                        help="output folder (--out is the old spelling)")
     parser.add_argument("--sha256", help="expected SHA-256 (or prefix) of SRC")
     add_model_arg(parser)
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"checkpoint not found: {args.src}; pass a checkpoint file, a folder or an http(s) URL")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ArchitectureMismatchWarning)
-        folder, report = convert_checkpoint(args.src, args.model, args.out, model_args=model_args,
+        folder, report = convert_checkpoint(args.src, args.model, args.output, model_args=model_args,
                                             sha256=args.sha256)
     for warning in caught:
         print(f"mvit-zoo convert: warning: {warning.message}", file=sys.stderr)

@@ -17,8 +17,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """`mvit-zoo publish`."""
     parser.description = ("Convert every official MViT checkpoint whose tag points at this project's Hub "
                           f"organisation (${hub.HUB_ORG_ENV}, default {hub.DEFAULT_HUB_ORG!r}) into Hub-ready "
-                          "folders OUT/<arch.tag>/, and with --push upload them.")
-    parser.add_argument("--out", default="hub-models", metavar="DIR", help="output folder (default: %(default)s)")
+                          "folders OUTPUT/<arch.tag>/, and with --push upload them.")
+    parser.add_argument("--output", "--out", dest="output", default="hub-models", metavar="DIR",
+                        help="output folder (default: %(default)s; --out is the old spelling)")
     parser.add_argument("--only", default="*", metavar="PATTERN", help="fnmatch pattern of tags (default: all)")
     parser.add_argument("--source-dir", metavar="DIR",
                         help="folder with local copies of the official files (named as in their URLs); "
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = tag_config(tag)
             print(f"{tag}\t{hub.hub_repo_id(cfg['hf_hub_id'])[0]}\t{cfg['url']}")
         return 0
-    folders = publish(args.out, only=args.only, source_dir=args.source_dir, push=args.push,
+    folders = publish(args.output, only=args.only, source_dir=args.source_dir, push=args.push,
                       model_args=parse_model_args(args.model_arg))
-    print(f"{len(folders)} folder(s) in {args.out}")
+    print(f"{len(folders)} folder(s) in {args.output}")
     return 0

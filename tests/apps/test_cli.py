@@ -39,7 +39,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 def test_convert(tmp_path: Path, hub_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ref, src = _tv_file(tmp_path)
     out = tmp_path / "out"
-    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.tv_k400", "--out", str(out)] + SMALL_ARGS) == 0
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.tv_k400", "--output", str(out)] + SMALL_ARGS) == 0
     printed = capsys.readouterr().out
     assert "layout torchvision" in printed and f"wrote {out / 'model.safetensors'}" in printed
     config = json.loads((out / "config.json").read_text())
