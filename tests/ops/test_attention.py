@@ -201,3 +201,30 @@ def test_cuda_fused_kernel_equals_the_explicit_path(q_grid, k_grid, prefix, axes
     assert (out.float() - ref_out).abs().max().item() <= tol * scale(ref_out)
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         assert (a.float() - b).abs().max().item() <= tol * scale(b), i
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])  # row blocks that split the prefix row, and one block
+def test_mask_in_row_blocks_equals_the_whole_mask(q_grid, k_grid, prefix, axes, block_rows) -> None:
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32)
+    block_bytes = block_rows * q.shape[0] * q.shape[1] * k.shape[2] * q.element_size()
+    with torch.no_grad():
+        out = ops_attention.masked_attention_in_row_blocks(q, k, v, SCALE, q_grid, k_grid, rel, prefix, block_bytes)
+        torch.testing.assert_close(out, _reference(q, k, v, q_grid, k_grid, rel, prefix), rtol=1e-5, atol=1e-5)
+
+
+def test_large_2d_float32_masks_are_made_in_row_blocks(monkeypatch) -> None:
+    q_grid, k_grid, prefix, axes = CASES[1]
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32)
+    mask_bytes = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+    calls = []
+    rows = ops_attention.masked_attention_in_row_blocks
+    monkeypatch.setattr(ops_attention, "masked_attention_in_row_blocks", lambda *a: calls.append(1) or rows(*a))
+    with torch.no_grad():
+        monkeypatch.setattr(dispatch, "FRESH_PAGES_BYTES", mask_bytes)  # not over it: the whole mask
+        attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
+        assert calls == []
+        monkeypatch.setattr(dispatch, "FRESH_PAGES_BYTES", mask_bytes - 1)
+        out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
+        assert calls == [1]
+    torch.testing.assert_close(out, _reference(q, k, v, q_grid, k_grid, rel, prefix), rtol=1e-5, atol=1e-5)
