@@ -139,6 +139,24 @@ def _pad_to(x: Tensor, width: int) -> Tensor:
     return F.pad(x, [0, width - x.shape[-1]])
 
 
+def _gemm_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> List[Tensor]:
+    """The gradients of softmax(q k^T * scale) v as batched GEMMs: d_q, d_k (B, h, L, W), d_v (B, h, Nk, d).
+    The logits are recomputed in float32 (products of 16-bit numbers are exact there) and the softmax
+    from them, so P and Delta = rowsum(P * dP) agree; P, dP and dS go through the GEMMs in q's dtype."""
+    B, H, n_q, W = q.shape
+    n_k = k.shape[2]
+    q2, k2 = q.reshape(B * H, n_q, W), k.reshape(B * H, n_k, W)
+    probs = torch.bmm(q2.float(), k2.float().transpose(1, 2)).mul_(scale).softmax(-1)  # P (B h, Nq, Nk)
+    d_out2, v2 = d_out.reshape(B * H, n_q, -1), v.reshape(B * H, n_k, -1)
+    d_v = torch.bmm(probs.to(v.dtype).transpose(1, 2), d_out2)  # P^T dO (B h, Nk, d)
+    d_s = torch.bmm(d_out2, v2.transpose(1, 2)).float()  # dP = dO V^T, then in place dS = P (dP - Delta) scale
+    delta = (d_s * probs).sum(-1, keepdim=True)
+    d_s = d_s.sub_(delta).mul_(probs).mul_(scale).to(q.dtype)
+    d_q = torch.bmm(d_s, k2)  # dS K (B h, Nq, W)
+    d_k = torch.bmm(d_s.transpose(1, 2), q2)  # dS^T Q (B h, Nk, W)
+    return [d_q.view(B, H, n_q, W), d_k.view(B, H, n_k, W), d_v.view(B, H, n_k, -1)]
+
+
 class _CpuFlashRelPos(torch.autograd.Function):
     """SDPA's CPU flash kernels, forward and backward, on `augment_qk`'s q', k' and zero-padded v. Keeps
     q, k, v, the output and the row log-sum-exp; the kernel's gradient of q' holds, in its extra
@@ -162,8 +180,11 @@ class _CpuFlashRelPos(torch.autograd.Function):
         B, H, d = q.shape[0], q.shape[1], q.shape[3]
         q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, rel, p)
         width = q_aug.shape[-1]
-        d_q_aug, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _pad_to(d_out, width), q_aug, k_aug, _pad_to(v, width), out, lse, 0.0, False, scale=scale)
+        if select("attention_backward", q, mask_numel=q.shape[2] * k.shape[2]) == "gemm":
+            d_q_aug, d_k, d_v = _gemm_backward(d_out, q_aug, k_aug, v, scale)
+        else:
+            d_q_aug, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _pad_to(d_out, width), q_aug, k_aug, _pad_to(v, width), out, lse, 0.0, False, scale=scale)
         del q_aug, k_aug
         d_q = d_q_aug[..., :d]
         letters = _letters(len(q_grid))

@@ -9,7 +9,8 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "FRESH_PAGES_BYTES", "ROW_BLOCK_BYTES"]
+__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "FRESH_PAGES_BYTES", "ROW_BLOCK_BYTES",
+           "GEMM_BACKWARD_MAX_PAIRS"]
 
 _USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")
 
@@ -23,6 +24,11 @@ HAS_CPU_FLASH = all(hasattr(torch.ops.aten, name) for name in (
 # inference peak memory 1.5x lower)
 FRESH_PAGES_BYTES = 32 << 20
 ROW_BLOCK_BYTES = 8 << 20
+# bf16 CPU training: attentions of at most this many query-key pairs (per image and head) take their
+# backward as batched GEMMs, 1.5-4x faster than the flash kernel's there (mvit_tiny/small's 196 x 196,
+# 49 x 196, 49 x 49; without it mvit_small's bf16 training step is ~10% slower) and as accurate. Not
+# fp16: its small dS entries would lose digits in 16-bit GEMM inputs.
+GEMM_BACKWARD_MAX_PAIRS = 64 * 1024
 
 
 def use_fused_attn() -> bool:
@@ -58,6 +64,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     attention                               CPU, autograd off, float32, 2D grid, mask over 32 MiB       sdpa_mask_rows
     attention                               CPU, autograd off, float32, 2D grid                         sdpa_mask
     attention                               otherwise (CPU 16-bit or 3D inference, CUDA)                sdpa_augmented
+    attention_backward (of cpu_flash)       bf16, at most GEMM_BACKWARD_MAX_PAIRS query-key pairs       gemm
+    attention_backward (of cpu_flash)       otherwise                                                   kernel
     norm_linears, norm_mlp, residual_linear graph capture, autograd off, or a device other than         plain
     max_pool                                CPU/CUDA (meta: autocast has no such device)
     norm_linears, norm_mlp, residual_linear otherwise                                                   recompute
@@ -70,6 +78,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     ======================================  ==========================================================  ================
 
     explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
+    gemm: the backward of softmax(q k^T) v as batched GEMMs (`attention._gemm_backward`); kernel: SDPA's
+    CPU flash backward.
     sdpa_mask_rows: sdpa_mask a block of ROW_BLOCK_BYTES of query rows at a time (the mask is never
     whole: one over FRESH_PAGES_BYTES would come in fresh pages).
     sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its
@@ -98,6 +108,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
             elif grid_rank == 2 and not _16bit(x):
                 return "sdpa_mask_rows" if mask_numel * x.element_size() > FRESH_PAGES_BYTES else "sdpa_mask"
         return "sdpa_augmented"
+    if op == "attention_backward":  # of cpu_flash; mask_numel: query-key pairs per image and head
+        return "gemm" if x.dtype == torch.bfloat16 and mask_numel <= GEMM_BACKWARD_MAX_PAIRS else "kernel"
     recording = eager and torch.is_grad_enabled()
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):
         return "recompute" if recording and x.device.type in ("cpu", "cuda") else "plain"

@@ -228,3 +228,25 @@ def test_large_2d_float32_masks_are_made_in_row_blocks(monkeypatch) -> None:
         out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
         assert calls == [1]
     torch.testing.assert_close(out, _reference(q, k, v, q_grid, k_grid, rel, prefix), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
+@pytest.mark.parametrize("backward", ["gemm", "kernel"])
+def test_bf16_cpu_flash_backward_either_way_equals_the_explicit_path(q_grid, k_grid, prefix, axes, backward,
+                                                                      monkeypatch) -> None:
+    """bf16 training: small attentions take the GEMM backward, larger ones the kernel's; both against the
+    explicit path on the same bf16 inputs, and each taken where the dispatch says."""
+    if backward == "kernel":
+        monkeypatch.setattr(dispatch, "GEMM_BACKWARD_MAX_PAIRS", 0)
+    calls = []
+    gemm = ops_attention._gemm_backward
+    monkeypatch.setattr(ops_attention, "_gemm_backward", lambda *a: calls.append(1) or gemm(*a))
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.bfloat16, d=8)
+    tensors = [t.requires_grad_(True) for t in [q, k, v] + [r for r in rel if r is not None]]
+    ours = _with_tables(lambda q, k, v, rel: cpu_flash_attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix), rel)
+    ref = _with_tables(lambda q, k, v, rel: _reference(q, k, v, q_grid, k_grid, rel, prefix), rel)
+    _, grads = _grads(ours, tensors)
+    assert calls == ([1] if backward == "gemm" else [])
+    _, ref_grads = _grads(ref, tensors)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert (a.float() - b.float()).abs().max().item() <= 6e-2 * b.float().abs().max().item(), i
