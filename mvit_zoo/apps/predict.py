@@ -294,6 +294,16 @@ def _device(spec: str) -> torch.device:
     return device
 
 
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --pretrained and --model-kwargs: what `load_model` takes besides the name."""
+    parser.add_argument('--checkpoint', default=None, metavar='PATH',
+                        help='a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights '
+                             'file')
+    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
+                        help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
+    parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``predict`` options to ``parser``."""
     parser.description = __doc__.split('\n\n')[0]
@@ -302,12 +312,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f'sample photo {SAMPLE_IMAGE.name})')
     parser.add_argument('--model', default=None,
                         help=f'NAME[.tag] (default: from --checkpoint\'s config.json, else {DEFAULT_MODEL})')
-    parser.add_argument('--checkpoint', default=None, metavar='PATH',
-                        help='a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights '
-                             'file')
-    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                        help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
-    parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    add_weight_arguments(parser)
     parser.add_argument('--views', default=None, metavar='TxS',
                         help='video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does')
     parser.add_argument('--top-k', type=_positive_int, default=5, help='(default: %(default)s)')

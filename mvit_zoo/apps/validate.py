@@ -27,7 +27,7 @@ from ..evaluation import Evaluation, evaluate
 from .cli import CliError
 from .finetune import parse_model_kwargs
 from ..data.config import find_config
-from .predict import load_model
+from .predict import add_weight_arguments, load_model
 
 __all__ = ['configure_parser', 'run']
 
@@ -37,11 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split('\n\n')[0]
     parser.add_argument('--model', default=None, help="NAME[.tag] (default: from --checkpoint's config.json)")
     parser.add_argument('--data', required=True, metavar='DIR', help='DIR/<class>/<file> or DIR/val/<class>/<file>')
-    parser.add_argument('--checkpoint', default=None, metavar='PATH',
-                        help='a folder written by `mvit-zoo finetune` (config.json + weights) or a weights file')
-    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                        help='load the pretrained weights of NAME[.tag] (default: yes)')
-    parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    add_weight_arguments(parser)
     parser.add_argument('--views', default=None, metavar='TxS',
                         help="video: temporal clips x spatial crops, S = 1 or 3 (default: the tag's test_views)")
     parser.add_argument('--batch-size', type=int, default=8, help='views per forward pass (default: %(default)s)')

@@ -376,6 +376,18 @@ def check_state_dict(state_dict: Mapping[str, Any], source: str = "the checkpoin
             f"training diverged")
 
 
+def _part_file(path: Path) -> Path:
+    """A new empty temporary file beside `path` (`.NAME.*.part`, this process's own), to be renamed onto
+    it once whole; a cache that cannot take it is a `CacheError` naming the fix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+    except OSError as e:
+        raise _cache_error(e, path, CACHE_ENV) from None
+    return Path(name)
+
+
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write a state dict as safetensors atomically: a temporary file in the same folder, then a rename,
@@ -383,12 +395,7 @@ def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
     from safetensors.torch import save_file
 
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-    except OSError as e:
-        raise _cache_error(e, path, CACHE_ENV) from None
+    tmp = _part_file(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
                   metadata={"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}})
@@ -496,13 +503,7 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None,
     """
     dest = Path(dest)
     timeout = download_timeout() if timeout is None else timeout
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
-    except OSError as e:
-        raise _cache_error(e, dest, CACHE_ENV) from None
-    tmp = Path(name)
+    tmp = _part_file(dest)
     h = hashlib.sha256()
     size = 0
     try:
