@@ -89,6 +89,15 @@ QUICK_CLASSES = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("infer", "latency", "train")
 
+# --ablate: each fast path of `mvit_zoo.ops.dispatch.select` -> what runs in its place without it (the
+# choice of the row below it in select's table); split_qkv: MultiScaleAttention's three q/k/v GEMMs in
+# inference -> one qkv GEMM sliced
+ABLATIONS: dict[str, Optional[str]] = {
+    "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "sdpa_mask": "sdpa_augmented",
+    "sdpa_mask_rows": "sdpa_mask", "gemm": "kernel", "recompute": "plain", "float32_backward": "plain",
+    "in_place": "plain", "split_qkv": None,
+}
+
 
 # --------------------------------------------------------------------------------------------------
 # Models
@@ -292,6 +301,45 @@ def batch_for(video: bool, mode: str, args: argparse.Namespace) -> int:
 # Steps
 # --------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def dispatch_patch(model: nn.Module, without: Optional[str] = None,
+                   seen: Optional[set[str]] = None) -> Any:
+    """Run `model` with the implementation `without` replaced by ABLATIONS[without]; every
+    implementation the dispatch chooses meanwhile is added to `seen`."""
+    from mvit_zoo.ops import attention, dispatch, memory
+
+    def select(*a: Any, **kw: Any) -> str:
+        impl = dispatch.select(*a, **kw)
+        if seen is not None:
+            seen.add(impl)
+        return ABLATIONS[impl] or impl if impl == without else impl
+
+    split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
+    if seen is not None and split and not model.training:  # (memory-saving training has its own q/k/v GEMMs)
+        seen.add("split_qkv")
+    attention.select = memory.select = select
+    for m in split:
+        m.split_qkv = without != "split_qkv"
+    try:
+        yield
+    finally:
+        attention.select = memory.select = dispatch.select
+        for m in split:
+            m.split_qkv = True
+
+
+def ablated(step: Callable[[], Any], model: nn.Module, without: Optional[str]) -> Callable[[], Any]:
+    """`step` run with the implementation `without` replaced (see `dispatch_patch`); `step` itself if None."""
+    if without is None:
+        return step
+
+    def run() -> Any:
+        with dispatch_patch(model, without):
+            return step()
+
+    return run
+
+
 def _sdpa_context(device: torch.device, choice: str) -> contextlib.AbstractContextManager:
     """Restrict scaled_dot_product_attention to the chosen kernels (ours uses SDPA; the references do not)."""
     if choice == "default" or (choice == "auto" and device.type != "cuda"):
@@ -444,6 +492,7 @@ def _measure_one(model: nn.Module, spec: dict[str, Any], args: argparse.Namespac
     torch.manual_seed(2)
     x = torch.randn((spec["batch"],) + tuple(spec["input_shape"]), device=device)
     step = make_step(m, spec["mode"], spec["dtype"], x, num_classes_for(spec["model"], args.quick), args)
+    step = ablated(step, m, spec.get("without"))
     for _ in range(spec["warmup"]):
         step()
     _sync(device)
@@ -478,7 +527,7 @@ def run_child(job: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(job["model"], job["impl"], args.quick, args.ref_commit).to(device)
+    model = build_model(job["model"], job["impl"], args.quick, args.ref_commit).to(device)  # (ablation: ours)
     compiled: dict[bool, nn.Module] = {}
     out = []
     for spec in job["specs"]:
@@ -551,19 +600,22 @@ def _err(e: BaseException) -> str:
 
 def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str, compiled: bool,
                  device: torch.device, args: argparse.Namespace, flops: dict[tuple[str, str], Optional[float]],
-                 peaks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Time ours and the reference alternately for one configuration; returns a result row."""
+                 peaks: dict[str, dict[str, Any]], without: Optional[str] = None) -> dict[str, Any]:
+    """Time ours and the reference alternately for one configuration; returns a result row. With `without`
+    (--ablate) the reference is ours with that implementation replaced (`dispatch_patch`)."""
     batch = batch_for(pair.is_video, mode, args)
     torch.manual_seed(2)
     x = torch.randn((batch,) + pair.input_shape, device=device)
     row: dict[str, Any] = dict(model=pair.name, reference=pair.ref_name, mode=mode, dtype=dtype, compiled=compiled,
-                               batch=batch, device=str(device))
+                               batch=batch, device=str(device), **({"without": without} if without else {}))
     steps: dict[str, Callable[[], Any]] = {}
     res: dict[str, dict[str, Any]] = {"ours": {}, "ref": {}}
     warm: dict[str, float] = {}
     for impl in ("ours", "ref"):
         try:
             steps[impl] = make_step(models[impl], mode, dtype, x, pair.num_classes, args)
+            if impl == "ref":
+                steps[impl] = ablated(steps[impl], models[impl], without)
             t0 = time.perf_counter()
             for _ in range(args.warmup + (1 if compiled else 0)):
                 steps[impl]()
@@ -604,6 +656,18 @@ def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str
     return row
 
 
+def ablation_paths(pair: Pair, mode: str, dtype: str, device: torch.device, args: argparse.Namespace) -> list[str]:
+    """The paths of --ablate (ABLATIONS) that one call / training step of `pair.ours` takes in this
+    configuration."""
+    torch.manual_seed(2)
+    x = torch.randn((batch_for(pair.is_video, mode, args),) + pair.input_shape, device=device)
+    step = make_step(pair.ours, mode, dtype, x, pair.num_classes, args)
+    seen: set[str] = set()
+    with dispatch_patch(pair.ours, seen=seen):
+        step()
+    return [p for p in ABLATIONS if p in seen and (not args.ablate or p in args.ablate)]
+
+
 def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Peak memory (fresh subprocesses) for the rows of one model, then the memory ratios; an A/B run also
     checks each eager row against --ab-tolerance (`row['ab_ok']`)."""
@@ -613,14 +677,18 @@ def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         if not todo:
             continue
         specs = [dict(mode=r["mode"], dtype=r["dtype"], compiled=r["compiled"], batch=r["batch"],
-                      input_shape=r["input_shape"]) for r in todo]
-        for r, mem in zip(todo, measure_memory(todo[0]["model"], impl, specs, args)):
+                      input_shape=r["input_shape"], **({"without": r["without"]} if impl == "ref" and "without" in r
+                                                       else {})) for r in todo]
+        build = "ours" if args.ablate is not None else impl
+        for r, mem in zip(todo, measure_memory(todo[0]["model"], build, specs, args)):
             r[impl]["memory"] = mem
     for row in rows:
         om, rm = row["ours"].get("memory", {}).get("growth_mb"), row["ref"].get("memory", {}).get("growth_mb")
         row["mem_ratio"] = om / rm if om is not None and rm else None
         if args.ref_commit and not row["compiled"]:
             row["ab_ok"] = ab_ok(row, args.ab_tolerance)
+        if "without" in row:
+            row["pays"] = pays(row, args.gain_threshold)
 
 
 def ab_ok(row: dict[str, Any], tolerance: float) -> bool:
@@ -629,6 +697,14 @@ def ab_ok(row: dict[str, Any], tolerance: float) -> bool:
     if row["speedup"] is None or row["speedup"] < 1 / (1 + tolerance):
         return False
     return row["mem_ratio"] is None or row["mem_ratio"] <= 1 + tolerance
+
+
+def pays(row: dict[str, Any], threshold: float) -> Optional[bool]:
+    """An ablation row's path pays when the model is at least `threshold` faster with it, or needs at least
+    `threshold` less peak memory."""
+    if row["speedup"] is None:
+        return None
+    return row["speedup"] >= 1 + threshold or (row["mem_ratio"] is not None and row["mem_ratio"] <= 1 - threshold)
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -685,10 +761,14 @@ def _fmt(v: Any, spec: str = ".1f", none: str = "-") -> str:
 
 
 def format_table(rows: list[dict[str, Any]], ab: bool = False) -> str:
-    """Markdown table of the rows: ours/ref columns, or new/old and an A/B check column when `ab`."""
-    a, b = ("new", "old") if ab else ("ours", "ref")
-    head = ["model", "mode", "dtype", "compile", "batch", f"{a} ms", f"{b} ms", "speedup", f"{a} /s", f"{b} /s",
-            f"{a} MB", f"{b} MB", "mem x", f"{a} %pk", f"{b} %pk"] + (["check"] if ab else [])
+    """Markdown table of the rows: ours/ref columns, new/old and an A/B check column when `ab`, or (rows of
+    --ablate) the path, with/without it and whether it pays."""
+    ablation = bool(rows) and "without" in rows[0]
+    a, b = ("with", "without") if ablation else ("new", "old") if ab else ("ours", "ref")
+    check = {True: "ok", False: "WORSE", None: "-"} if ab else {True: "pays", False: "no", None: "-"}
+    head = ["model", "mode", "dtype"] + (["path"] if ablation else []) + [
+        "compile", "batch", f"{a} ms", f"{b} ms", "gain" if ablation else "speedup", f"{a} /s", f"{b} /s",
+        f"{a} MB", f"{b} MB", "mem x", f"{a} %pk", f"{b} %pk"] + (["check"] if ab or ablation else [])
     lines = []
     for r in rows:
         o, f = r["ours"], r["ref"]
@@ -702,13 +782,13 @@ def format_table(rows: list[dict[str, Any]], ab: bool = False) -> str:
         def ms(d: dict[str, Any]) -> str:
             return "err" if "error" in d else _fmt(d.get("ms"), ".1f")
 
-        lines.append([
-            r["model"], r["mode"], r["dtype"], "yes" if r["compiled"] else "no", str(r["batch"]), ms(o), ms(f),
+        lines.append([r["model"], r["mode"], r["dtype"]] + ([r["without"]] if ablation else []) + [
+            "yes" if r["compiled"] else "no", str(r["batch"]), ms(o), ms(f),
             _fmt(r.get("speedup"), ".2f"), _fmt(o.get("samples_per_s"), ".2f"), _fmt(f.get("samples_per_s"), ".2f"),
             mem(o), mem(f), _fmt(r.get("mem_ratio"), ".2f"),
             _fmt(o["frac_of_peak"] * 100 if "frac_of_peak" in o else None, ".1f"),
             _fmt(f["frac_of_peak"] * 100 if "frac_of_peak" in f else None, ".1f"),
-        ] + ([{True: "ok", False: "WORSE", None: "-"}[r.get("ab_ok")]] if ab else []))
+        ] + ([check[r.get("ab_ok")]] if ab else [check[r.get("pays")]] if ablation else []))
     widths = [max(len(h), *(len(ln[i]) for ln in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -737,6 +817,8 @@ def device_key(info: dict[str, Any]) -> str:
 
 def section_key(result: dict[str, Any]) -> str:
     """RESULTS.md section of a run: one per device and comparison (upstream references, or A/B)."""
+    if result.get("ablate") is not None:
+        return "ablation " + result["device_key"]
     return ("A/B " if result.get("ref_commit") else "") + result["device_key"]
 
 
@@ -744,7 +826,9 @@ def render_section(result: dict[str, Any]) -> str:
     info, ver = result["machine"], result["versions"]
     key = section_key(result)
     ab = bool(result.get("ref_commit"))
-    title = f"A/B: new (working tree) vs old ({result['ref_commit'][:12]}), {result['device_key']}" if ab else key
+    ablation = result.get("ablate") is not None
+    title = (f"A/B: new (working tree) vs old ({result['ref_commit'][:12]}), {result['device_key']}" if ab else
+             f"Ablation: each fast path against what runs without it, {result['device_key']}" if ablation else key)
     lines = [f"<!-- bench:begin {key} -->", f"## {title}", ""]
     lines.append(f"- date: {result['date']}")
     lines.append(f"- command: `{result['command']}`")
@@ -762,13 +846,23 @@ def render_section(result: dict[str, Any]) -> str:
     lines.append(f"- timing: median of {result['settings']['rounds']} alternating rounds after "
                  f"{result['settings']['warmup']} warm-up calls; training step = forward + cross-entropy + backward + "
                  f"{result['settings']['optimizer']} step; memory = {result['settings']['memory_method']}")
-    agree = "; ".join(f"{a['model']} vs {a['reference']}: {a['max_abs_diff']:.1e}" for a in result["agreement"])
-    lines.append(f"- fp32 outputs agree (max |diff|, tol {result['settings']['tol']:g}): {agree}")
+    if result["agreement"]:
+        agree = "; ".join(f"{a['model']} vs {a['reference']}: {a['max_abs_diff']:.1e}" for a in result["agreement"])
+        lines.append(f"- fp32 outputs agree (max |diff|, tol {result['settings']['tol']:g}): {agree}")
     pk_note = "%pk = achieved GFLOP/s (FlopCounterMode FLOPs / median time) as % of the matmul peak of that dtype."
     if ab:
         tol = result["settings"]["ab_tolerance"]
         note = (f"speedup = old ms / new ms; mem x = new peak-memory growth / old; check = ok when new is at most "
                 f"{tol:.0%} slower and uses at most {tol:.0%} more peak memory. {pk_note}")
+    elif ablation:
+        thr = result["settings"]["gain_threshold"]
+        swaps = ", ".join(f"{k} -> {v}" for k, v in ABLATIONS.items() if v)
+        note = (f"path = an implementation `mvit_zoo.ops.dispatch.select` chose in that configuration (split_qkv: "
+                f"three q/k/v GEMMs in inference); without = the same model and weights with it replaced by what "
+                f"runs in its place (the next row of select's table: {swaps}; "
+                f"split_qkv -> one qkv GEMM, sliced). gain = without ms / with ms; mem x = peak-memory growth with / "
+                f"without; check = pays when the path makes the model at least {thr:.0%} faster or {thr:.0%} "
+                f"leaner. {pk_note}")
     else:
         note = f"speedup = reference ms / our ms; mem x = our peak-memory growth / the reference's; {pk_note}"
     lines += ["", note, "", format_table(result["rows"], ab=ab), ""]
@@ -836,6 +930,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "working tree's weights")
     p.add_argument("--ab-tolerance", type=float, default=0.05,
                    help="A/B check: new may be this much slower / use this much more peak memory than old")
+    p.add_argument("--ablate", nargs="*", default=None, metavar="PATH", choices=list(ABLATIONS),
+                   help="time each fast path (all of them, or those named) against the same model without it, "
+                        "in every configuration where the dispatch chooses it (see ABLATIONS)")
+    p.add_argument("--gain-threshold", type=float, default=0.03,
+                   help="ablation check: a path pays when it saves this much time or peak memory")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny models (depths 1,1,1,1, dim 16, 32x32 / 4x32x32), 2 rounds, no RESULTS.md")
     p.add_argument("--results", type=Path, default=None,
@@ -854,6 +953,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.memory_procs = "impl" if args.quick else "config"
     if args.ref_commit and args.child is None:
         args.ref_commit = resolve_commit(args.ref_commit)
+    if args.ablate is not None and args.ref_commit:
+        p.error("--ablate times the working tree against itself; it takes no --ref-commit")
     if args.quick:
         args.rounds = min(args.rounds, 2)
         args.warmup = min(args.warmup, 1)
@@ -877,9 +978,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = dict(
         schema=2, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), command=command,
         machine=info, versions=versions(), device_key=device_key(info), quick=args.quick, ref_commit=args.ref_commit,
+        ablate=args.ablate,
         sdpa=args.sdpa, settings=dict(rounds=args.rounds, warmup=args.warmup, optimizer=args.optimizer, tol=args.tol,
                                       min_round_time=args.min_round_time, threads=args.threads,
-                                      ab_tolerance=args.ab_tolerance,
+                                      ab_tolerance=args.ab_tolerance, gain_threshold=args.gain_threshold,
                                       memory_method=("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
                                                      else "peak RSS growth (VmHWM) in a fresh subprocess")),
         matmul_peak={}, agreement=[], rows=[],
@@ -899,13 +1001,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for name in args.models:
         t0 = time.perf_counter()
-        pair = build_pair(name, quick=args.quick, ref_commit=args.ref_commit)
-        pair.ours.to(device)
-        pair.ref.to(device)
-        agree = check_agreement(pair, device, args.tol, args.clip_batch if pair.is_video else args.batch)
-        result["agreement"].append(agree)
-        print(f"{name} vs {pair.ref_name}: fp32 max|diff| {agree['max_abs_diff']:.2e} (tol {args.tol:g}) "
-              f"{'ok' if agree['ok'] else 'MISMATCH'} [built in {time.perf_counter() - t0:.1f}s]", flush=True)
+        if args.ablate is not None:
+            torch.manual_seed(0)
+            ours = build_ours(name, args.quick).to(device)
+            pair = Pair(name=name, ref_name="mvit-zoo without a path", ours=ours, ref=ours,
+                        input_shape=input_shape_for(name, args.quick), num_classes=num_classes_for(name, args.quick),
+                        is_video=is_video(name))
+            agree = dict(ok=True)
+        else:
+            pair = build_pair(name, quick=args.quick, ref_commit=args.ref_commit)
+            pair.ours.to(device)
+            pair.ref.to(device)
+            agree = check_agreement(pair, device, args.tol, args.clip_batch if pair.is_video else args.batch)
+            result["agreement"].append(agree)
+            print(f"{name} vs {pair.ref_name}: fp32 max|diff| {agree['max_abs_diff']:.2e} (tol {args.tol:g}) "
+                  f"{'ok' if agree['ok'] else 'MISMATCH'} [built in {time.perf_counter() - t0:.1f}s]", flush=True)
         if not agree["ok"]:
             print(f"ABORT: {name} and {pair.ref_name} disagree; timings would compare different computations",
                   file=sys.stderr)
@@ -918,8 +1028,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             b = batch_for(pair.is_video, mode, args)
             xf = torch.randn((b,) + pair.input_shape, device=device)
             flops[("ours", mode)] = count_flops(pair.ours, mode, "fp32", xf, pair.num_classes, args)
-            flops[("ref", mode)] = count_flops(pair.ref, mode, "fp32", xf, pair.num_classes, args)
+            if pair.ref is not pair.ours:
+                flops[("ref", mode)] = count_flops(pair.ref, mode, "fp32", xf, pair.num_classes, args)
         models = {"ours": pair.ours, "ref": pair.ref}
+        if args.ablate is not None:
+            for mode in args.modes:
+                for dtype in args.dtypes:
+                    for path in ablation_paths(pair, mode, dtype, device, args):
+                        row = bench_config(pair, models, mode, dtype, False, device, args, flops,
+                                           result["matmul_peak"], without=path)
+                        result["rows"].append(row)
+                        print(f"  {name} {mode} {dtype} {path} batch {row['batch']}: with "
+                              f"{_fmt(row['ours'].get('ms'), '.1f', row['ours'].get('error', '-'))} ms, without "
+                              f"{_fmt(row['ref'].get('ms'), '.1f', row['ref'].get('error', '-'))} ms, gain "
+                              f"{_fmt(row['speedup'], '.2f')}", flush=True)
+            add_memory([r for r in result["rows"] if r["model"] == name], args)
+            del pair, models, ours
+            gc.collect()
+            continue
         compiled_models: dict[str, nn.Module] = {}
         if args.compile:
             for impl, m in models.items():

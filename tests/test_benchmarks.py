@@ -161,3 +161,52 @@ def test_unknown_ref_commit_is_refused() -> None:
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--ref-commit", "no-such-rev", "--no-results"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "is not a commit" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _quick(tmp_path_factory.mktemp("bench_ablation"), "--ablate")
+
+
+def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any]) -> None:
+    from mvit_zoo.ops.dispatch import HAS_CPU_FLASH
+
+    bench = _load_bench()
+    r = ablation_run["json"]
+    paths = {(row["mode"], row["without"]) for row in r["rows"]}
+    assert {("infer", "sdpa_mask"), ("infer", "in_place"), ("infer", "split_qkv"), ("train", "recompute")} <= paths
+    assert (("train", "cpu_flash") in paths) == HAS_CPU_FLASH
+    assert ("train", "split_qkv") not in paths  # memory-saving training makes its own q/k/v
+    for row in r["rows"]:
+        assert row["without"] in bench.ABLATIONS and row["reference"] == "mvit-zoo without a path"
+        for impl in ("ours", "ref"):
+            assert "error" not in row[impl] and "error" not in row[impl]["memory"], row[impl]
+        assert isinstance(row["pays"], bool)
+    assert "| path" in ablation_run["stdout"] and "| gain |" in ablation_run["stdout"]
+    md = ablation_run["md"]
+    assert md.count(f"<!-- bench:begin ablation {r['device_key']} -->") == 1
+    assert "## Ablation: each fast path against what runs without it" in md and ablation_run["repo_results_unchanged"]
+
+
+def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
+    import torch
+
+    import mvit_zoo
+    from mvit_zoo.ops import attention, dispatch, memory
+
+    bench = _load_bench()
+    model = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        with bench.dispatch_patch(model, without="in_place"):
+            assert memory.select("gelu", x) == "plain" and attention.select("gelu", x) == "plain"
+            assert not any(m.split_qkv is False for m in model.modules() if hasattr(m, "split_qkv"))
+            torch.testing.assert_close(model(x), expected)
+        with bench.dispatch_patch(model, without="split_qkv"):
+            assert all(m.split_qkv is False for m in model.modules() if hasattr(m, "split_qkv"))
+            torch.testing.assert_close(model(x), expected)
+    assert memory.select is dispatch.select and attention.select is dispatch.select
+    assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablate", "--ref-commit", "HEAD"])
