@@ -90,12 +90,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("infer", "latency", "train")
 
 # --ablate: each fast path of `mvit_zoo.ops.dispatch.select` -> what runs in its place without it (the
-# choice of the row below it in select's table); split_qkv: MultiScaleAttention's three q/k/v GEMMs in
-# inference -> one qkv GEMM sliced
+# choice of the row below it in select's table). Attention paths go by implementation, the others by op
+# (norm_linears ... max_pool: the memory-saving "recompute" functions; depthwise_conv: float32_backward;
+# gelu: in_place). split_qkv: MultiScaleAttention's three q/k/v GEMMs in inference -> one qkv GEMM sliced.
 ABLATIONS: dict[str, Optional[str]] = {
     "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "sdpa_mask": "sdpa_augmented",
-    "sdpa_mask_rows": "sdpa_mask", "gemm": "kernel", "recompute": "plain", "float32_backward": "plain",
-    "in_place": "plain", "split_qkv": None,
+    "sdpa_mask_rows": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain", "norm_mlp": "plain",
+    "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain", "gelu": "plain", "split_qkv": None,
 }
 
 
@@ -308,11 +309,14 @@ def dispatch_patch(model: nn.Module, without: Optional[str] = None,
     implementation the dispatch chooses meanwhile is added to `seen`."""
     from mvit_zoo.ops import attention, dispatch, memory
 
-    def select(*a: Any, **kw: Any) -> str:
-        impl = dispatch.select(*a, **kw)
+    def select(op: str, *a: Any, **kw: Any) -> str:
+        impl = dispatch.select(op, *a, **kw)
+        path = impl if op.startswith("attention") else op
+        if impl == "plain":
+            return impl
         if seen is not None:
-            seen.add(impl)
-        return ABLATIONS[impl] or impl if impl == without else impl
+            seen.add(path)
+        return ABLATIONS[path] or impl if path == without else impl
 
     split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
     if seen is not None and split and not model.training:  # (memory-saving training has its own q/k/v GEMMs)
