@@ -1,14 +1,14 @@
 """Evaluate a classifier on a class-folder tree or a data loader: top-1/top-5, loss, per-class counts.
 
-``evaluate(model, 'DIR')`` reads ``DIR/<class>/<file>`` (or ``DIR/val/<class>/<file>``), images for
-image models and videos for video models. Video models are scored over ``views`` (temporal clips x
-spatial crops, :mod:`mvit_zoo.data.views`; default: the ``test_views`` of the model's pretrained cfg)
+`evaluate(model, 'DIR')` reads `DIR/<class>/<file>` (or `DIR/val/<class>/<file>`), images for
+image models and videos for video models. Video models are scored over `views` (temporal clips x
+spatial crops, :mod:`mvit_zoo.data.views`; default: the `test_views` of the model's pretrained cfg)
 with their softmax scores averaged. Views of several videos share a batch; a worker holds only the
 frames of one video's views. Folder names are matched to the model's classes by
 :func:`match_classes`. Files that cannot be read are counted and listed, not fatal.
 
-``evaluate(model, loader)`` scores ``(input, target)`` batches as they come (one view each); it is the
-validation of ``mvit-zoo finetune``.
+`evaluate(model, loader)` scores `(input, target)` batches as they come (one view each); it is the
+validation of `mvit-zoo finetune`.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ from tqdm import tqdm
 from .data.video import VIDEO_EXTENSIONS
 from .data.views import Views, ViewSampling, probe_video, read_frames
 
-__all__ = ['IMAGE_EXTENSIONS', 'Evaluation', 'decode_views', 'evaluate', 'label_set_names', 'match_classes',
-           'video_scores', 'view_sampling']
+__all__ = ["IMAGE_EXTENSIONS", "Evaluation", "decode_views", "evaluate", "label_set_names", "match_classes",
+           "video_scores", "view_sampling"]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-DATA_DIR = Path(__file__).resolve().parent / 'data'
-_LABEL_SET_BY_CLASSES = {1000: 'imagenet-1k', 400: 'kinetics-400'}
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+_LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -44,9 +44,9 @@ _LABEL_SET_BY_CLASSES = {1000: 'imagenet-1k', 400: 'kinetics-400'}
 class Evaluation:
     """Counts of one evaluation; accuracies in percent.
 
-    ``per_class[k] = (samples, top-1 hits, top-5 hits)`` of model class ``k``; ``confusion`` counts
-    ``(target, prediction)`` pairs (when asked for); ``skipped`` lists ``(file, reason)`` of
-    unreadable files; ``short`` counts videos with fewer frames than one clip spans (their last
+    `per_class[k] = (samples, top-1 hits, top-5 hits)` of model class `k`; `confusion` counts
+    `(target, prediction)` pairs (when asked for); `skipped` lists `(file, reason)` of
+    unreadable files; `short` counts videos with fewer frames than one clip spans (their last
     frame is repeated, as in SlowFast).
     """
 
@@ -80,7 +80,7 @@ class Evaluation:
         return self.loss_sum / max(self.count, 1)
 
     def metrics(self) -> dict[str, float]:
-        return {'loss': self.loss, 'top1': self.top1, 'top5': self.top5}
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5}
 
     def class_accuracy(self) -> list[dict[str, Any]]:
         """Top-1/top-5 of each class that has samples."""
@@ -88,7 +88,7 @@ class Evaluation:
         for k in torch.nonzero(self.per_class[:, 0]).flatten().tolist():
             n, c1, c5 = self.per_class[k].tolist()
             name = self.class_names[k] if self.class_names else str(k)
-            rows.append({'index': k, 'label': name, 'count': int(n), 'top1': 100.0 * c1 / n, 'top5': 100.0 * c5 / n})
+            rows.append({"index": k, "label": name, "count": int(n), "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n})
         return rows
 
     def to_dict(self, per_class: bool = False) -> dict[str, Any]:
@@ -97,7 +97,7 @@ class Evaluation:
                    loss=self.loss, skipped=len(self.skipped), skipped_files=[list(s) for s in self.skipped],
                    short_videos=self.short)
         if per_class:
-            out['per_class'] = self.class_accuracy()
+            out["per_class"] = self.class_accuracy()
         return out
 
 
@@ -110,7 +110,7 @@ class _Scorer:
         self.confusion: Counter | None = Counter() if confusion else None
 
     def add(self, log_probs: torch.Tensor, target: torch.Tensor) -> None:
-        """``log_probs``: ``(B, K)`` log of the averaged softmax scores; ``target``: ``(B,)``."""
+        """`log_probs`: `(B, K)` log of the averaged softmax scores; `target`: `(B,)`."""
         log_probs, target = log_probs.float().cpu(), target.cpu().long()
         top = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
         hits = top.eq(target[:, None])
@@ -136,19 +136,19 @@ def _autocast(device: torch.device, enabled: bool):
 # -- labels ----------------------------------------------------------------------------------------
 
 def _norm(name: str) -> str:
-    return re.sub(r'\s+', ' ', name.replace('_', ' ')).strip().lower()
+    return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
 
 
 def label_set_names(label_set: str) -> list[str] | None:
-    """Class names of a label set shipped in ``mvit_zoo/data/`` (``imagenet-1k``, ``kinetics-400``, ``ssv2``)."""
-    path = DATA_DIR / f'{label_set}.txt'
-    return path.read_text(encoding='utf-8').splitlines() if path.is_file() else None
+    """Class names of a label set shipped in `mvit_zoo/data/` (`imagenet-1k`, `kinetics-400`, `ssv2`)."""
+    path = DATA_DIR / f"{label_set}.txt"
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
 
 
 def _label_set_of(model: nn.Module) -> tuple[str | None, list[str] | None]:
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    num_classes = int(getattr(model, 'num_classes', 0) or 0)
-    name = cfg.get('label_set') or _LABEL_SET_BY_CLASSES.get(num_classes)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    name = cfg.get("label_set") or _LABEL_SET_BY_CLASSES.get(num_classes)
     names = label_set_names(name) if name else None
     if names is not None and len(names) != num_classes:
         return name, None  # a head that is not the label set's (e.g. a new one)
@@ -161,15 +161,15 @@ def _aliases(label_set: str | None, names: Sequence[str]) -> dict[str, int]:
     lemmas: Counter = Counter()
     for i, name in enumerate(names):
         table[_norm(name)] = i
-        if label_set == 'imagenet-1k':
-            lemmas.update(_norm(part) for part in name.split(','))
-    if label_set == 'imagenet-1k':
+        if label_set == "imagenet-1k":
+            lemmas.update(_norm(part) for part in name.split(","))
+    if label_set == "imagenet-1k":
         from timm.data import ImageNetInfo
 
-        for i, synset in enumerate(ImageNetInfo('imagenet-1k').label_names()):
+        for i, synset in enumerate(ImageNetInfo("imagenet-1k").label_names()):
             table[synset.lower()] = i
         for i, name in enumerate(names):  # a lemma names a class only where no other class shares it
-            for part in map(_norm, name.split(',')):
+            for part in map(_norm, name.split(",")):
                 if lemmas[part] == 1:
                     table.setdefault(part, i)
     return table
@@ -184,15 +184,15 @@ def match_classes(
 ) -> tuple[list[int], str]:
     """Model class index of each folder, and how they were matched.
 
-    In order: the checkpoint's own ``class_names`` (exact folder names, as ``finetune`` writes them),
-    then the label set's names (Kinetics names with ``_`` or spaces, any case; ImageNet synsets,
-    names or unambiguous lemmas), then folders named by class index (``0``, ``17``, ...).
+    In order: the checkpoint's own `class_names` (exact folder names, as `finetune` writes them),
+    then the label set's names (Kinetics names with `_` or spaces, any case; ImageNet synsets,
+    names or unambiguous lemmas), then folders named by class index (`0`, `17`, ...).
     """
     if class_names:
         lookup = {name: i for i, name in enumerate(class_names)}
         unknown = [f for f in folders if f not in lookup]
         if not unknown:
-            return [lookup[f] for f in folders], 'checkpoint class list'
+            return [lookup[f] for f in folders], "checkpoint class list"
         raise ValueError(f'class folder {unknown[0]!r} is not one of the checkpoint\'s {len(class_names)} classes '
                          f'(label_names of its config.json: {", ".join(map(repr, class_names[:5]))}, ...); '
                          'rename the folder or evaluate with the checkpoint it was fine-tuned for')
@@ -201,39 +201,39 @@ def match_classes(
         table = _aliases(label_set, label_set_classes)
         unknown = [f for f in folders if _norm(f) not in table and f.lower() not in table]
         if not unknown:
-            return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f'label set {label_set}'
+            return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f"label set {label_set}"
         if by_index:
-            return [int(f) for f in folders], 'class index'
-        raise ValueError(f'class folder {unknown[0]!r} is not a class of the model\'s label set {label_set} '
-                         f'({len(label_set_classes)} classes); name the folders after its classes (see '
-                         f'mvit_zoo/data/{label_set}.txt), or pass the --checkpoint whose config.json lists them')
+            return [int(f) for f in folders], "class index"
+        raise ValueError(f"class folder {unknown[0]!r} is not a class of the model's label set {label_set} "
+                         f"({len(label_set_classes)} classes); name the folders after its classes (see "
+                         f"mvit_zoo/data/{label_set}.txt), or pass the --checkpoint whose config.json lists them")
     if by_index:
-        return [int(f) for f in folders], 'class index'
+        return [int(f) for f in folders], "class index"
     bad = next(f for f in folders if not (f.isdigit() and int(f) < num_classes))
-    raise ValueError(f'class folder {bad!r}: the model has no class names (no label set ships for its '
-                     f'{num_classes} classes and no checkpoint class list), so folders must be class indices '
-                     f'0..{num_classes - 1}; rename them, or pass a --checkpoint whose config.json has label_names')
+    raise ValueError(f"class folder {bad!r}: the model has no class names (no label set ships for its "
+                     f"{num_classes} classes and no checkpoint class list), so folders must be class indices "
+                     f"0..{num_classes - 1}; rename them, or pass a --checkpoint whose config.json has label_names")
 
 
 # -- folders ---------------------------------------------------------------------------------------
 
 def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class folders of ``root`` (or ``root/val``) and their ``(file, folder index)`` samples."""
-    for name in ('val', 'validation'):
+    """Class folders of `root` (or `root/val`) and their `(file, folder index)` samples."""
+    for name in ("val", "validation"):
         if (root / name).is_dir():
             root = root / name
             break
     if not root.is_dir():
-        raise FileNotFoundError(f'no such data folder: {root}')
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+        raise FileNotFoundError(f"no such data folder: {root}")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise ValueError(f'{root} has no class folders; expected DIR/<class>/<file> (or DIR/val/<class>/<file>)')
+        raise ValueError(f"{root} has no class folders; expected DIR/<class>/<file> (or DIR/val/<class>/<file>)")
     samples = []
     for i, folder in enumerate(folders):
         for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True)):
             samples += [(os.path.join(dirpath, f), i) for f in sorted(files) if f.lower().endswith(extensions)]
     if not samples:
-        kind = 'video' if extensions == VIDEO_EXTENSIONS else 'image'
+        kind = "video" if extensions == VIDEO_EXTENSIONS else "image"
         raise ValueError(f'no {kind} files ({", ".join(extensions)}) in the class folders of {root}')
     return folders, samples
 
@@ -250,10 +250,10 @@ class _ImageItems(Dataset):
 
         path, target = self.samples[index]
         try:
-            with open(path, 'rb') as f:
-                img = Image.open(f).convert('RGB')
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            return path, target, f'{type(e).__name__}: {e}'
+            return path, target, f"{type(e).__name__}: {e}"
         return path, target, self.transform(img)
 
 
@@ -271,15 +271,15 @@ class _VideoItems(Dataset):
         try:
             return path, target, decode_views(path, self.sampling)
         except Exception as e:  # noqa: BLE001 - any undecodable file is reported, not fatal
-            return path, target, f'{type(e).__name__}: {e}'
+            return path, target, f"{type(e).__name__}: {e}"
 
 
 def decode_views(path: str | os.PathLike, sampling: ViewSampling) -> tuple[Any, list[list[int]], bool]:
-    """The frames a video's views need (``(K, H, W, 3)`` uint8), the rows of each temporal clip, and
+    """The frames a video's views need (`(K, H, W, 3)` uint8), the rows of each temporal clip, and
     whether the video is shorter than a clip; input of :meth:`ViewSampling.iter_views`."""
     count, fps = probe_video(path)
     if count < 1:
-        raise ValueError(f'no video frames in {path}')
+        raise ValueError(f"no video frames in {path}")
     clips = sampling.clip_indices(count, fps)
     frames, rows = read_frames(path, [i for clip in clips for i in clip])
     n = sampling.num_frames
@@ -288,16 +288,16 @@ def decode_views(path: str | os.PathLike, sampling: ViewSampling) -> tuple[Any, 
 
 def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = None,
                   data_cfg: Any = None) -> ViewSampling:
-    """The test views of a video model: from its pretrained cfg (``test_views``, ``frame_sampling``) and
-    data config (``num_frames``, ``sampling_rate``, size, mean/std, channel order)."""
+    """The test views of a video model: from its pretrained cfg (`test_views`, `frame_sampling`) and
+    data config (`num_frames`, `sampling_rate`, size, mean/std, channel order)."""
     from .data.transforms import resolve_data_config
 
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     data_cfg = data_cfg or resolve_data_config(model)
-    chosen = Views.parse(views if views is not None else (cfg.get('test_views') or (1, 1)))
+    chosen = Views.parse(views if views is not None else (cfg.get("test_views") or (1, 1)))
     return ViewSampling(
         num_frames=data_cfg.num_frames, crop_size=tuple(data_cfg.input_size[-2:]), views=chosen,
-        sampling_rate=data_cfg.sampling_rate, frame_sampling=cfg.get('frame_sampling') or 'stride',
+        sampling_rate=data_cfg.sampling_rate, frame_sampling=cfg.get("frame_sampling") or "stride",
         crop_pct=data_cfg.crop_pct, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
         channel_order=data_cfg.channel_order, interpolation=data_cfg.interpolation,
     )
@@ -308,7 +308,7 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
 @torch.no_grad()
 def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
                  data_cfg: Any = None, batch_size: int = 8, amp: bool = False) -> torch.Tensor:
-    """Softmax scores of one video file averaged over its ``views``: ``(num_classes,)``."""
+    """Softmax scores of one video file averaged over its `views`: `(num_classes,)`."""
     device = next(model.parameters()).device
     sampling = view_sampling(model, views, data_cfg)
     frames, clips, _ = decode_views(path, sampling)
@@ -336,14 +336,14 @@ def evaluate(
         data_cfg: Any = None,
         confusion: bool = False,
         progress: bool = False,
-        desc: str = 'val',
+        desc: str = "val",
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Evaluation:
-    """Top-1/top-5 and loss of ``model`` on a class-folder tree or an iterable of ``(input, target)``.
+    """Top-1/top-5 and loss of `model` on a class-folder tree or an iterable of `(input, target)`.
 
-    ``views`` (``'TxS'``) applies to video folders; ``class_names`` is a fine-tuned checkpoint's class
-    list (folder names); ``data_cfg`` the preprocessing (:func:`mvit_zoo.apps.finetune.resolve_data_config`
-    of the model by default). ``all_reduce`` sums a float64 tensor over processes (distributed
+    `views` (`'TxS'`) applies to video folders; `class_names` is a fine-tuned checkpoint's class
+    list (folder names); `data_cfg` the preprocessing (:func:`mvit_zoo.apps.finetune.resolve_data_config`
+    of the model by default). `all_reduce` sums a float64 tensor over processes (distributed
     validation of a sharded loader).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -351,7 +351,7 @@ def evaluate(
     num_classes = int(model.num_classes)
     if not isinstance(data, (str, os.PathLike)):
         if views is not None and len(Views.parse(views)) != 1:
-            raise ValueError('views apply to a data folder; a loader gives one view per sample')
+            raise ValueError("views apply to a data folder; a loader gives one view per sample")
         scorer = _Scorer(num_classes, confusion)
         bar = tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
         for x, y in bar:
@@ -359,7 +359,7 @@ def evaluate(
                 logits = model(x.to(device, non_blocking=True))
             scorer.add(logits.float().log_softmax(-1), y)
             if progress:
-                bar.set_postfix(top1=f'{100 * scorer.correct / max(scorer.count, 1):.2f}')
+                bar.set_postfix(top1=f"{100 * scorer.correct / max(scorer.count, 1):.2f}")
         stats = torch.cat([scorer.per_class.flatten(), torch.tensor([scorer.loss_sum], dtype=torch.float64)])
         if all_reduce is not None:
             stats = all_reduce(stats.to(device)).cpu()
@@ -389,14 +389,14 @@ def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, 
     else:
         chosen = Views.parse(views) if views is not None else Views()
         if len(chosen) != 1:
-            raise ValueError(f'views {chosen} asked for an image model; images are scored on one centre crop (1x1)')
+            raise ValueError(f"views {chosen} asked for an image model; images are scored on one centre crop (1x1)")
         dataset = _ImageItems(samples, build_transform(data_cfg, is_training=False))
         preprocessing = data_cfg.to_dict()
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
     scorer = _Scorer(num_classes, confusion)
     result = Evaluation(num_classes, scorer.per_class, views=chosen, class_names=names, confusion=scorer.confusion,
-                        info={'matched_by': matched_by, 'label_set': label_set, 'folders': len(folders),
-                              'files': len(samples), 'preprocessing': preprocessing})
+                        info={"matched_by": matched_by, "label_set": label_set, "folders": len(folders),
+                              "files": len(samples), "preprocessing": preprocessing})
     bar = tqdm(total=len(samples), desc=desc, disable=not progress, dynamic_ncols=True)
     pending: dict[int, list] = {}  # sample -> [summed log-probs (logsumexp), views left, target]
     batch: list[tuple[int, torch.Tensor]] = []
@@ -417,7 +417,7 @@ def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, 
             bar.update(len(done))
         batch.clear()
         if progress:
-            bar.set_postfix(top1=f'{100 * scorer.correct / max(scorer.count, 1):.2f}', skipped=len(result.skipped))
+            bar.set_postfix(top1=f"{100 * scorer.correct / max(scorer.count, 1):.2f}", skipped=len(result.skipped))
 
     for sample, (path, target, item) in enumerate(loader):
         if isinstance(item, str):

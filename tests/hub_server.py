@@ -3,34 +3,34 @@
 `HubServer` serves the few endpoints `huggingface_hub` (checked against 2.4.0) needs for
 `hf_hub_download`, `HfApi.file_exists`, `HfApi.repo_exists` and `HfApi.model_info`:
 
-* ``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with a quoted sha256 ``ETag``,
-  ``X-Repo-Commit``, ``Content-Length``, ``Accept-Ranges: bytes`` and single-range requests
-  (``huggingface_hub`` sends ``Range: bytes=N-`` only to resume an interrupted download);
-* ``GET /api/models/{repo_id}[/revision/{revision}]`` with a minimal model-info JSON.
+* `HEAD`/`GET /{repo_id}/resolve/{revision}/{filename}` with a quoted sha256 `ETag`,
+  `X-Repo-Commit`, `Content-Length`, `Accept-Ranges: bytes` and single-range requests
+  (`huggingface_hub` sends `Range: bytes=N-` only to resume an interrupted download);
+* `GET /api/models/{repo_id}[/revision/{revision}]` with a minimal model-info JSON.
 
-* ``HEAD``/``GET /files/{name}``: plain static files (`add_static`), standing in for the official
+* `HEAD`/`GET /files/{name}`: plain static files (`add_static`), standing in for the official
   checkpoint URLs (download.pytorch.org, dl.fbaipublicfiles.com) that the weight loader falls back to.
 
-``delay=`` (`add_file` / `add_static`) makes a GET wait after its headers before the body: a slow
+`delay=` (`add_file` / `add_static`) makes a GET wait after its headers before the body: a slow
 server, for timeouts and for downloads that overlap. `silent_server` accepts connections and never
 answers.
 
-Errors use the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``EntryNotFound``,
-``RevisionNotFound``) plus a JSON ``{"error": ...}`` body, which ``huggingface_hub`` maps to
-``RepositoryNotFoundError`` / ``RemoteEntryNotFoundError`` / ``RevisionNotFoundError``.
-No ``X-Xet-*`` headers and no ``Link: <...>; rel="xet-auth"`` header are ever sent, so
-``huggingface_hub`` never takes the xet download path; every response closes its connection,
-so ``stop()`` really cuts clients off.
+Errors use the Hub's `X-Error-Code` header (`RepoNotFound`, `EntryNotFound`,
+`RevisionNotFound`) plus a JSON `{"error": ...}` body, which `huggingface_hub` maps to
+`RepositoryNotFoundError` / `RemoteEntryNotFoundError` / `RevisionNotFoundError`.
+No `X-Xet-*` headers and no `Link: <...>; rel="xet-auth"` header are ever sent, so
+`huggingface_hub` never takes the xet download path; every response closes its connection,
+so `stop()` really cuts clients off.
 
 A repo's commit is the sha1 of its content (repo id, file names and hashes): stable while the
-repo is unchanged, new after ``add_file``/``remove_file``, as on the real Hub. Unlike the
+repo is unchanged, new after `add_file`/`remove_file`, as on the real Hub. Unlike the
 real Hub, every file's ETag is the sha256 of its content (the Hub uses the git blob sha1 for
-small non-LFS files), so a cached blob at ``<cache>/models--a--b/blobs/<sha256>`` can be
+small non-LFS files), so a cached blob at `<cache>/models--a--b/blobs/<sha256>` can be
 verified by hashing it.
 
-In-process use: ``huggingface_hub`` reads ``HF_ENDPOINT`` at import time, so wrap calls in
-``with hub_endpoint(server.url): ...`` (or pass ``endpoint=server.url`` explicitly). For a
-subprocess, set ``HF_ENDPOINT`` in its environment and use `run_py`.
+In-process use: `huggingface_hub` reads `HF_ENDPOINT` at import time, so wrap calls in
+`with hub_endpoint(server.url): ...` (or pass `endpoint=server.url` explicitly). For a
+subprocess, set `HF_ENDPOINT` in its environment and use `run_py`.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 Corruption = Literal["truncate", "short", "flip"]
 """How a GET body is damaged.
 
-``truncate``: announce the full ``Content-Length`` but send only the first half, then close
-(so the client sees an incomplete body and may resume with ``Range``; bytes past the half
-are never sent). ``short``: honest but too small ``Content-Length`` (half the file, while HEAD
-announced the full size). ``flip``: full length, every byte inverted (sha256 no longer
+`truncate`: announce the full `Content-Length` but send only the first half, then close
+(so the client sees an incomplete body and may resume with `Range`; bytes past the half
+are never sent). `short`: honest but too small `Content-Length` (half the file, while HEAD
+announced the full size). `flip`: full length, every byte inverted (sha256 no longer
 matches the ETag).
 """
 
@@ -114,7 +114,7 @@ class HubServer:
 
     @property
     def url(self) -> str:
-        """Endpoint to use as ``HF_ENDPOINT`` (no trailing slash)."""
+        """Endpoint to use as `HF_ENDPOINT` (no trailing slash)."""
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -183,7 +183,7 @@ class HubServer:
         corrupt_times: int | None = None,
         delay: float = 0.0,
     ) -> str:
-        """Serve a plain file at ``/files/{name}`` (no Hub headers); returns its full URL."""
+        """Serve a plain file at `/files/{name}` (no Hub headers); returns its full URL."""
         data = bytes(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else Path(data_or_path).read_bytes()
         with self._lock:
             self.static[name] = HubFile(data, hashlib.sha256(data).hexdigest(), corrupt, corrupt_times, delay)
@@ -289,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
         files, commit = found
         hub_file = files.get(filename)
         if hub_file is None:
-            return self._error(404, "EntryNotFound", f"{filename} does not exist on \"{revision}\"", head, commit)
+            return self._error(404, "EntryNotFound", f'{filename} does not exist on "{revision}"', head, commit)
         data, size = hub_file.data, len(hub_file.data)
         start, end = 0, size  # end is exclusive
         status = 200
@@ -427,11 +427,11 @@ def hub_endpoint(
 ) -> Iterator[None]:
     """Point an already-imported `huggingface_hub` at `url` (and optionally a cache dir / offline mode).
 
-    Patches ``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (used by
-    `hf_hub_url`), the endpoint of the module-level ``HfApi`` behind ``huggingface_hub.model_info``
-    / ``file_exists`` / ``repo_exists`` (bound at import time), sets ``HF_HUB_DISABLE_TELEMETRY``, and if given
-    ``constants.HF_HUB_CACHE`` and ``constants.HF_HUB_OFFLINE``. Everything is restored on exit.
-    ``HfApi()`` instances created inside the block use `url` too.
+    Patches `constants.ENDPOINT`, `constants.HUGGINGFACE_CO_URL_TEMPLATE` (used by
+    `hf_hub_url`), the endpoint of the module-level `HfApi` behind `huggingface_hub.model_info`
+    / `file_exists` / `repo_exists` (bound at import time), sets `HF_HUB_DISABLE_TELEMETRY`, and if given
+    `constants.HF_HUB_CACHE` and `constants.HF_HUB_OFFLINE`. Everything is restored on exit.
+    `HfApi()` instances created inside the block use `url` too.
     """
     from huggingface_hub import constants, hf_api
 
@@ -462,8 +462,8 @@ _HF_VARS_TO_DROP = re.compile(r"^(HF_|HUGGING_FACE_|HUGGINGFACE_|TRANSFORMERS_OF
 def make_hf_env(url: str, home: str | os.PathLike[str]) -> dict[str, str]:
     """A full environment for a subprocess talking to the fake Hub at `url`, caching under `home`.
 
-    Starts from ``os.environ`` minus every ``HF_*``/``HUGGING_FACE_*`` variable (tokens, offline
-    flags, caches) and proxies; callers may add e.g. ``HF_HUB_OFFLINE=1``.
+    Starts from `os.environ` minus every `HF_*`/`HUGGING_FACE_*` variable (tokens, offline
+    flags, caches) and proxies; callers may add e.g. `HF_HUB_OFFLINE=1`.
     """
     home = Path(home)
     env = {k: v for k, v in os.environ.items() if not _HF_VARS_TO_DROP.match(k)}
@@ -486,7 +486,7 @@ def make_hf_env(url: str, home: str | os.PathLike[str]) -> dict[str, str]:
 
 def run_py(code: str, env: dict[str, str], *, timeout: float = 120,
            check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``sys.executable -c code`` with `env` (repo root prepended to PYTHONPATH).
+    """Run `sys.executable -c code` with `env` (repo root prepended to PYTHONPATH).
 
     Raises AssertionError showing stdout/stderr if it fails and `check` is true.
     """

@@ -6,18 +6,18 @@ Usage::
     mvit-zoo finetune --resume runs/flowers        # after a Ctrl-C: continues exactly
     torchrun --nproc_per_node=4 -m mvit_zoo finetune --model mvit_v2_s_16x4.fb_k400 --data clips/ ...
 
-``DIR`` holds one folder per class (``DIR/<class>/<file>``), or ``train/`` and ``val/``
-trees of class folders. Image models read images; video models (``model.is_video``) read
-video files decoded with PyAV and sample ``T`` frames every ``tau`` frames as in the
+`DIR` holds one folder per class (`DIR/<class>/<file>`), or `train/` and `val/`
+trees of class folders. Image models read images; video models (`model.is_video`) read
+video files decoded with PyAV and sample `T` frames every `tau` frames as in the
 model's pretrained config.
 
 The recipe is the standard transfer one: AdamW, warm-up then cosine decay per step,
-layer-wise learning-rate decay from ``group_matcher``, no weight decay on norms, biases and
+layer-wise learning-rate decay from `group_matcher`, no weight decay on norms, biases and
 position tables, label smoothing, optional mixup/cutmix and EMA, bf16 autocast, and a new
-head sized to the class folders. The output folder holds ``model.safetensors`` and a
-timm-style ``config.json`` (with ``label_names``), per-epoch metrics (CSV and JSON), and the
-training state that ``--resume`` continues from exactly: ``train_state.json`` names the last
-complete checkpoint folder under ``checkpoints/``, so a save cut short (Ctrl-C, a kill, a full
+head sized to the class folders. The output folder holds `model.safetensors` and a
+timm-style `config.json` (with `label_names`), per-epoch metrics (CSV and JSON), and the
+training state that `--resume` continues from exactly: `train_state.json` names the last
+complete checkpoint folder under `checkpoints/`, so a save cut short (Ctrl-C, a kill, a full
 disk) leaves the previous one to resume from. A first Ctrl-C finishes the step under way,
 saves a checkpoint and prints the command that resumes it.
 
@@ -73,24 +73,24 @@ from ..evaluation import evaluate as evaluate_model
 from .cli import CliError
 
 __all__ = [
-    'parse_model_kwargs',
-    'resolve_model_kwargs',
-    'Trainer',
-    'configure_parser',
-    'run',
-    'main',
+    "parse_model_kwargs",
+    "resolve_model_kwargs",
+    "Trainer",
+    "configure_parser",
+    "run",
+    "main",
 ]
 
-STATE_FILE = 'train_state.json'
-CHECKPOINTS_DIR = 'checkpoints'
-OPTIMIZER_FILE = 'optimizer.pt'
-WEIGHTS_FILE = 'model.safetensors'
-EMA_WEIGHTS_FILE = 'model_ema.safetensors'
-BEST_WEIGHTS_FILE = 'model_best.safetensors'
+STATE_FILE = "train_state.json"
+CHECKPOINTS_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "model_ema.safetensors"
+BEST_WEIGHTS_FILE = "model_best.safetensors"
 # Arguments that describe the run rather than the result; they may change on --resume
-_RUNTIME_ARGS = frozenset({'resume', 'output', 'workers', 'progress', 'device', 'save_every', 'data'})
+_RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data"})
 # Arguments a run cannot start without; `--resume DIR` alone takes them from the run
-_RUN_ARGS = ('model', 'data', 'output')
+_RUN_ARGS = ("model", "data", "output")
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -119,7 +119,7 @@ def _tuples(value: Any) -> Any:
 
 
 def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
-    """``--model-kwargs`` JSON object -> keyword arguments (JSON lists become tuples)."""
+    """`--model-kwargs` JSON object -> keyword arguments (JSON lists become tuples)."""
     if not text:
         return {}
     try:
@@ -133,13 +133,13 @@ def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
 
 def _check_model_name(name: str, pretrained: bool) -> None:
     """A clear error for an unknown architecture (with close names) or pretrained tag."""
-    arch, _, tag = name.partition('.')
+    arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f'did you mean {", ".join(close)}?' if close else "see `timm.list_models('mvit*')`"
-        raise CliError(f'--model {name}: unknown model; {hint}')
+        raise CliError(f"--model {name}: unknown model; {hint}")
     if tag and pretrained:
-        tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{arch}.*')]
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
             raise CliError(f'--model {name}: {arch} has no pretrained tag {tag!r}; available: '
                            f'{", ".join(tags) or "none (use --no-pretrained or --pretrained-file)"}')
@@ -151,36 +151,36 @@ def _valid_fields(arch: str) -> str:
     from ..model.registry import list_models
 
     if arch not in list_models():
-        return f'see the constructor of the class behind timm.create_model({arch!r})'
-    params = set(inspect.signature(MViT.__init__).parameters) - {'self', 'cfg', 'cfg_overrides'}
-    return 'valid fields: ' + ', '.join(sorted(params | {f.name for f in fields(MViTCfg)} | {'num_frames'}))
+        return f"see the constructor of the class behind timm.create_model({arch!r})"
+    params = set(inspect.signature(MViT.__init__).parameters) - {"self", "cfg", "cfg_overrides"}
+    return "valid fields: " + ", ".join(sorted(params | {f.name for f in fields(MViTCfg)} | {"num_frames"}))
 
 
 def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
-    """A weightless copy of the model (meta device), built to check ``kwargs`` and read the input kind."""
-    arch = name.partition('.')[0]
+    """A weightless copy of the model (meta device), built to check `kwargs` and read the input kind."""
+    arch = name.partition(".")[0]
     try:
-        with torch.device('meta'):
+        with torch.device("meta"):
             return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
-        raise CliError(f'--model-kwargs {json.dumps(kwargs, default=list)}: {e}; {_valid_fields(arch)}') from e
+        raise CliError(f"--model-kwargs {json.dumps(kwargs, default=list)}: {e}; {_valid_fields(arch)}") from e
     except ValueError as e:
-        raise CliError(f'--model-kwargs {json.dumps(kwargs, default=list)}: {e}') from e
+        raise CliError(f"--model-kwargs {json.dumps(kwargs, default=list)}: {e}") from e
 
 
 def resolve_model_kwargs(args: argparse.Namespace) -> Tuple[Dict[str, Any], bool]:
-    """Architecture overrides of the run (``--model-kwargs`` with ``--img-size``/``--num-frames`` merged
+    """Architecture overrides of the run (`--model-kwargs` with `--img-size`/`--num-frames` merged
     in), checked on a weightless copy of the model; also whether the model takes video clips."""
     _check_model_name(args.model, args.pretrained)
     kwargs = parse_model_kwargs(args.model_kwargs)
-    if (args.img_size or args.num_frames) and 'img_size' in kwargs:
-        raise CliError('the input size is given twice (--img-size/--num-frames and --model-kwargs img_size); '
-                       'give it once')
-    size = kwargs.pop('img_size', None)
+    if (args.img_size or args.num_frames) and "img_size" in kwargs:
+        raise CliError("the input size is given twice (--img-size/--num-frames and --model-kwargs img_size); "
+                       "give it once")
+    size = kwargs.pop("img_size", None)
     model = _meta_model(args.model, kwargs)  # at its own size: a too small one may not even build
     is_video = is_video_model(model)
     if args.num_frames and not is_video:
-        raise CliError(f'--num-frames is for video models and {args.model} is an image model; drop it')
+        raise CliError(f"--num-frames is for video models and {args.model} is an image model; drop it")
     if args.img_size or args.num_frames:
         if is_video:
             frames, height, width = tuple(model.img_size)
@@ -189,21 +189,21 @@ def resolve_model_kwargs(args: argparse.Namespace) -> Tuple[Dict[str, Any], bool
             size = args.img_size
     if size is not None:
         _check_input_size(args.model, model, size)
-        kwargs['img_size'] = size
+        kwargs["img_size"] = size
         _meta_model(args.model, kwargs)
     return kwargs, is_video
 
 
 def _check_input_size(name: str, model: nn.Module, size: Any) -> None:
-    """A clear error for an input size below the model's ``min_input_size`` (its total stride)."""
-    low = getattr(model, 'min_input_size', None)
+    """A clear error for an input size below the model's `min_input_size` (its total stride)."""
+    low = getattr(model, "min_input_size", None)
     if low is None:
         return
     grid = (size, size) if isinstance(size, int) else tuple(size)
     low = tuple(low)[-len(grid):]
     if any(s < m for s, m in zip(grid, low)):
-        axes = ('T', 'H', 'W')[-len(grid):]
-        what = ', '.join(f'{a}={s} (min {m})' for a, s, m in zip(axes, grid, low))
+        axes = ("T", "H", "W")[-len(grid):]
+        what = ", ".join(f"{a}={s} (min {m})" for a, s, m in zip(axes, grid, low))
         m = max(low[-2:])
         raise CliError(f'input size {grid} is too small for {name}: {what}, its total stride; fix: a size of '
                        f'{m} or more (--img-size {m}, or "img_size": {m} in --model-kwargs)')
@@ -217,21 +217,21 @@ def create_finetune_model(
         pretrained_file: Optional[str] = None,
         drop_path_rate: Optional[float] = None,
 ) -> nn.Module:
-    """The model with pretrained weights (if asked) and a ``num_classes`` head.
+    """The model with pretrained weights (if asked) and a `num_classes` head.
 
     The head of a pretrained tag is always new (freshly initialised). The head of a
-    ``pretrained_file`` is kept when its class count matches (continuing a fine-tune),
+    `pretrained_file` is kept when its class count matches (continuing a fine-tune),
     otherwise left out for a new one.
     """
     kwargs = dict(model_kwargs, num_classes=num_classes)
     if drop_path_rate is not None:
-        kwargs['drop_path_rate'] = drop_path_rate
+        kwargs["drop_path_rate"] = drop_path_rate
     if pretrained_file:
         # an unknown class count: the loader keeps a fitting classifier and leaves out another
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_file), num_classes=None)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), num_classes=None)
         return timm.create_model(name, pretrained=True, **kwargs)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if pretrained and model.pretrained_cfg.get('num_classes') == num_classes:
+    if pretrained and model.pretrained_cfg.get("num_classes") == num_classes:
         model.reset_classifier(num_classes)  # the tag's own head was loaded: start a new one
     return model
 
@@ -256,32 +256,32 @@ class DistInfo:
 
 
 def init_distributed(device_arg: str) -> Tuple[DistInfo, torch.device]:
-    """Join the ``torchrun`` process group if launched by it (nccl on GPU, gloo on CPU)."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    info = DistInfo(int(os.environ.get('RANK', '0')), world_size, int(os.environ.get('LOCAL_RANK', '0')))
-    if device_arg == 'auto':
-        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
+    """Join the `torchrun` process group if launched by it (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device_arg)
     except RuntimeError as e:
-        raise CliError(f'--device {device_arg}: {e}; give cpu, cuda or cuda:N') from e
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise CliError(f'--device {device_arg}: no CUDA GPU is available to torch; use --device cpu '
-                       '(or install a CUDA build of torch on a machine with a GPU)')
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CliError(f'--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s); '
-                       f'use cuda:0 to cuda:{torch.cuda.device_count() - 1}')
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', info.local_rank if info.enabled else torch.cuda.current_device())
-    if device.type == 'cuda':
+        raise CliError(f"--device {device_arg}: {e}; give cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device_arg}: no CUDA GPU is available to torch; use --device cpu "
+                       "(or install a CUDA build of torch on a machine with a GPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s); "
+                       f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
 
 
 def all_reduce_sum(values: Sequence[float], info: DistInfo, device: torch.device) -> List[float]:
-    """Sum of ``values`` over all processes (float64)."""
+    """Sum of `values` over all processes (float64)."""
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -298,7 +298,7 @@ def _barrier(info: DistInfo) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def _file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    """The mode `open()` gives a new file: 0o666 less the process umask."""
     # NOTE: os.umask can only be read by setting it; it is set straight back
     umask = os.umask(0o022)
     os.umask(umask)
@@ -306,8 +306,8 @@ def _file_mode() -> int:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path`` (with the umask's mode), then rename it over ``path``."""
-    tmp = path.with_name(path.name + '.tmp')
+    """`write` a temporary file beside `path` (with the umask's mode), then rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.chmod(tmp, _file_mode())  # writers that create files 0600 (temporary-file style) get the usual mode
     os.replace(tmp, path)
@@ -315,19 +315,19 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def _write_json(path: Path, value: Any) -> None:
     def write(p: Path) -> None:
-        p.write_text(json.dumps(value, indent=2) + '\n')
+        p.write_text(json.dumps(value, indent=2) + "\n")
     _atomic_write(path, write)
 
 
 def save_weights(path: Path, model: nn.Module, global_step: int) -> None:
-    """``model``'s state dict as safetensors, tagged with the step it was saved at."""
+    """`model`'s state dict as safetensors, tagged with the step it was saved at."""
     from safetensors.torch import save_file
-    state = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={'format': 'pt', 'global_step': str(global_step)}))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"format": "pt", "global_step": str(global_step)}))
 
 
 def _link(source: Path, path: Path) -> None:
-    """Make ``path`` a copy of the checkpoint file ``source`` (a hard link where the file system allows)."""
+    """Make `path` a copy of the checkpoint file `source` (a hard link where the file system allows)."""
     def link(p: Path) -> None:
         p.unlink(missing_ok=True)
         try:
@@ -338,15 +338,15 @@ def _link(source: Path, path: Path) -> None:
 
 
 def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) -> Any:
-    """``load(path)``, with an error naming the file and the fix if it is missing, damaged or does not fit."""
+    """`load(path)`, with an error naming the file and the fix if it is missing, damaged or does not fit."""
     try:
         return load(path)
     except Exception as e:  # noqa: BLE001 - any failure to read or apply the file means the same to the user
-        detail = ' '.join(f'{type(e).__name__}: {e}'.split())
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
         raise CliError(
-            f'cannot resume from {path} ({detail[:300]}); if the model arguments were changed, resume with the '
+            f"cannot resume from {path} ({detail[:300]}); if the model arguments were changed, resume with the "
             f"run's own; if the file is damaged, start a new run (e.g. from the run's published weights: "
-            f'--pretrained-file {run / WEIGHTS_FILE})') from e
+            f"--pretrained-file {run / WEIGHTS_FILE})") from e
 
 
 def _load_weights(path: Path, model: nn.Module) -> None:
@@ -357,25 +357,25 @@ def _load_weights(path: Path, model: nn.Module) -> None:
 def _rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state: Dict[str, Any] = {
-        'python': random.getstate(),
-        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'torch': torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    version, internal, gauss = state['python']
+    version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _json_safe(value: Any) -> Any:
@@ -393,23 +393,23 @@ def model_config(
         model_kwargs: Dict[str, Any],
         data_cfg: DataConfig,
 ) -> ModelConfig:
-    """The ``config.json`` of the fine-tuned weights (schema: :mod:`mvit_zoo.data.config`).
+    """The `config.json` of the fine-tuned weights (schema: :mod:`mvit_zoo.data.config`).
 
-    ``timm.create_model('local-dir:<folder>', pretrained=True)`` rebuilds the model from it;
-    ``label_names`` are the class folder names. The preprocessing is the run's; the frame sampling
+    `timm.create_model('local-dir:<folder>', pretrained=True)` rebuilds the model from it;
+    `label_names` are the class folder names. The preprocessing is the run's; the frame sampling
     (an SSv2 model's 'segment') is the pretrained config's.
     """
-    source = dict(getattr(model, 'pretrained_cfg', None) or {})
+    source = dict(getattr(model, "pretrained_cfg", None) or {})
     data = data_cfg.to_dict()
-    video = {k: data[k] for k in ('num_frames', 'sampling_rate', 'channel_order') if k in data}
+    video = {k: data[k] for k in ("num_frames", "sampling_rate", "channel_order") if k in data}
     if data_cfg.is_video:
-        video['frame_sampling'] = source.get('frame_sampling')
-    model_args = {k: v for k, v in model_kwargs.items() if k not in ('drop_path_rate', 'drop_rate')}
-    model_args['num_classes'] = len(label_names)
+        video["frame_sampling"] = source.get("frame_sampling")
+    model_args = {k: v for k, v in model_kwargs.items() if k not in ("drop_path_rate", "drop_rate")}
+    model_args["num_classes"] = len(label_names)
     return config_for_model(
         model, model_args=model_args, label_names=label_names, data_config=video,
-        pretrained_cfg={**source, **{k: data[k] for k in ('mean', 'std', 'crop_pct', 'interpolation')}},
-        source={'tag': name if '.' in name else None, 'description': f'fine-tuned from {name} with mvit-zoo finetune'},
+        pretrained_cfg={**source, **{k: data[k] for k in ("mean", "std", "crop_pct", "interpolation")}},
+        source={"tag": name if "." in name else None, "description": f"fine-tuned from {name} with mvit-zoo finetune"},
     )
 
 
@@ -418,7 +418,7 @@ def model_config(
 # --------------------------------------------------------------------------------------------------
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool, info: DistInfo,
-             progress: bool = False, desc: str = 'val') -> Dict[str, float]:
+             progress: bool = False, desc: str = "val") -> Dict[str, float]:
     """Loss, top-1 and top-5 (percent) over this process's shard, reduced over all processes."""
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return torch.tensor(all_reduce_sum(t.tolist(), info, device), dtype=torch.float64)
@@ -442,21 +442,21 @@ def _apply_mixup(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.
 
 
 def _write_metrics(output: Path, history: List[Dict[str, Any]]) -> None:
-    _write_json(output / 'metrics.json', history)
+    _write_json(output / "metrics.json", history)
     keys: List[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
 
     def write(p: Path) -> None:
-        with open(p, 'w', newline='') as f:
+        with open(p, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
-    _atomic_write(output / 'metrics.csv', write)
+    _atomic_write(output / "metrics.csv", write)
 
 
 def _normalised(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), or None where JSON cannot hold it."""
+    """`value` as it reads back from JSON (tuples become lists), or None where JSON cannot hold it."""
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError):
@@ -467,8 +467,8 @@ def _check_resume_args(saved: Dict[str, Any], args: argparse.Namespace) -> None:
     current = _args_dict(args)
     changed = [k for k, v in saved.items() if k not in _RUNTIME_ARGS and current.get(k, v) != v]
     if changed:
-        detail = ', '.join(f'{k}: {saved[k]!r} -> {current.get(k)!r}' for k in changed)
-        print(f'warning: resuming with changed arguments ({detail}); the run will not match an uninterrupted one',
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed)
+        print(f"warning: resuming with changed arguments ({detail}); the run will not match an uninterrupted one",
               file=sys.stderr)
 
 
@@ -483,14 +483,14 @@ class Trainer:
         self.args = args
         self.info, self.device = init_distributed(args.device)
         self.output = Path(args.output)
-        self.amp = args.amp if args.amp is not None else self.device.type == 'cuda'
+        self.amp = args.amp if args.amp is not None else self.device.type == "cuda"
         self.progress = args.progress and self.info.is_main
         self.history: List[Dict[str, Any]] = []
         self.global_step = 0
         self.start_epoch = 0
         self.start_step = 0
         self.epoch_loss = [0.0, 0.0]  # summed training loss and sample count of the current epoch
-        self.best = {'top1': -1.0, 'epoch': -1}
+        self.best = {"top1": -1.0, "epoch": -1}
         self.finished = False  # set by --resume of a run that has trained all its epochs
         self.interrupted = False  # set when a Ctrl-C stopped training after saving a checkpoint
         self._stop_requested = 0.0  # time of the first Ctrl-C, 0 if none
@@ -498,11 +498,11 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Build model, data, optimizer and schedule; load the saved state with ``--resume``."""
+        """Build model, data, optimizer and schedule; load the saved state with `--resume`."""
         args = self.args
         if args.resume is None and (self.output / STATE_FILE).exists():
-            raise CliError(f'{self.output} already holds a run; pass --resume to continue it '
-                           f'or choose another --output')
+            raise CliError(f"{self.output} already holds a run; pass --resume to continue it "
+                           f"or choose another --output")
         # The data type depends on the model and the head on the data: the overrides are checked and
         # the model's input kind read on a weightless copy first.
         self.model_kwargs, is_video = resolve_model_kwargs(args)
@@ -511,7 +511,7 @@ class Trainer:
             self.classes, train_samples, val_samples = scan_data(Path(args.data), extensions, args.val_split,
                                                                  args.seed)
         except (OSError, ValueError) as e:
-            raise CliError(f'--data: {e}') from e
+            raise CliError(f"--data: {e}") from e
 
         seed_everything(args.seed)
         self.model = create_finetune_model(
@@ -529,9 +529,9 @@ class Trainer:
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
             # MViT's depthwise pooling convs keep channels-last gradients: a harmless DDP performance note
-            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
 
     def _build_data(self, train_samples: Samples, val_samples: Samples) -> None:
@@ -553,7 +553,7 @@ class Trainer:
         shard = len(self.train_sampler)
         drop_last = shard >= args.batch_size
         self.steps_per_epoch = shard // args.batch_size if drop_last else 1
-        pin = self.device.type == 'cuda'
+        pin = self.device.type == "cuda"
         self.train_loader = _loader(self.train_ds, self.train_sampler, args.batch_size, args.workers, drop_last, pin)
         self.val_loader: Optional[DataLoader] = None
         if val_samples:
@@ -564,7 +564,7 @@ class Trainer:
         args = self.args
         # AdamW; timm groups the parameters by layer (group_matcher) for layer decay, and exempts
         # 1-D parameters and model.no_weight_decay() from weight decay
-        self.optimizer = create_optimizer_v2(self.model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay,
+        self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
                                              layer_decay=self._layer_decay())
         total_steps = self.steps_per_epoch * args.epochs
         warmup = min(int(round(args.warmup_epochs * self.steps_per_epoch)), max(total_steps - 1, 0))
@@ -575,8 +575,8 @@ class Trainer:
         self.mixup: Optional[Mixup] = None
         if args.mixup > 0 or args.cutmix > 0:
             if args.batch_size % 2:
-                raise CliError(f'mixup/cutmix pairs the samples of a batch; use an even --batch-size '
-                               f'(not {args.batch_size})')
+                raise CliError(f"mixup/cutmix pairs the samples of a batch; use an even --batch-size "
+                               f"(not {args.batch_size})")
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                                label_smoothing=args.smoothing, num_classes=len(self.classes))
             self.criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = SoftTargetCrossEntropy()
@@ -600,31 +600,31 @@ class Trainer:
 
     def _resume(self, folder: Path) -> None:
         state = read_state(folder)
-        if state['label_names'] != self.classes:
-            raise CliError(f'the classes under {self.args.data} differ from those of the run in {folder}; '
-                           'give the run\'s own --data (or start a new run)')
-        if state['steps_per_epoch'] != self.steps_per_epoch:
+        if state["label_names"] != self.classes:
+            raise CliError(f"the classes under {self.args.data} differ from those of the run in {folder}; "
+                           "give the run's own --data (or start a new run)")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
             raise CliError(f'steps per epoch changed ({state["steps_per_epoch"]} -> {self.steps_per_epoch}: data, '
                            '--batch-size or process count differ); resume with the run\'s own to continue exactly')
-        _check_resume_args(state.get('args', {}), self.args)
-        checkpoint = folder / state['checkpoint']
+        _check_resume_args(state.get("args", {}), self.args)
+        checkpoint = folder / state["checkpoint"]
         _load_checkpoint_file(checkpoint / WEIGHTS_FILE, lambda p: _load_weights(p, self.model), folder)
         if self.ema is not None:
             if not (checkpoint / EMA_WEIGHTS_FILE).exists():
-                raise CliError(f'--ema given but the run in {folder} kept no EMA weights; resume without --ema')
+                raise CliError(f"--ema given but the run in {folder} kept no EMA weights; resume without --ema")
             _load_checkpoint_file(checkpoint / EMA_WEIGHTS_FILE, lambda p: _load_weights(p, self.ema.module), folder)
 
         def load_extra(path: Path) -> None:
-            extra = torch.load(path, map_location='cpu', weights_only=True)
-            self.optimizer.load_state_dict(extra['optimizer'])
-            self.scheduler.load_state_dict(extra['scheduler'])
-            _set_rng_state(extra['rng'])
+            extra = torch.load(path, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(extra["optimizer"])
+            self.scheduler.load_state_dict(extra["scheduler"])
+            _set_rng_state(extra["rng"])
         _load_checkpoint_file(checkpoint / OPTIMIZER_FILE, load_extra, folder)
-        self.global_step = state['global_step']
-        self.start_epoch, self.start_step = state['epoch'], state['step_in_epoch']
-        self.epoch_loss = list(state['epoch_loss']) if self.info.is_main else [0.0, 0.0]
-        self.best = state['best']
-        self.history = state['history']
+        self.global_step = state["global_step"]
+        self.start_epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+        self.epoch_loss = list(state["epoch_loss"]) if self.info.is_main else [0.0, 0.0]
+        self.best = state["best"]
+        self.history = state["history"]
         self.finished = self.start_epoch >= self.args.epochs
         if self.info.is_main:
             # the files derived from the checkpoint, in case the save that made it was cut short
@@ -633,8 +633,8 @@ class Trainer:
             if self.history:
                 _write_metrics(self.output, self.history)
         if self.info.is_main and not self.finished:
-            print(f'resumed from {folder} at epoch {self.start_epoch} step {self.start_step} '
-                  f'(global step {self.global_step})', file=sys.stderr)
+            print(f"resumed from {folder} at epoch {self.start_epoch} step {self.start_step} "
+                  f"(global step {self.global_step})", file=sys.stderr)
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
         """Write a checkpoint (weights, optimizer/scheduler/RNG state, training state; rank 0) and publish
@@ -644,21 +644,21 @@ class Trainer:
         if self.info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             write_config(self.output, self.config())
-            name = f'{CHECKPOINTS_DIR}/step-{self.global_step:08d}-{uuid.uuid4().hex[:8]}'
+            name = f"{CHECKPOINTS_DIR}/step-{self.global_step:08d}-{uuid.uuid4().hex[:8]}"
             checkpoint = self.output / name
             checkpoint.mkdir(parents=True)
             save_weights(checkpoint / WEIGHTS_FILE, self.model, self.global_step)
             if self.ema is not None:
                 save_weights(checkpoint / EMA_WEIGHTS_FILE, self.ema.module, self.global_step)
-            extra = {'global_step': self.global_step, 'optimizer': self.optimizer.state_dict(),
-                     'scheduler': self.scheduler.state_dict(), 'rng': _rng_state()}
+            extra = {"global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
             _atomic_write(checkpoint / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
             state = {
-                'model': self.args.model, 'epoch': epoch, 'step_in_epoch': step_in_epoch,
-                'global_step': self.global_step, 'steps_per_epoch': self.steps_per_epoch,
-                'epochs': self.args.epochs, 'epoch_loss': epoch_loss, 'best': self.best,
-                'label_names': self.classes, 'world_size': self.info.world_size, 'args': _args_dict(self.args),
-                'history': self.history, 'checkpoint': name,
+                "model": self.args.model, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                "epochs": self.args.epochs, "epoch_loss": epoch_loss, "best": self.best,
+                "label_names": self.classes, "world_size": self.info.world_size, "args": _args_dict(self.args),
+                "history": self.history, "checkpoint": name,
             }
             _write_json(self.output / STATE_FILE, state)  # the switch: from here on the run resumes from `name`
             self._publish(checkpoint)
@@ -680,7 +680,7 @@ class Trainer:
 
     def train(self) -> List[Dict[str, Any]]:
         """Train from the start (or the resumed step) to the last epoch, or until a Ctrl-C: then the step
-        under way is finished, a checkpoint saved and ``self.interrupted`` set."""
+        under way is finished, a checkpoint saved and `self.interrupted` set."""
         args, info = self.args, self.info
         if info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -701,13 +701,13 @@ class Trainer:
                 started = time.time()
                 self.ddp_model.train()
                 bar = tqdm(self.train_loader, total=self.steps_per_epoch - skip_steps,
-                           desc=f'epoch {epoch}', disable=not self.progress, dynamic_ncols=True, leave=False)
+                           desc=f"epoch {epoch}", disable=not self.progress, dynamic_ncols=True, leave=False)
                 step = skip_steps
                 for x, y in bar:
                     loss = self.train_step(x, y)
                     step += 1
                     if self.progress:
-                        bar.set_postfix(loss=f'{loss:.4f}', lr=f'{self._lr():.2e}')
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}")
                     if step < self.steps_per_epoch:
                         stop = self._stop_agreed()
                         if stop or (args.save_every and self.global_step % args.save_every == 0):
@@ -736,7 +736,7 @@ class Trainer:
             if not self._stop_requested:
                 self._stop_requested = time.monotonic()
                 if self.info.is_main:
-                    print('\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)',
+                    print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
                           file=sys.stderr)
         # NOTE: torchrun forwards a Ctrl-C to its workers, which the terminal also signals: the 1 s grace
         # keeps that pair from counting as the second Ctrl-C
@@ -761,7 +761,7 @@ class Trainer:
         except SampleError as e:
             # raised in a loader worker, the message holds the worker's traceback; its last line is ours
             message = str(e).strip().splitlines()[-1]
-            raise CliError(message.split('SampleError: ', 1)[-1]) from e
+            raise CliError(message.split("SampleError: ", 1)[-1]) from e
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer update; returns the batch loss."""
@@ -776,9 +776,9 @@ class Trainer:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise CliError(
-                f'the training loss is {value} at global step {self.global_step}; stopped before updating the '
-                f'weights (the last checkpoint in {self.output} is intact); fix: a lower --lr, --clip-grad 1, '
-                '--no-amp, or check the data and the starting weights')
+                f"the training loss is {value} at global step {self.global_step}; stopped before updating the "
+                f"weights (the last checkpoint in {self.output} is intact); fix: a lower --lr, --clip-grad 1, "
+                "--no-amp, or check the data and the starting weights")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.args.clip_grad:
@@ -792,48 +792,48 @@ class Trainer:
         return value
 
     def _lr(self) -> float:
-        return max(g['lr'] for g in self.optimizer.param_groups)
+        return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def validate(self, model: nn.Module, desc: str = 'val') -> Dict[str, float]:
-        """Loss, top-1 and top-5 (percent) of ``model`` on the validation data, over all processes."""
+    def validate(self, model: nn.Module, desc: str = "val") -> Dict[str, float]:
+        """Loss, top-1 and top-5 (percent) of `model` on the validation data, over all processes."""
         return evaluate(model, self.val_loader, self.device, self.amp, self.info, self.progress, desc)
 
     def end_epoch(self, epoch: int, seconds: float) -> None:
         loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
-        row: Dict[str, Any] = {'epoch': epoch, 'step': self.global_step, 'lr': self._lr(),
-                               'train_loss': loss_sum / max(count, 1.0)}
+        row: Dict[str, Any] = {"epoch": epoch, "step": self.global_step, "lr": self._lr(),
+                               "train_loss": loss_sum / max(count, 1.0)}
         if self.val_loader is not None:
-            row.update({f'val_{k}': v for k, v in self.validate(self.model).items()})
+            row.update({f"val_{k}": v for k, v in self.validate(self.model).items()})
             if self.ema is not None:
-                row.update({f'ema_val_{k}': v for k, v in self.validate(self.ema.module, 'val (ema)').items()})
-        row['epoch_time'] = round(seconds, 3)
+                row.update({f"ema_val_{k}": v for k, v in self.validate(self.ema.module, "val (ema)").items()})
+        row["epoch_time"] = round(seconds, 3)
         self.history.append(row)
-        improved = 'val_top1' in row and row['val_top1'] > self.best['top1']
+        improved = "val_top1" in row and row["val_top1"] > self.best["top1"]
         if improved:
-            self.best = {'top1': row['val_top1'], 'epoch': epoch}
+            self.best = {"top1": row["val_top1"], "epoch": epoch}
         self.epoch_loss = [0.0, 0.0]
         self.save(epoch + 1, 0)
         if self.info.is_main:
             if improved:
                 save_weights(self.output / BEST_WEIGHTS_FILE, self.model, self.global_step)
             _write_metrics(self.output, self.history)
-            print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()),
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   file=sys.stderr)
 
 
 def read_state(folder: Path) -> Dict[str, Any]:
-    """The training state of the run saved in ``folder`` (its ``train_state.json``)."""
+    """The training state of the run saved in `folder` (its `train_state.json`)."""
     path = folder / STATE_FILE
     if not path.is_file():
-        raise CliError(f'nothing to resume: {path} does not exist; give the --output folder of a run, '
-                       'or drop --resume to start a new one')
+        raise CliError(f"nothing to resume: {path} does not exist; give the --output folder of a run, "
+                       "or drop --resume to start a new one")
     try:
         state = json.loads(path.read_text())
     except ValueError as e:
-        state = {'error': str(e)}
-    if not isinstance(state, dict) or 'checkpoint' not in state:
-        raise CliError(f'{path} is damaged or not a training state; start a new run '
-                       f'(e.g. from its published weights: --pretrained-file {folder / WEIGHTS_FILE})')
+        state = {"error": str(e)}
+    if not isinstance(state, dict) or "checkpoint" not in state:
+        raise CliError(f"{path} is damaged or not a training state; start a new run "
+                       f"(e.g. from its published weights: --pretrained-file {folder / WEIGHTS_FILE})")
     return state
 
 
@@ -842,74 +842,74 @@ def read_state(folder: Path) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``finetune`` options to ``parser``."""
-    parser.description = __doc__.split('\n\n')[0]
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default=None,
-                   help='model name, optionally with a pretrained tag: NAME[.tag] (required but with --resume)')
-    g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                   help='start from the pretrained weights of NAME[.tag] (default: yes)')
-    g.add_argument('--pretrained-file', default=None, metavar='FILE',
-                   help='start from the weights in this local file instead (safetensors or torch checkpoint)')
-    g.add_argument('--model-kwargs', default=None, metavar='JSON',
+    """Add the `finetune` options to `parser`."""
+    parser.description = __doc__.split("\n\n")[0]
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="model name, optionally with a pretrained tag: NAME[.tag] (required but with --resume)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from the pretrained weights of NAME[.tag] (default: yes)")
+    g.add_argument("--pretrained-file", default=None, metavar="FILE",
+                   help="start from the weights in this local file instead (safetensors or torch checkpoint)")
+    g.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='architecture overrides, e.g. \'{"depths": [1,1,1,1], "embed_dim": 32}\'')
-    g.add_argument('--img-size', type=int, default=None, metavar='SIZE',
+    g.add_argument("--img-size", type=int, default=None, metavar="SIZE",
                    help="input height and width (square) for model and data (default: the model's)")
-    g.add_argument('--num-frames', type=int, default=None, metavar='T',
+    g.add_argument("--num-frames", type=int, default=None, metavar="T",
                    help="video models: frames per clip for model and data (default: the model's)")
-    g.add_argument('--drop-path', type=float, default=None, help="stochastic depth rate (default: the model's)")
-    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
-    d = parser.add_argument_group('data')
-    d.add_argument('--data', default=None, metavar='DIR',
-                   help='class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them '
-                        '(required but with --resume)')
-    d.add_argument('--val-split', type=float, default=0.1,
-                   help='fraction of each class held out for validation when DIR has no val/ (default: %(default)s)')
-    d.add_argument('--workers', type=int, default=0, help='data-loading processes (default: %(default)s)')
-    d.add_argument('--sampling-rate', type=int, default=None, metavar='TAU',
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", default=None, metavar="DIR",
+                   help="class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them "
+                        "(required but with --resume)")
+    d.add_argument("--val-split", type=float, default=0.1,
+                   help="fraction of each class held out for validation when DIR has no val/ (default: %(default)s)")
+    d.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    d.add_argument("--sampling-rate", type=int, default=None, metavar="TAU",
                    help="video: stride between the T sampled frames (default: the model's pretrained config)")
-    d.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
-                   help='random-resized-crop area range (default: 0.08 1.0)')
-    d.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default: %(default)s)')
-    d.add_argument('--color-jitter', type=float, default=0.4, help='images: colour jitter (default: %(default)s)')
-    d.add_argument('--aa', default=None, help="images: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
-    d.add_argument('--reprob', type=float, default=0.0, help='images: random erasing probability (default: 0)')
-    d.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (default: 0, off)')
-    d.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (default: 0, off)')
-    d.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch (default: 1)')
-    o = parser.add_argument_group('optimisation')
-    o.add_argument('--epochs', type=int, default=10, help='(default: %(default)s)')
-    o.add_argument('--batch-size', type=int, default=32, help='per process (default: %(default)s)')
-    o.add_argument('--eval-batch-size', type=int, default=None, help='per process (default: --batch-size)')
-    o.add_argument('--lr', type=float, default=5e-4, help='peak AdamW learning rate (default: %(default)s)')
-    o.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end (default: %(default)s)')
-    o.add_argument('--warmup-epochs', type=float, default=1.0,
-                   help='linear warm-up, may be fractional (default: %(default)s)')
-    o.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up start (default: %(default)s)')
-    o.add_argument('--weight-decay', type=float, default=0.05,
-                   help='AdamW weight decay, not applied to norms, biases and position tables (default: %(default)s)')
-    o.add_argument('--layer-decay', type=float, default=None,
-                   help='layer-wise learning-rate decay; 1 turns it off (default: 0.75 from pretrained weights, '
-                        'else 1)')
-    o.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
-    o.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clipping')
-    o.add_argument('--ema', action='store_true', help='also keep (and validate) an EMA of the weights')
-    o.add_argument('--ema-decay', type=float, default=0.9998, help='(default: %(default)s)')
-    o.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='bf16 autocast (default: on with CUDA, off on CPU)')
-    o.add_argument('--seed', type=int, default=0, help='(default: %(default)s)')
-    r = parser.add_argument_group('run')
-    r.add_argument('--output', default=None, metavar='DIR',
-                   help='where model.safetensors, config.json, metrics and the training state go '
-                        '(required but with --resume)')
-    r.add_argument('--resume', nargs='?', const='', default=None, metavar='DIR',
-                   help='continue the run saved in DIR (default: --output) exactly where it stopped; options '
-                        'not given take the run\'s values, so `--resume DIR` alone is enough')
-    r.add_argument('--save-every', type=int, default=0, metavar='STEPS',
-                   help='also save the training state every STEPS steps within epochs (default: epoch ends only)')
-    r.add_argument('--device', default='auto', help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
-    r.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
-                   help='tqdm progress bars (default: yes)')
+    d.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (default: 0.08 1.0)")
+    d.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: %(default)s)")
+    d.add_argument("--color-jitter", type=float, default=0.4, help="images: colour jitter (default: %(default)s)")
+    d.add_argument("--aa", default=None, help="images: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
+    d.add_argument("--reprob", type=float, default=0.0, help="images: random erasing probability (default: 0)")
+    d.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (default: 0, off)")
+    d.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (default: 0, off)")
+    d.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch (default: 1)")
+    o = parser.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    o.add_argument("--batch-size", type=int, default=32, help="per process (default: %(default)s)")
+    o.add_argument("--eval-batch-size", type=int, default=None, help="per process (default: --batch-size)")
+    o.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default: %(default)s)")
+    o.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end (default: %(default)s)")
+    o.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up, may be fractional (default: %(default)s)")
+    o.add_argument("--warmup-lr", type=float, default=1e-6, help="warm-up start (default: %(default)s)")
+    o.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay, not applied to norms, biases and position tables (default: %(default)s)")
+    o.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay; 1 turns it off (default: 0.75 from pretrained weights, "
+                        "else 1)")
+    o.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
+    o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="gradient norm clipping")
+    o.add_argument("--ema", action="store_true", help="also keep (and validate) an EMA of the weights")
+    o.add_argument("--ema-decay", type=float, default=0.9998, help="(default: %(default)s)")
+    o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on CPU)")
+    o.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--output", default=None, metavar="DIR",
+                   help="where model.safetensors, config.json, metrics and the training state go "
+                        "(required but with --resume)")
+    r.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue the run saved in DIR (default: --output) exactly where it stopped; options "
+                        "not given take the run's values, so `--resume DIR` alone is enough")
+    r.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="also save the training state every STEPS steps within epochs (default: epoch ends only)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars (default: yes)")
 
 
 def _defaults() -> Dict[str, Any]:
@@ -919,26 +919,26 @@ def _defaults() -> Dict[str, Any]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    missing = [f'--{name}' for name in _RUN_ARGS if getattr(args, name) is None]
+    missing = [f"--{name}" for name in _RUN_ARGS if getattr(args, name) is None]
     if missing:
         raise CliError(f'{", ".join(missing)} required (or --resume DIR to continue a run)')
-    for name in ('epochs', 'batch_size', 'eval_batch_size', 'img_size', 'num_frames', 'save_every'):
+    for name in ("epochs", "batch_size", "eval_batch_size", "img_size", "num_frames", "save_every"):
         value = getattr(args, name)
-        if value is not None and (value < 1 if name != 'save_every' else value < 0):
-            flag = '--' + name.replace('_', '-')
+        if value is not None and (value < 1 if name != "save_every" else value < 0):
+            flag = "--" + name.replace("_", "-")
             raise CliError(f'{flag} {value}: must be {"at least 1" if name != "save_every" else "0 or more"}')
 
 
 def _restore_run_args(args: argparse.Namespace) -> None:
-    """``--resume``: options not given (left at their defaults) take the values of the run being resumed;
+    """`--resume`: options not given (left at their defaults) take the values of the run being resumed;
     the output folder defaults to the run's folder."""
     if not (args.resume or args.output):
-        raise CliError('--resume needs the folder of the run: --resume DIR')
+        raise CliError("--resume needs the folder of the run: --resume DIR")
     folder = Path(args.resume or args.output)
     state = read_state(folder)
     defaults = _defaults()
-    for key, value in state.get('args', {}).items():
-        if key not in defaults or key in ('resume', 'output'):
+    for key, value in state.get("args", {}).items():
+        if key not in defaults or key in ("resume", "output"):
             continue
         current = getattr(args, key, None)
         if (key in _RUN_ARGS and current is None) or (
@@ -950,7 +950,7 @@ def _restore_run_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fine-tune as described by parsed ``args``; returns the exit status (130 after a Ctrl-C)."""
+    """Fine-tune as described by parsed `args`; returns the exit status (130 after a Ctrl-C)."""
     if args.resume is not None:
         _restore_run_args(args)
     _check_args(args)
@@ -960,9 +960,9 @@ def run(args: argparse.Namespace) -> int:
         trainer.setup()
         if trainer.finished:
             if trainer.info.is_main:
-                print(f'the run in {args.resume} is finished ({trainer.start_epoch} of {args.epochs} epochs, global '
-                      f'step {trainer.global_step}): nothing to resume. To train further, start a new run from its '
-                      f'weights: --pretrained-file {Path(args.resume) / WEIGHTS_FILE}', file=sys.stderr)
+                print(f"the run in {args.resume} is finished ({trainer.start_epoch} of {args.epochs} epochs, global "
+                      f"step {trainer.global_step}): nothing to resume. To train further, start a new run from its "
+                      f"weights: --pretrained-file {Path(args.resume) / WEIGHTS_FILE}", file=sys.stderr)
             return 0
         trainer.train()
     finally:
@@ -970,19 +970,19 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if trainer.interrupted:
         if trainer.info.is_main:
-            launcher = (f'torchrun --nproc_per_node={trainer.info.world_size} -m mvit_zoo'
-                        if trainer.info.enabled else 'mvit-zoo')
-            print(f'saved a checkpoint at global step {trainer.global_step} in {trainer.output}; resume with:\n'
-                  f'  {launcher} finetune --resume {shlex.quote(str(trainer.output))}', file=sys.stderr)
+            launcher = (f"torchrun --nproc_per_node={trainer.info.world_size} -m mvit_zoo"
+                        if trainer.info.enabled else "mvit-zoo")
+            print(f"saved a checkpoint at global step {trainer.global_step} in {trainer.output}; resume with:\n"
+                  f"  {launcher} finetune --resume {shlex.quote(str(trainer.output))}", file=sys.stderr)
         return 130
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='mvit-zoo finetune')
+    parser = argparse.ArgumentParser(prog="mvit-zoo finetune")
     configure_parser(parser)
     return run(parser.parse_args(argv))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

@@ -8,15 +8,15 @@ Usage::
     mvit-zoo predict photos/                           # every image and video in a folder and its subfolders
     mvit-zoo predict photo.png --checkpoint runs/flowers   # a folder written by `mvit-zoo finetune`
 
-Label names come from a fine-tuned folder's ``config.json`` (``label_names``), or from the
+Label names come from a fine-tuned folder's `config.json` (`label_names`), or from the
 label set of the model's pretrained config (ImageNet-1k and Kinetics-400 lists ship with the
-package). A video is read with PyAV and one centred clip of ``T`` frames every ``tau`` frames
+package). A video is read with PyAV and one centred clip of `T` frames every `tau` frames
 is classified; an image given to a video model is repeated over time, and a video given to
 an image model is reduced to its middle frame.
 
 A bad input (a missing or unreadable file, a checkpoint that does not fit the model, a device that is
 not there) raises `CliError`, which `mvit-zoo` prints as one line; non-finite outputs are refused
-rather than printed as ``nan%`` or written as JSON ``NaN``.
+rather than printed as `nan%` or written as JSON `NaN`.
 """
 from __future__ import annotations
 
@@ -42,37 +42,37 @@ from ..weights.hub import CorruptCheckpointError, read_checkpoint
 from .cli import CliError
 from .finetune import parse_model_kwargs
 
-__all__ = ['DATA_DIR', 'DEFAULT_MODEL', 'SAMPLE_IMAGE', 'find_inputs', 'label_names_for', 'load_label_set',
-           'load_input', 'load_model', 'predict', 'configure_parser', 'run', 'main']
+__all__ = ["DATA_DIR", "DEFAULT_MODEL", "SAMPLE_IMAGE", "find_inputs", "label_names_for", "load_label_set",
+           "load_input", "load_model", "predict", "configure_parser", "run", "main"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SAMPLE_IMAGE = DATA_DIR / 'chelsea.jpg'
-DEFAULT_MODEL = 'mvit_small.fb_in1k'
-_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model_best.safetensors')
-_LABEL_SET_BY_CLASSES = {1000: 'imagenet-1k', 400: 'kinetics-400'}
+SAMPLE_IMAGE = DATA_DIR / "chelsea.jpg"
+DEFAULT_MODEL = "mvit_small.fb_in1k"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_best.safetensors")
+_LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
-_CHECKPOINT_HINT = 'pass a folder written by `mvit-zoo finetune` or a weights file (.safetensors, .pth, .bin)'
+_CHECKPOINT_HINT = "pass a folder written by `mvit-zoo finetune` or a weights file (.safetensors, .pth, .bin)"
 
 
 def load_label_set(label_set: str) -> Optional[List[str]]:
-    """The shipped class names of a label set (``imagenet-1k``, ``kinetics-400``), if any."""
-    path = DATA_DIR / f'{label_set}.txt'
+    """The shipped class names of a label set (`imagenet-1k`, `kinetics-400`), if any."""
+    path = DATA_DIR / f"{label_set}.txt"
     if not path.is_file():
         return None
-    return path.read_text(encoding='utf-8').splitlines()
+    return path.read_text(encoding="utf-8").splitlines()
 
 
 def label_names_for(model: nn.Module, num_classes: int) -> List[str]:
-    """Class names for ``model``'s outputs: its pretrained_cfg's names or label set, else indices."""
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    names = cfg.get('label_names')
+    """Class names for `model`'s outputs: its pretrained_cfg's names or label set, else indices."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    names = cfg.get("label_names")
     if names and len(names) == num_classes:
         return list(names)
-    label_set = cfg.get('label_set') or _LABEL_SET_BY_CLASSES.get(num_classes)
+    label_set = cfg.get("label_set") or _LABEL_SET_BY_CLASSES.get(num_classes)
     names = load_label_set(label_set) if label_set else None
     if names and len(names) == num_classes:
         return names
-    return [f'class {i}' for i in range(num_classes)]
+    return [f"class {i}" for i in range(num_classes)]
 
 
 def _read_config(folder: Path) -> Dict[str, Any]:
@@ -88,7 +88,7 @@ def _weights_in(folder: Path) -> Path:
 
 
 def _read_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``--checkpoint`` file or folder, read without running code from it."""
+    """The tensors of a `--checkpoint` file or folder, read without running code from it."""
     if not checkpoint.exists():
         raise CliError(f"no checkpoint found at '{checkpoint}': {_CHECKPOINT_HINT}")
     weights = _weights_in(checkpoint) if checkpoint.is_dir() else checkpoint
@@ -98,33 +98,33 @@ def _read_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
     try:
         return unwrap_checkpoint(read_checkpoint(weights, forget_if_corrupt=False))
     except CorruptCheckpointError as e:  # its message quotes the reader's error, which can be a page long
-        raise CliError(f'--checkpoint {weights} is not a checkpoint (neither safetensors nor a weights-only torch '
-                       f'pickle), or a truncated one; {_CHECKPOINT_HINT}') from e
+        raise CliError(f"--checkpoint {weights} is not a checkpoint (neither safetensors nor a weights-only torch "
+                       f"pickle), or a truncated one; {_CHECKPOINT_HINT}") from e
 
 
 def _check_model_name(name: str) -> None:
     """Refuse an unknown architecture or pretrained tag, naming the close ones."""
-    arch, _, tag = name.partition('.')
+    arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f'did you mean {" or ".join(close)}?' if close else 'mvit_zoo.list_models() lists the MViT ones'
+        hint = f'did you mean {" or ".join(close)}?' if close else "mvit_zoo.list_models() lists the MViT ones"
         raise CliError(f"unknown model '{arch}': {hint}")
-    tags = [n.partition('.')[2] for n in timm.list_pretrained(f'{arch}.*')]
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
     if tag and tag not in tags:
-        known = ', '.join(tags) if tags else f'none: pass --no-pretrained, or --model {arch} with --checkpoint'
+        known = ", ".join(tags) if tags else f"none: pass --no-pretrained, or --model {arch} with --checkpoint"
         raise CliError(f"unknown pretrained tag '{tag}' for {arch}; its tags: {known}")
 
 
 def _load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
-    """``model.load_state_dict(state_dict)``, or one line naming the keys and shapes that disagree."""
+    """`model.load_state_dict(state_dict)`, or one line naming the keys and shapes that disagree."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    resized = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+    resized = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
                for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     problems = [f'{len(keys)} {what} ({", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""})'
-                for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                                   ('shapes differ: checkpoint vs model', resized)) if keys]
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("shapes differ: checkpoint vs model", resized)) if keys]
     if problems:
         raise CliError(f'checkpoint {checkpoint} does not fit {name}: {"; ".join(problems)}. Pass the --model and '
                        f'--model-kwargs it was trained with, or the folder written with it (its config.json '
@@ -140,9 +140,9 @@ def load_model(
 ) -> Tuple[nn.Module, List[str], DataConfig]:
     """Model (eval mode), its class names and its preprocessing.
 
-    ``checkpoint`` is a folder written by ``mvit-zoo finetune`` (config.json + weights) or a
+    `checkpoint` is a folder written by `mvit-zoo finetune` (config.json + weights) or a
     weights file (safetensors or torch); with a folder the architecture, its arguments and the
-    class names come from its ``config.json``.
+    class names come from its `config.json`.
     """
     model_kwargs = dict(model_kwargs or {})
     config: Dict[str, Any] = {}
@@ -151,11 +151,11 @@ def load_model(
         path = Path(checkpoint)
         state_dict = _read_state_dict(path)
         config = _read_config(path if path.is_dir() else path.parent)
-        name = name or config.get('architecture')
+        name = name or config.get("architecture")
         if not name:
-            raise CliError(f'--model is needed: no {CONFIG_FILE} with an architecture next to {checkpoint}')
-        model_kwargs = {**parse_model_kwargs(json.dumps(config.get('model_args', {}))), **model_kwargs}
-        model_kwargs['num_classes'] = _num_classes(name, state_dict, config)
+            raise CliError(f"--model is needed: no {CONFIG_FILE} with an architecture next to {checkpoint}")
+        model_kwargs = {**parse_model_kwargs(json.dumps(config.get("model_args", {}))), **model_kwargs}
+        model_kwargs["num_classes"] = _num_classes(name, state_dict, config)
         pretrained = False
     assert name is not None
     _check_model_name(name)
@@ -164,38 +164,38 @@ def load_model(
     except (TypeError, ValueError) as e:  # an argument the model does not take, or a value it cannot use
         if not model_kwargs:
             raise
-        source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else '--model-kwargs'
-        raise CliError(f'cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields of '
-                       f'its config, with values it accepts') from e
-    if not getattr(model, 'num_classes', 0):
-        raise CliError(f'{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes '
-                       f'from --model-kwargs, or pass a checkpoint with a head')
+        source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else "--model-kwargs"
+        raise CliError(f"cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields of "
+                       f"its config, with values it accepts") from e
+    if not getattr(model, "num_classes", 0):
+        raise CliError(f"{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes "
+                       f"from --model-kwargs, or pass a checkpoint with a head")
     if state_dict is not None:
         _load_weights(model, state_dict, str(checkpoint), name)
     model.eval()
-    labels = config.get('label_names') or label_names_for(model, model.num_classes)
+    labels = config.get("label_names") or label_names_for(model, model.num_classes)
     if len(labels) != model.num_classes:
-        labels = [f'class {i}' for i in range(model.num_classes)]
-    data_cfg = resolve_data_config(model, config.get('data_config', {}).get('sampling_rate'))
-    if config.get('pretrained_cfg'):
-        saved = config['pretrained_cfg']
+        labels = [f"class {i}" for i in range(model.num_classes)]
+    data_cfg = resolve_data_config(model, config.get("data_config", {}).get("sampling_rate"))
+    if config.get("pretrained_cfg"):
+        saved = config["pretrained_cfg"]
         data_cfg = DataConfig(
             input_size=data_cfg.input_size,
-            mean=tuple(saved.get('mean', data_cfg.mean)), std=tuple(saved.get('std', data_cfg.std)),
-            crop_pct=float(saved.get('crop_pct', data_cfg.crop_pct)),
-            interpolation=saved.get('interpolation', data_cfg.interpolation),
+            mean=tuple(saved.get("mean", data_cfg.mean)), std=tuple(saved.get("std", data_cfg.std)),
+            crop_pct=float(saved.get("crop_pct", data_cfg.crop_pct)),
+            interpolation=saved.get("interpolation", data_cfg.interpolation),
             sampling_rate=data_cfg.sampling_rate,
-            channel_order=config.get('data_config', {}).get('channel_order', data_cfg.channel_order),
+            channel_order=config.get("data_config", {}).get("channel_order", data_cfg.channel_order),
         )
     return model, list(labels), data_cfg
 
 
 def _num_classes(name: str, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> int:
     """Class count of a checkpoint: from its config, else from the classifier's weight."""
-    if config.get('num_classes'):
-        return int(config['num_classes'])
-    classifier = timm.models.get_pretrained_cfg_value(name.split('.')[0], 'classifier') or 'head'
-    for key in (f'{classifier}.weight', 'head.fc.weight', 'head.weight', 'fc.weight'):
+    if config.get("num_classes"):
+        return int(config["num_classes"])
+    classifier = timm.models.get_pretrained_cfg_value(name.split(".")[0], "classifier") or "head"
+    for key in (f"{classifier}.weight", "head.fc.weight", "head.weight", "fc.weight"):
         if key in state_dict:
             return int(state_dict[key].shape[0])
     raise CliError(f'cannot tell the class count of the checkpoint (no {classifier}.weight): pass the folder '
@@ -209,7 +209,7 @@ def find_inputs(paths: Sequence[str]) -> List[Path]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files = sorted(f for f in path.rglob('*') if f.suffix.lower() in INPUT_EXTENSIONS and f.is_file())
+            files = sorted(f for f in path.rglob("*") if f.suffix.lower() in INPUT_EXTENSIONS and f.is_file())
             if not files:
                 raise CliError(f'no image or video files in the folder {path} (nor its subfolders); predict reads '
                                f'{", ".join(INPUT_EXTENSIONS)}')
@@ -217,12 +217,12 @@ def find_inputs(paths: Sequence[str]) -> List[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise CliError(f'no such file or folder: {path}; pass image or video files, or folders of them')
+            raise CliError(f"no such file or folder: {path}; pass image or video files, or folders of them")
     return found
 
 
 def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
-    """One preprocessed input, ``(C, H, W)`` or ``(C, T, H, W)`` as the model expects."""
+    """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects."""
     from PIL import Image, UnidentifiedImageError
 
     transform = build_transform(data_cfg, is_training=False)
@@ -233,19 +233,19 @@ def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
                                  transform=transform)
             frames = read_video(path)
         except ValueError as e:  # no video stream, no frames, or data PyAV cannot decode (InvalidDataError)
-            raise CliError(f'cannot read the video {path}: {e}; pass a video with at least one decodable '
-                           f'frame') from e
+            raise CliError(f"cannot read the video {path}: {e}; pass a video with at least one decodable "
+                           f"frame") from e
         return transform(Image.fromarray(frames[len(frames) // 2]))
     try:
-        with open(path, 'rb') as f:
-            img = Image.open(f).convert('RGB')
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
     except UnidentifiedImageError as e:
         raise CliError(f'{path} is not an image Pillow can read, nor a video ({", ".join(VIDEO_EXTENSIONS)}); '
                        f'pass image or video files') from e
     except Image.DecompressionBombError as e:
-        raise CliError(f'{path} is refused as a possible decompression bomb ({e}); pass a smaller image') from e
+        raise CliError(f"{path} is refused as a possible decompression bomb ({e}); pass a smaller image") from e
     except OSError as e:  # a truncated or damaged image file
-        raise CliError(f'cannot read the image {path} ({e}); pass an intact image file') from e
+        raise CliError(f"cannot read the image {path} ({e}); pass an intact image file") from e
     if data_cfg.is_video:
         import numpy as np
         frame = np.asarray(img)
@@ -255,7 +255,7 @@ def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, top_k: int = 5) -> List[Tuple[int, float]]:
-    """Top-``k`` (class index, probability) for one preprocessed input; ValueError if the outputs are
+    """Top-`k` (class index, probability) for one preprocessed input; ValueError if the outputs are
     not finite (NaN or Inf)."""
     device = next(model.parameters()).device
     logits = model(x.unsqueeze(0).to(device)).float()[0]
@@ -263,12 +263,12 @@ def predict(model: nn.Module, x: torch.Tensor, top_k: int = 5) -> List[Tuple[int
 
 
 def ranked(probs: torch.Tensor, k: int) -> List[Tuple[int, float]]:
-    """Top-``k`` (class index, probability) of class probabilities ``(num_classes,)``; ValueError if they
+    """Top-`k` (class index, probability) of class probabilities `(num_classes,)`; ValueError if they
     are not finite (NaN or Inf)."""
     if not torch.isfinite(probs).all():
-        raise ValueError(f'the model gave non-finite outputs ({int((~torch.isfinite(probs)).sum())} of '
-                         f'{probs.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; '
-                         f'check the checkpoint and --model-kwargs')
+        raise ValueError(f"the model gave non-finite outputs ({int((~torch.isfinite(probs)).sum())} of "
+                         f"{probs.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; "
+                         f"check the checkpoint and --model-kwargs")
     values, indices = probs.topk(min(k, probs.numel()))
     return [(int(i), float(v)) for i, v in zip(indices, values, strict=True)]
 
@@ -276,48 +276,48 @@ def ranked(probs: torch.Tensor, k: int) -> List[Tuple[int, float]]:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _device(spec: str) -> torch.device:
-    """The ``--device``: 'auto' is CUDA when torch sees a GPU, else the CPU; others must work here."""
-    if spec == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    """The `--device`: 'auto' is CUDA when torch sees a GPU, else the CPU; others must work here."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without that backend
-        reason = str(e).strip().split('. ')[0] or type(e).__name__  # torch's first sentence says it
-        raise CliError(f'--device {spec} cannot be used here ({reason}); pass --device cpu, or auto (a GPU when '
-                       f'torch sees one)') from e
+        reason = str(e).strip().split(". ")[0] or type(e).__name__  # torch's first sentence says it
+        raise CliError(f"--device {spec} cannot be used here ({reason}); pass --device cpu, or auto (a GPU when "
+                       f"torch sees one)") from e
     return device
 
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint, --pretrained and --model-kwargs: what `load_model` takes besides the name."""
-    parser.add_argument('--checkpoint', default=None, metavar='PATH',
-                        help='a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights '
-                             'file')
-    parser.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
-                        help='load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)')
-    parser.add_argument('--model-kwargs', default=None, metavar='JSON', help='architecture overrides (JSON object)')
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights "
+                             "file")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON", help="architecture overrides (JSON object)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``predict`` options to ``parser``."""
-    parser.description = __doc__.split('\n\n')[0]
-    parser.add_argument('inputs', nargs='*', metavar='PATH',
-                        help='image or video files, or folders of them (searched recursively; default: the shipped '
-                             f'sample photo {SAMPLE_IMAGE.name})')
-    parser.add_argument('--model', default=None,
-                        help=f'NAME[.tag] (default: from --checkpoint\'s config.json, else {DEFAULT_MODEL})')
+    """Add the `predict` options to `parser`."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("inputs", nargs="*", metavar="PATH",
+                        help="image or video files, or folders of them (searched recursively; default: the shipped "
+                             f"sample photo {SAMPLE_IMAGE.name})")
+    parser.add_argument("--model", default=None,
+                        help=f"NAME[.tag] (default: from --checkpoint's config.json, else {DEFAULT_MODEL})")
     add_weight_arguments(parser)
-    parser.add_argument('--views', default=None, metavar='TxS',
-                        help='video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does')
-    parser.add_argument('--top-k', type=_positive_int, default=5, help='(default: %(default)s)')
-    parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
-    parser.add_argument('--json', action='store_true', help='print one JSON object per input')
+    parser.add_argument("--views", default=None, metavar="TxS",
+                        help="video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does")
+    parser.add_argument("--top-k", type=_positive_int, default=5, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... (auto: CUDA if available)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per input")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,23 +334,23 @@ def run(args: argparse.Namespace) -> int:
             else:
                 top = predict(model, load_input(path, data_cfg), args.top_k)
         except ValueError as e:
-            raise CliError(f'{path}: {e}') from e
+            raise CliError(f"{path}: {e}") from e
         if args.json:
-            print(json.dumps({'input': str(path), 'top': [
-                {'index': i, 'label': labels[i], 'probability': p} for i, p in top]}, allow_nan=False))
+            print(json.dumps({"input": str(path), "top": [
+                {"index": i, "label": labels[i], "probability": p} for i, p in top]}, allow_nan=False))
         else:
-            print(f'{path}:')
+            print(f"{path}:")
             for rank, (i, p) in enumerate(top, 1):
-                print(f'  {rank}. {100 * p:6.2f}%  {labels[i]}  ({i})')
+                print(f"  {rank}. {100 * p:6.2f}%  {labels[i]}  ({i})")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``mvit-zoo predict ARGV``: the same parser and one-line errors as the ``mvit-zoo`` front."""
+    """`mvit-zoo predict ARGV`: the same parser and one-line errors as the `mvit-zoo` front."""
     from .cli import main as cli_main
 
-    return cli_main(['predict', *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

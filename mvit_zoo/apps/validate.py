@@ -7,10 +7,10 @@ Usage::
     mvit-zoo validate --checkpoint runs/flowers --data flowers/ --results-file flowers.json
     mvit-zoo validate --model resnet18 --data imagenet/                     # any timm classifier
 
-Folders are matched to the model's classes by name (the checkpoint's ``label_names``, else the
+Folders are matched to the model's classes by name (the checkpoint's `label_names`, else the
 label set of the model's pretrained cfg: Kinetics names, ImageNet synsets or names), else by class
-index. Video models are scored over ``--views TxS`` (temporal clips x spatial crops; default: the
-tag's ``test_views``) with the softmax scores averaged, as SlowFast's test.
+index. Video models are scored over `--views TxS` (temporal clips x spatial crops; default: the
+tag's `test_views`) with the softmax scores averaged, as SlowFast's test.
 """
 from __future__ import annotations
 
@@ -29,28 +29,28 @@ from .finetune import parse_model_kwargs
 from ..data.config import find_config
 from .predict import add_weight_arguments, load_model
 
-__all__ = ['configure_parser', 'run']
+__all__ = ["configure_parser", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``validate`` options to ``parser``."""
-    parser.description = __doc__.split('\n\n')[0]
-    parser.add_argument('--model', default=None, help="NAME[.tag] (default: from --checkpoint's config.json)")
-    parser.add_argument('--data', required=True, metavar='DIR', help='DIR/<class>/<file> or DIR/val/<class>/<file>')
+    """Add the `validate` options to `parser`."""
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--model", default=None, help="NAME[.tag] (default: from --checkpoint's config.json)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="DIR/<class>/<file> or DIR/val/<class>/<file>")
     add_weight_arguments(parser)
-    parser.add_argument('--views', default=None, metavar='TxS',
+    parser.add_argument("--views", default=None, metavar="TxS",
                         help="video: temporal clips x spatial crops, S = 1 or 3 (default: the tag's test_views)")
-    parser.add_argument('--batch-size', type=int, default=8, help='views per forward pass (default: %(default)s)')
-    parser.add_argument('--workers', type=int, default=0, help='data-loading processes (default: %(default)s)')
-    parser.add_argument('--amp', action='store_true', help='bf16 autocast')
-    parser.add_argument('--device', default='auto', help="'cpu', 'cuda', ... (auto: CUDA if available)")
-    parser.add_argument('--results-file', default=None, metavar='FILE.json|FILE.csv',
-                        help='write the results (model, tag, views, preprocessing, counts, accuracy)')
-    parser.add_argument('--per-class', action='store_true', help='print (and write) the accuracy of each class')
-    parser.add_argument('--confusion', default=None, metavar='FILE.csv',
-                        help='write the confusion matrix (rows: folder classes, columns: predicted classes)')
-    parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True,
-                        help='progress bar with the running accuracy (default: yes)')
+    parser.add_argument("--batch-size", type=int, default=8, help="views per forward pass (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... (auto: CUDA if available)")
+    parser.add_argument("--results-file", default=None, metavar="FILE.json|FILE.csv",
+                        help="write the results (model, tag, views, preprocessing, counts, accuracy)")
+    parser.add_argument("--per-class", action="store_true", help="print (and write) the accuracy of each class")
+    parser.add_argument("--confusion", default=None, metavar="FILE.csv",
+                        help="write the confusion matrix (rows: folder classes, columns: predicted classes)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bar with the running accuracy (default: yes)")
 
 
 def _checkpoint_classes(checkpoint: str | None) -> list[str] | None:
@@ -61,17 +61,17 @@ def _checkpoint_classes(checkpoint: str | None) -> list[str] | None:
 
 
 def _write_results(path: Path, row: dict) -> None:
-    if path.suffix.lower() == '.csv':
+    if path.suffix.lower() == ".csv":
         flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()
-                if k not in ('per_class', 'skipped_files')}
-        with open(path, 'w', newline='') as f:
+                if k not in ("per_class", "skipped_files")}
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(flat))
             writer.writeheader()
             writer.writerow(flat)
-    elif path.suffix.lower() == '.json':
-        path.write_text(json.dumps(row, indent=2) + '\n')
+    elif path.suffix.lower() == ".json":
+        path.write_text(json.dumps(row, indent=2) + "\n")
     else:
-        raise CliError(f'--results-file {path}: the name must end in .json or .csv')
+        raise CliError(f"--results-file {path}: the name must end in .json or .csv")
 
 
 def _write_confusion(path: Path, result: Evaluation, folder_classes: list[int]) -> None:
@@ -80,55 +80,55 @@ def _write_confusion(path: Path, result: Evaluation, folder_classes: list[int]) 
     predicted = sorted({p for _, p in result.confusion} - set(folder_classes))
     columns = folder_classes + predicted
     name = (lambda k: result.class_names[k]) if result.class_names else str
-    with open(path, 'w', newline='') as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(['target \\ predicted', *map(name, columns)])
+        writer.writerow(["target \\ predicted", *map(name, columns)])
         for t in folder_classes:
             writer.writerow([name(t), *(result.confusion.get((t, p), 0) for p in columns)])
 
 
 def _summary(row: dict, result: Evaluation, per_class: bool) -> str:
     lines = [f"{'model':<14}{row['model']}"]
-    for key in ('views', 'matched_by', 'count', 'skipped', 'short_videos'):
+    for key in ("views", "matched_by", "count", "skipped", "short_videos"):
         if row.get(key) is not None:
-            lines.append(f'{key:<14}{row[key]}')
+            lines.append(f"{key:<14}{row[key]}")
     lines += [f"{'top-1':<14}{row['top1']:.3f}", f"{'top-5':<14}{row['top5']:.3f}", f"{'loss':<14}{row['loss']:.4f}"]
     if per_class:
         lines.append(f"{'class':<40}{'n':>6}{'top-1':>9}{'top-5':>9}")
         lines += [f"{c['label'][:39]:<40}{c['count']:>6}{c['top1']:>9.2f}{c['top5']:>9.2f}"
                   for c in result.class_accuracy()]
-    return '\n'.join(lines)
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the summary, write the files asked for; returns the exit status."""
     if not args.model and not args.checkpoint:
-        raise CliError('--model NAME[.tag] or --checkpoint DIR is needed')
-    if args.results_file and Path(args.results_file).suffix.lower() not in ('.json', '.csv'):
-        raise CliError(f'--results-file {args.results_file}: the name must end in .json or .csv')
+        raise CliError("--model NAME[.tag] or --checkpoint DIR is needed")
+    if args.results_file and Path(args.results_file).suffix.lower() not in (".json", ".csv"):
+        raise CliError(f"--results-file {args.results_file}: the name must end in .json or .csv")
     if not Path(args.data).is_dir():
-        raise CliError(f'--data {args.data}: no such folder; give a DIR/<class>/<file> tree (or DIR/val/...)')
+        raise CliError(f"--data {args.data}: no such folder; give a DIR/<class>/<file> tree (or DIR/val/...)")
     if args.views is not None:
         Views.parse(args.views)  # a malformed TxS is reported before the model loads
     model, _, data_cfg = load_model(args.model, args.checkpoint, args.pretrained,
                                     parse_model_kwargs(args.model_kwargs))
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     class_names = _checkpoint_classes(args.checkpoint)
     result = evaluate(model, args.data, args.views, batch_size=args.batch_size, device=device, amp=args.amp,
                       workers=args.workers, class_names=class_names, data_cfg=data_cfg,
                       confusion=bool(args.confusion), progress=args.progress)
-    name = args.model or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    arch, _, tag = name.partition('.')
-    row = {'model': name, 'architecture': arch, 'tag': tag or None, 'checkpoint': args.checkpoint,
-           'data': str(args.data), 'num_classes': result.num_classes, **result.to_dict(per_class=args.per_class)}
+    name = args.model or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    arch, _, tag = name.partition(".")
+    row = {"model": name, "architecture": arch, "tag": tag or None, "checkpoint": args.checkpoint,
+           "data": str(args.data), "num_classes": result.num_classes, **result.to_dict(per_class=args.per_class)}
     if result.class_names is None:
-        print(f'note: no class names for this {result.num_classes}-class head ship with the package; '
-              'classes are given by index', file=sys.stderr)
+        print(f"note: no class names for this {result.num_classes}-class head ship with the package; "
+              "classes are given by index", file=sys.stderr)
     for path, reason in result.skipped:
-        print(f'skipped {path}: {reason}', file=sys.stderr)
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     if result.short:
-        print(f'note: {result.short} video(s) have fewer frames than one clip spans; their last frame is repeated',
+        print(f"note: {result.short} video(s) have fewer frames than one clip spans; their last frame is repeated",
               file=sys.stderr)
     print(_summary(row, result, args.per_class))
     if args.results_file:

@@ -1,4 +1,4 @@
-"""Class-folder datasets for training: scanning ``DIR/<class>/<file>`` trees, image samples,
+"""Class-folder datasets for training: scanning `DIR/<class>/<file>` trees, image samples,
 per-sample seeding and the process-sharded sampler.
 
 Augmentation is seeded per (seed, epoch, sample) and batches are drawn by :class:`ShardSampler`,
@@ -17,18 +17,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = [
-    'IMAGE_EXTENSIONS',
-    'Samples',
-    'SampleError',
-    'scan_data',
-    'ImageSamples',
-    'EpochSeeded',
-    'ShardSampler',
-    'derive_seed',
-    'seed_everything',
+    "IMAGE_EXTENSIONS",
+    "Samples",
+    "SampleError",
+    "scan_data",
+    "ImageSamples",
+    "EpochSeeded",
+    "ShardSampler",
+    "derive_seed",
+    "seed_everything",
 ]
 
-IMAGE_EXTENSIONS: Tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Samples = List[Tuple[str, int]]
 
@@ -41,23 +41,23 @@ def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
               seed: int) -> Tuple[List[str], Samples, Samples]:
     """Classes and (train, val) samples of a class-folder tree.
 
-    ``root/train`` and ``root/val`` (or ``validation``) are used when present; otherwise the
-    classes are ``root``'s folders and a stratified ``val_split`` fraction of each class is
-    held out, chosen by ``seed``. Raises ``FileNotFoundError`` / ``ValueError`` naming the
+    `root/train` and `root/val` (or `validation`) are used when present; otherwise the
+    classes are `root`'s folders and a stratified `val_split` fraction of each class is
+    held out, chosen by `seed`. Raises `FileNotFoundError` / `ValueError` naming the
     problem and the fix for a missing folder, a file, no class folders or a class without files.
     """
     from torchvision.datasets.folder import make_dataset
 
-    layout = 'a folder of class folders (DIR/<class>/<file>, or DIR/train/<class>/<file> and DIR/val/...)'
+    layout = "a folder of class folders (DIR/<class>/<file>, or DIR/train/<class>/<file> and DIR/val/...)"
     if not root.exists():
-        raise FileNotFoundError(f'{root} does not exist; give {layout}')
+        raise FileNotFoundError(f"{root} does not exist; give {layout}")
     if not root.is_dir():
-        raise NotADirectoryError(f'{root} is a file; give {layout}')
-    train_root = root / 'train' if (root / 'train').is_dir() else root
+        raise NotADirectoryError(f"{root} is a file; give {layout}")
+    train_root = root / "train" if (root / "train").is_dir() else root
     classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
     if len(classes) < 2:
-        found = f'only one class folder ({classes[0]!r})' if classes else 'no class folders'
-        raise ValueError(f'{train_root} has {found}; a classifier needs at least two: give {layout}')
+        found = f"only one class folder ({classes[0]!r})" if classes else "no class folders"
+        raise ValueError(f"{train_root} has {found}; a classifier needs at least two: give {layout}")
     class_to_idx = {name: i for i, name in enumerate(classes)}
     train = make_dataset(str(train_root), class_to_idx, extensions=extensions, allow_empty=True)
     empty = sorted(set(classes) - {classes[t] for _, t in train})
@@ -66,7 +66,7 @@ def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
                          f'{", ".join(empty[:5])}{" ..." if len(empty) > 5 else ""} of {train_root}; '
                          'add files or remove those folders')
     if train_root != root:
-        for name in ('val', 'validation'):
+        for name in ("val", "validation"):
             if (root / name).is_dir():
                 val = make_dataset(str(root / name), class_to_idx, extensions=extensions, allow_empty=True)
                 return classes, train, val
@@ -85,7 +85,7 @@ def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
 
 
 class ImageSamples(Dataset):
-    """``(path, target)`` samples read with PIL as RGB and transformed."""
+    """`(path, target)` samples read with PIL as RGB and transformed."""
 
     def __init__(self, samples: Samples, transform: Optional[Callable] = None) -> None:
         self.samples = samples
@@ -97,18 +97,18 @@ class ImageSamples(Dataset):
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         from PIL import Image
         path, target = self.samples[index]
-        with open(path, 'rb') as f:
-            img = Image.open(f).convert('RGB')
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
         return (self.transform(img) if self.transform is not None else img), target
 
 
 def derive_seed(*values: int) -> int:
-    """A 32-bit seed mixed from ``values`` (NumPy's SeedSequence)."""
+    """A 32-bit seed mixed from `values` (NumPy's SeedSequence)."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
 
 
 def seed_everything(seed: int, accelerators: bool = True) -> None:
-    """Seed Python's, NumPy's and torch's global generators (CPU only if not ``accelerators``)."""
+    """Seed Python's, NumPy's and torch's global generators (CPU only if not `accelerators`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     if accelerators:
@@ -121,9 +121,9 @@ class EpochSeeded(Dataset):
     """Seeds the global generators from (seed, epoch, index) before loading each sample.
 
     Augmentation then depends only on the sample and epoch, not on the data-loader workers,
-    the process rank or where an interrupted run was resumed. ``seed=None`` loads without
+    the process rank or where an interrupted run was resumed. `seed=None` loads without
     seeding (deterministic evaluation transforms). A sample that cannot be read raises
-    :class:`SampleError` naming its file (``dataset.samples[index][0]``).
+    :class:`SampleError` naming its file (`dataset.samples[index][0]`).
     """
 
     def __init__(self, dataset: Dataset, seed: Optional[int]) -> None:
@@ -141,14 +141,14 @@ class EpochSeeded(Dataset):
             return self.dataset[index]
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             path = self.dataset.samples[index][0]  # type: ignore[attr-defined]
-            raise SampleError(f'cannot read {path} ({type(e).__name__}: {e}); remove or re-encode that file') from e
+            raise SampleError(f"cannot read {path} ({type(e).__name__}: {e}); remove or re-encode that file") from e
 
 
 class ShardSampler(Sampler[int]):
-    """Per-epoch shuffled indices, split across processes like ``DistributedSampler``.
+    """Per-epoch shuffled indices, split across processes like `DistributedSampler`.
 
-    ``pad`` repeats samples so that every rank gets the same count (training);
-    ``set_epoch(epoch, skip)`` reshuffles and skips the first ``skip`` indices of this rank
+    `pad` repeats samples so that every rank gets the same count (training);
+    `set_epoch(epoch, skip)` reshuffles and skips the first `skip` indices of this rank
     (resuming within an epoch). With one process the global batches are the same sets as
     those of N processes with 1/N of the batch size.
     """

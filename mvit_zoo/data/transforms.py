@@ -1,6 +1,6 @@
 """Preprocessing a model expects (`DataConfig`), read from the model, and the transforms built from it.
 
-Images use timm's transforms; video models (``input_size`` ``(C, T, H, W)``) use
+Images use timm's transforms; video models (`input_size` `(C, T, H, W)`) use
 :class:`~mvit_zoo.data.video.ClipTransform`, the same spatial transform on every frame.
 """
 from __future__ import annotations
@@ -15,20 +15,20 @@ from timm.data.auto_augment import AugmentOp
 
 from .video import ClipTransform
 
-__all__ = ['DataConfig', 'is_video_model', 'resolve_data_config', 'build_transform']
+__all__ = ["DataConfig", "is_video_model", "resolve_data_config", "build_transform"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Preprocessing a model expects: ``input_size`` is ``(C, H, W)`` or ``(C, T, H, W)``."""
+    """Preprocessing a model expects: `input_size` is `(C, H, W)` or `(C, T, H, W)`."""
 
     input_size: Tuple[int, ...]
     mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
     crop_pct: float = 0.875
-    interpolation: str = 'bicubic'
+    interpolation: str = "bicubic"
     sampling_rate: int = 1
-    channel_order: str = 'RGB'
+    channel_order: str = "RGB"
 
     @property
     def is_video(self) -> bool:
@@ -39,7 +39,7 @@ class DataConfig:
         return self.input_size[1] if self.is_video else 1
 
     def to_dict(self) -> Dict[str, Any]:
-        """pretrained_cfg-style keys: ``input_size`` is ``(C, H, W)``, with ``num_frames`` etc. for video."""
+        """pretrained_cfg-style keys: `input_size` is `(C, H, W)`, with `num_frames` etc. for video."""
         d: Dict[str, Any] = dict(
             input_size=[self.input_size[0], *self.input_size[-2:]], mean=list(self.mean), std=list(self.std),
             crop_pct=self.crop_pct, interpolation=self.interpolation,
@@ -50,33 +50,33 @@ class DataConfig:
 
 
 def is_video_model(model: nn.Module) -> bool:
-    """True for models that take clips ``(B, C, T, H, W)``."""
-    if hasattr(model, 'is_video'):
+    """True for models that take clips `(B, C, T, H, W)`."""
+    if hasattr(model, "is_video"):
         return bool(model.is_video)
-    img_size = getattr(model, 'img_size', None)
+    img_size = getattr(model, "img_size", None)
     if isinstance(img_size, (tuple, list)):
         return len(img_size) == 3
-    return len((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))) == 4
+    return len((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))) == 4
 
 
 def resolve_data_config(model: nn.Module, sampling_rate: Optional[int] = None) -> DataConfig:
-    """Input size from the model as built (``model.img_size``), statistics from its pretrained_cfg."""
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    default_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    img_size = getattr(model, 'img_size', None)
+    """Input size from the model as built (`model.img_size`), statistics from its pretrained_cfg."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    default_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    img_size = getattr(model, "img_size", None)
     if img_size is None:
         img_size = default_size[1:]
     elif isinstance(img_size, int):
         img_size = (img_size, img_size)
-    in_chans = int(getattr(model, 'in_chans', default_size[0]))
+    in_chans = int(getattr(model, "in_chans", default_size[0]))
     return DataConfig(
         input_size=(in_chans, *(int(s) for s in img_size)),
-        mean=tuple(float(m) for m in cfg.get('mean', IMAGENET_DEFAULT_MEAN)),
-        std=tuple(float(s) for s in cfg.get('std', IMAGENET_DEFAULT_STD)),
-        crop_pct=float(cfg.get('crop_pct', 0.875) or 0.875),
-        interpolation=str(cfg.get('interpolation', 'bicubic') or 'bicubic'),
-        sampling_rate=int(sampling_rate or cfg.get('sampling_rate', 1) or 1),
-        channel_order=str(cfg.get('channel_order', 'RGB') or 'RGB'),
+        mean=tuple(float(m) for m in cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(float(s) for s in cfg.get("std", IMAGENET_DEFAULT_STD)),
+        crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
+        interpolation=str(cfg.get("interpolation", "bicubic") or "bicubic"),
+        sampling_rate=int(sampling_rate or cfg.get("sampling_rate", 1) or 1),
+        channel_order=str(cfg.get("channel_order", "RGB") or "RGB"),
     )
 
 
@@ -110,7 +110,7 @@ def build_transform(
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """Keep the ``bits_to_keep`` most significant bits of each channel; 0 bits gives a black image."""
+    """Keep the `bits_to_keep` most significant bits of each channel; 0 bits gives a black image."""
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -119,7 +119,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 
 
 def _patch_posterize(transform: Any) -> None:
-    """Point the posterize ops of timm's auto-augment policies in ``transform`` at :func:`posterize`.
+    """Point the posterize ops of timm's auto-augment policies in `transform` at :func:`posterize`.
 
     NOTE: RandAugment's increasing posterize ('inc1', as in 'rand-m9-mstd0.5-inc1') keeps 4 down to 0
     bits; Pillow >= 13 refuses 0 bits, which Pillow < 13 turned into a black image (the TF reference
@@ -131,7 +131,7 @@ def _patch_posterize(transform: Any) -> None:
         if isinstance(node, (list, tuple)):  # AutoAugment's policy is a list of lists of ops
             pending.extend(node)
         elif isinstance(node, AugmentOp):
-            if node.name.startswith('Posterize'):
+            if node.name.startswith("Posterize"):
                 node.aug_fn = posterize
         else:
-            pending.extend(getattr(node, attr) for attr in ('transforms', 'ops', 'policy') if hasattr(node, attr))
+            pending.extend(getattr(node, attr) for attr in ("transforms", "ops", "policy") if hasattr(node, attr))

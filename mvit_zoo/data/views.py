@@ -1,21 +1,21 @@
-"""Multi-view video testing as SlowFast defines it: ``T`` temporal clips x ``S`` spatial crops per video.
+"""Multi-view video testing as SlowFast defines it: `T` temporal clips x `S` spatial crops per video.
 
-Temporal clips (``frame_sampling='stride'``, Kinetics): a clip covers ``num_frames * sampling_rate``
+Temporal clips (`frame_sampling='stride'`, Kinetics): a clip covers `num_frames * sampling_rate`
 frames at the target frame rate (30 fps; a video at another rate covers the same time span); the
-``T`` clip starts are spread uniformly over the video (SlowFast's offset sampling: the first clip
+`T` clip starts are spread uniformly over the video (SlowFast's offset sampling: the first clip
 starts on the first frame, the last ends on or just before the last frame, a single clip is
-centred); ``num_frames`` indices are spaced evenly over the clip, rounded down and clamped to the
+centred); `num_frames` indices are spaced evenly over the clip, rounded down and clamped to the
 video, so a video shorter than a clip repeats its last frame. Segment sampling
-(``frame_sampling='segment'``, Something-Something v2): the video is cut into ``num_frames`` equal
+(`frame_sampling='segment'`, Something-Something v2): the video is cut into `num_frames` equal
 segments and one frame is taken from each; SlowFast's test takes the middle one, which is what one
-temporal view gives (it has no temporal views); with ``T`` views, view ``t`` takes the frame at
-``(2t + 1) / 2T`` of each segment.
+temporal view gives (it has no temporal views); with `T` views, view `t` takes the frame at
+`(2t + 1) / 2T` of each segment.
 
-Spatial crops: one crop is a centre crop after resizing the short side to ``crop / crop_pct``
+Spatial crops: one crop is a centre crop after resizing the short side to `crop / crop_pct`
 (256 for 224); three crops resize the short side to the crop size and take the left, centre and right
 crops of a landscape frame (top, centre, bottom of a portrait one).
 
-Scores of the ``T x S`` views of a video are averaged (softmax) by :func:`mvit_zoo.evaluate`.
+Scores of the `T x S` views of a video are averaged (softmax) by :func:`mvit_zoo.evaluate`.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from .video import PathLike, _import_av
 
 __all__ = [
-    'SLOWFAST_TARGET_FPS',
-    'ViewSampling',
-    'Views',
-    'crop_offset',
-    'probe_video',
-    'read_frames',
-    'segment_indices',
-    'stride_clip_indices',
+    "SLOWFAST_TARGET_FPS",
+    "ViewSampling",
+    "Views",
+    "crop_offset",
+    "probe_video",
+    "read_frames",
+    "segment_indices",
+    "stride_clip_indices",
 ]
 
 SLOWFAST_TARGET_FPS = 30.0  # SlowFast's DATA.TARGET_FPS: the frame rate sampling_rate is counted in
@@ -46,28 +46,28 @@ SLOWFAST_TARGET_FPS = 30.0  # SlowFast's DATA.TARGET_FPS: the frame rate samplin
 
 @dataclass(frozen=True)
 class Views:
-    """``temporal`` clips x ``spatial`` crops per video (written ``TxS``, e.g. ``5x3``)."""
+    """`temporal` clips x `spatial` crops per video (written `TxS`, e.g. `5x3`)."""
 
     temporal: int = 1
     spatial: int = 1
 
     def __post_init__(self) -> None:
         if self.temporal < 1:
-            raise ValueError(f'views: at least one temporal clip is needed, got {self.temporal}')
+            raise ValueError(f"views: at least one temporal clip is needed, got {self.temporal}")
         if self.spatial not in (1, 3):
-            raise ValueError(f'views: {self.spatial} spatial crops asked; SlowFast defines 1 (centre) or 3 '
-                             '(left/centre/right): use TxS with S = 1 or 3')
+            raise ValueError(f"views: {self.spatial} spatial crops asked; SlowFast defines 1 (centre) or 3 "
+                             "(left/centre/right): use TxS with S = 1 or 3")
 
     @classmethod
     def parse(cls, value: str | Sequence[int] | Views) -> Views:
-        """``'5x3'``, ``(5, 3)`` or a :class:`Views`."""
+        """`'5x3'`, `(5, 3)` or a :class:`Views`."""
         if isinstance(value, Views):
             return value
         if isinstance(value, str):
-            match = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', value)
+            match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
             if not match:
-                raise ValueError(f'views must be written TxS (temporal clips x spatial crops, e.g. 5x1), '
-                                 f'got {value!r}')
+                raise ValueError(f"views must be written TxS (temporal clips x spatial crops, e.g. 5x1), "
+                                 f"got {value!r}")
             return cls(int(match.group(1)), int(match.group(2)))
         temporal, spatial = value
         return cls(int(temporal), int(spatial))
@@ -76,7 +76,7 @@ class Views:
         return self.temporal * self.spatial
 
     def __str__(self) -> str:
-        return f'{self.temporal}x{self.spatial}'
+        return f"{self.temporal}x{self.spatial}"
 
 
 def stride_clip_indices(
@@ -88,15 +88,15 @@ def stride_clip_indices(
         fps: float | None = None,
         target_fps: float | None = SLOWFAST_TARGET_FPS,
 ) -> list[int]:
-    """Frame indices of temporal clip ``clip_idx`` of ``num_clips`` (SlowFast's offset sampling).
+    """Frame indices of temporal clip `clip_idx` of `num_clips` (SlowFast's offset sampling).
 
-    ``fps`` is the video's frame rate: a clip spans ``num_frames * sampling_rate`` frames at
-    ``target_fps``; without ``fps`` (or ``target_fps``) it spans that many of the video's frames.
+    `fps` is the video's frame rate: a clip spans `num_frames * sampling_rate` frames at
+    `target_fps`; without `fps` (or `target_fps`) it spans that many of the video's frames.
     """
     if num_available < 1:
-        raise ValueError('A video needs at least one frame')
+        raise ValueError("A video needs at least one frame")
     if not 0 <= clip_idx < num_clips:
-        raise ValueError(f'clip_idx must be in [0, {num_clips}), got {clip_idx}')
+        raise ValueError(f"clip_idx must be in [0, {num_clips}), got {clip_idx}")
     clip_size = float(num_frames * sampling_rate)
     if fps and target_fps:
         clip_size *= fps / target_fps
@@ -108,15 +108,15 @@ def stride_clip_indices(
 
 
 def segment_indices(num_available: int, num_frames: int, clip_idx: int = 0, num_clips: int = 1) -> list[int]:
-    """One frame from each of ``num_frames`` equal segments (SlowFast's SSv2 sampling).
+    """One frame from each of `num_frames` equal segments (SlowFast's SSv2 sampling).
 
-    View ``clip_idx`` of ``num_clips`` takes the frame at ``(2 clip_idx + 1) / (2 num_clips)`` of each
+    View `clip_idx` of `num_clips` takes the frame at `(2 clip_idx + 1) / (2 num_clips)` of each
     segment; one view takes the middle frame, as SlowFast's test does.
     """
     if num_available < 1:
-        raise ValueError('A video needs at least one frame')
+        raise ValueError("A video needs at least one frame")
     if not 0 <= clip_idx < num_clips:
-        raise ValueError(f'clip_idx must be in [0, {num_clips}), got {clip_idx}')
+        raise ValueError(f"clip_idx must be in [0, {num_clips}), got {clip_idx}")
     segment = (num_available - 1) / num_frames
     out = []
     for i in range(num_frames):
@@ -127,12 +127,12 @@ def segment_indices(num_available: int, num_frames: int, clip_idx: int = 0, num_
 
 
 def crop_offset(height: int, width: int, size: tuple[int, int], spatial_idx: int) -> tuple[int, int]:
-    """``(y, x)`` of crop ``spatial_idx`` (0, 1, 2) of ``size`` in a ``height x width`` frame.
+    """`(y, x)` of crop `spatial_idx` (0, 1, 2) of `size` in a `height x width` frame.
 
     1 is the centre; 0 and 2 are the ends of the long side (left/right, or top/bottom if portrait).
     """
     if spatial_idx not in (0, 1, 2):
-        raise ValueError(f'spatial_idx must be 0, 1 or 2, got {spatial_idx}')
+        raise ValueError(f"spatial_idx must be 0, 1 or 2, got {spatial_idx}")
     y, x = math.ceil((height - size[0]) / 2), math.ceil((width - size[1]) / 2)
     if spatial_idx != 1:
         if height > width:
@@ -143,7 +143,7 @@ def crop_offset(height: int, width: int, size: tuple[int, int], spatial_idx: int
 
 
 def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
-    """``(H, W)`` with the short side resized to ``short`` (the long side rounded down)."""
+    """`(H, W)` with the short side resized to `short` (the long side rounded down)."""
     if width <= height:
         return math.floor(height / width * short), short
     return short, math.floor(width / height * short)
@@ -151,42 +151,42 @@ def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ViewSampling:
-    """How a video becomes ``views``: frame indices, resize, crops and normalisation of each view.
+    """How a video becomes `views`: frame indices, resize, crops and normalisation of each view.
 
-    ``crop_size`` is the model's ``(H, W)``; ``crop_pct`` sets the short side of the one-crop test
-    (``crop / crop_pct``). ``channel_order='BGR'`` reverses the channels before normalising (the
-    ``mean``/``std`` are in the model's order), as :class:`~mvit_zoo.data.video.ClipTransform`.
+    `crop_size` is the model's `(H, W)`; `crop_pct` sets the short side of the one-crop test
+    (`crop / crop_pct`). `channel_order='BGR'` reverses the channels before normalising (the
+    `mean`/`std` are in the model's order), as :class:`~mvit_zoo.data.video.ClipTransform`.
     """
 
     num_frames: int
     crop_size: tuple[int, int]
     views: Views = Views()
     sampling_rate: int = 1
-    frame_sampling: str = 'stride'
+    frame_sampling: str = "stride"
     crop_pct: float = 1.0
     mean: tuple[float, ...] = (0.45, 0.45, 0.45)
     std: tuple[float, ...] = (0.225, 0.225, 0.225)
-    channel_order: str = 'RGB'
-    interpolation: str = 'bilinear'
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
     target_fps: float | None = SLOWFAST_TARGET_FPS
 
     def __post_init__(self) -> None:
-        if self.frame_sampling not in ('stride', 'segment'):
+        if self.frame_sampling not in ("stride", "segment"):
             raise ValueError(f"frame_sampling must be 'stride' or 'segment', got {self.frame_sampling!r}")
-        if self.channel_order.upper() not in ('RGB', 'BGR'):
-            raise ValueError(f'channel_order must be RGB or BGR, got {self.channel_order}')
+        if self.channel_order.upper() not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order}")
 
     def is_short(self, num_available: int, fps: float | None = None) -> bool:
         """True if a video has fewer frames than one clip spans (the sampling then repeats frames)."""
-        if self.frame_sampling == 'segment':
+        if self.frame_sampling == "segment":
             return num_available < self.num_frames
         span = self.num_frames * self.sampling_rate * (fps / self.target_fps if fps and self.target_fps else 1.0)
         return num_available < span
 
     def clip_indices(self, num_available: int, fps: float | None = None) -> list[list[int]]:
-        """Frame indices of each temporal clip: ``views.temporal`` lists of ``num_frames``."""
+        """Frame indices of each temporal clip: `views.temporal` lists of `num_frames`."""
         n = self.views.temporal
-        if self.frame_sampling == 'segment':
+        if self.frame_sampling == "segment":
             return [segment_indices(num_available, self.num_frames, t, n) for t in range(n)]
         return [stride_clip_indices(num_available, self.num_frames, self.sampling_rate, t, n, fps, self.target_fps)
                 for t in range(n)]
@@ -197,7 +197,7 @@ class ViewSampling:
         return crop if self.views.spatial > 1 else round(crop / self.crop_pct)
 
     def crops(self, height: int, width: int) -> list[tuple[int, int]]:
-        """``(y, x)`` of each spatial crop in the resized frame of :meth:`resized_size`."""
+        """`(y, x)` of each spatial crop in the resized frame of :meth:`resized_size`."""
         spatial = [1] if self.views.spatial == 1 else [0, 1, 2]
         return [crop_offset(height, width, self.crop_size, s) for s in spatial]
 
@@ -205,23 +205,23 @@ class ViewSampling:
         return _short_side_size(height, width, self.short_side())
 
     def iter_views(self, frames: np.ndarray, clips: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
-        """The views of one video, temporal clip major: ``(C, T, h, w)`` float tensors.
+        """The views of one video, temporal clip major: `(C, T, h, w)` float tensors.
 
-        ``frames`` is ``(N, H, W, 3)`` uint8 (array or tensor) and ``clips`` the rows of ``frames`` of each clip. One
+        `frames` is `(N, H, W, 3)` uint8 (array or tensor) and `clips` the rows of `frames` of each clip. One
         clip is resized at a time, so memory holds one clip, not the video.
         """
         mean = torch.tensor(self.mean).view(-1, 1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1, 1)
         for rows in clips:
             clip = torch.as_tensor(frames)[list(rows)].permute(0, 3, 1, 2).float()
-            if self.channel_order.upper() == 'BGR':
+            if self.channel_order.upper() == "BGR":
                 clip = clip.flip(1)
             height, width = clip.shape[-2:]
             size = self.resized_size(height, width)
             if size != (height, width):
                 # NOTE: no antialiasing, as SlowFast's F.interpolate resize
                 clip = F.interpolate(clip, size=size, mode=self.interpolation, align_corners=False
-                                     if self.interpolation in ('bilinear', 'bicubic') else None)
+                                     if self.interpolation in ("bilinear", "bicubic") else None)
             clip = ((clip.div_(255).permute(1, 0, 2, 3)) - mean) / std  # C, T, H, W
             h, w = self.crop_size
             for y, x in self.crops(*size):
@@ -229,19 +229,19 @@ class ViewSampling:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            'views': str(self.views), 'num_frames': self.num_frames, 'sampling_rate': self.sampling_rate,
-            'frame_sampling': self.frame_sampling, 'crop_size': list(self.crop_size),
-            'short_side': self.short_side(), 'mean': list(self.mean), 'std': list(self.std),
-            'channel_order': self.channel_order, 'interpolation': self.interpolation, 'target_fps': self.target_fps,
+            "views": str(self.views), "num_frames": self.num_frames, "sampling_rate": self.sampling_rate,
+            "frame_sampling": self.frame_sampling, "crop_size": list(self.crop_size),
+            "short_side": self.short_side(), "mean": list(self.mean), "std": list(self.std),
+            "channel_order": self.channel_order, "interpolation": self.interpolation, "target_fps": self.target_fps,
         }
 
 
 def probe_video(path: PathLike) -> tuple[int, float | None]:
-    """``(frame count, frames per second)`` of the first video stream, from its packets (no decoding)."""
+    """`(frame count, frames per second)` of the first video stream, from its packets (no decoding)."""
     av = _import_av()
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError(f'No video stream in {path}')
+            raise ValueError(f"No video stream in {path}")
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
         count = sum(1 for packet in container.demux(stream) if packet.size)
@@ -249,7 +249,7 @@ def probe_video(path: PathLike) -> tuple[int, float | None]:
 
 
 def read_frames(path: PathLike, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
-    """Decode only the frames at ``indices``: ``(unique frames (K, H, W, 3) uint8, row of each index)``.
+    """Decode only the frames at `indices`: `(unique frames (K, H, W, 3) uint8, row of each index)`.
 
     Indices past the last decodable frame (a frame count that overstated the stream) read the
     last frame, as the clamping of the sampling rules does.
@@ -261,17 +261,17 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> tuple[np.ndarray, lis
     n = -1
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = 'AUTO'
+        stream.thread_type = "AUTO"
         for n, frame in enumerate(container.decode(stream)):
             last = frame
             if n in wanted:
-                kept[n] = frame.to_ndarray(format='rgb24')
+                kept[n] = frame.to_ndarray(format="rgb24")
             if n >= max(wanted):
                 break
         if last is None:
-            raise ValueError(f'No frames could be decoded from {path}')
+            raise ValueError(f"No frames could be decoded from {path}")
         if len(kept) < len(wanted):  # the stream ended before the last index: it reads the last frame
-            kept.setdefault(n, last.to_ndarray(format='rgb24'))
+            kept.setdefault(n, last.to_ndarray(format="rgb24"))
     order = sorted(kept)
     row = {index: r for r, index in enumerate(order)}
     rows = [row.get(int(i), len(order) - 1) for i in indices]

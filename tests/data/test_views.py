@@ -36,8 +36,8 @@ def decode(view: torch.Tensor) -> tuple[list[int], int, int]:
 
 
 def sampling(views: str, **kw) -> ViewSampling:
-    kw.setdefault('num_frames', 4)
-    kw.setdefault('crop_size', (32, 32))
+    kw.setdefault("num_frames", 4)
+    kw.setdefault("crop_size", (32, 32))
     return ViewSampling(views=Views.parse(views), mean=(0.0,) * 3, std=(1.0,) * 3, **kw)
 
 
@@ -79,7 +79,7 @@ def test_segment_sampling_takes_segment_middles_and_shifts_per_view() -> None:
     assert segment_indices(3, 4) == [0, 0, 1, 2]  # shorter than the clip: frames repeat
 
 
-@pytest.mark.parametrize('bad', [(0, 4, 4, 0, 1), (10, 4, 4, 3, 3)])
+@pytest.mark.parametrize("bad", [(0, 4, 4, 0, 1), (10, 4, 4, 3, 3)])
 def test_stride_clip_indices_rejects_bad_arguments(bad: tuple) -> None:
     with pytest.raises(ValueError):
         stride_clip_indices(*bad)
@@ -94,10 +94,10 @@ def test_crop_offsets_landscape_and_portrait() -> None:
 
 
 def test_views_parse() -> None:
-    assert Views.parse('5x3') == Views(5, 3) and str(Views(5, 1)) == '5x1' and len(Views(5, 3)) == 15
+    assert Views.parse("5x3") == Views(5, 3) and str(Views(5, 1)) == "5x1" and len(Views(5, 3)) == 15
     assert Views.parse((1, 3)) == Views(1, 3)
-    for bad in ('5', '5x2', '0x1', 'axb'):
-        with pytest.raises(ValueError, match='TxS|crops|temporal'):
+    for bad in ("5", "5x2", "0x1", "axb"):
+        with pytest.raises(ValueError, match="TxS|crops|temporal"):
             Views.parse(bad)
 
 
@@ -105,7 +105,7 @@ def test_views_parse() -> None:
 
 def test_1x1_view_is_the_centre_crop_of_the_centre_clip() -> None:
     # crop 32 / crop_pct 0.8 = short side 40: a 40x60 frame is not resized
-    s = sampling('1x1', sampling_rate=4, crop_pct=0.8)
+    s = sampling("1x1", sampling_rate=4, crop_pct=0.8)
     clips = s.clip_indices(100)
     (view,) = list(s.iter_views(coded_frames(100, 40, 60), clips))
     assert view.shape == (3, 4, 32, 32)
@@ -113,7 +113,7 @@ def test_1x1_view_is_the_centre_crop_of_the_centre_clip() -> None:
 
 
 def test_5x1_views() -> None:
-    s = sampling('5x1', sampling_rate=4, crop_pct=0.8)
+    s = sampling("5x1", sampling_rate=4, crop_pct=0.8)
     views = list(s.iter_views(coded_frames(100, 40, 60), s.clip_indices(100)))
     assert [decode(v)[0] for v in views] == [[0, 5, 10, 15], [21, 26, 31, 36], [42, 47, 52, 57], [63, 68, 73, 78],
                                              [84, 89, 94, 99]]
@@ -122,40 +122,40 @@ def test_5x1_views() -> None:
 
 def test_3x3_views_clip_major_left_centre_right() -> None:
     # three crops: the short side is resized to the crop (32), so a 32x48 frame is not resized
-    s = sampling('3x3', sampling_rate=2)
+    s = sampling("3x3", sampling_rate=2)
     views = list(s.iter_views(coded_frames(50, 32, 48), s.clip_indices(50)))
     assert [decode(v) for v in views] == [
         (clip, x, 0) for clip in ([0, 2, 4, 7], [21, 23, 25, 28], [42, 44, 46, 49]) for x in (0, 8, 16)]
 
 
 def test_3x3_views_of_a_portrait_video_are_top_centre_bottom() -> None:
-    s = sampling('1x3', sampling_rate=2)
+    s = sampling("1x3", sampling_rate=2)
     views = list(s.iter_views(coded_frames(8, 48, 32), s.clip_indices(8)))
     assert [decode(v)[1:] for v in views] == [(0, 0), (0, 8), (0, 16)]
 
 
 def test_short_video_views_repeat_the_last_frame() -> None:
-    s = sampling('3x3', sampling_rate=4)
+    s = sampling("3x3", sampling_rate=4)
     assert s.is_short(10) and not s.is_short(16)
     views = list(s.iter_views(coded_frames(10, 32, 48), s.clip_indices(10)))
     assert len(views) == 9 and {tuple(decode(v)[0]) for v in views} == {(0, 5, 9, 9)}
 
 
 def test_resize_short_side_then_crop() -> None:
-    s = sampling('1x3', crop_size=(16, 16))
+    s = sampling("1x3", crop_size=(16, 16))
     assert s.resized_size(20, 30) == (16, 24) and s.crops(16, 24) == [(0, 0), (0, 4), (0, 8)]
     views = list(s.iter_views(coded_frames(4, 20, 30), s.clip_indices(4)))
     assert [v.shape for v in views] == [(3, 4, 16, 16)] * 3
     # 1 crop: short side crop / crop_pct = 20 -> no resize of a 20x30 frame, centre crop at (2, 7)
-    one = sampling('1x1', crop_size=(16, 16), crop_pct=0.8)
+    one = sampling("1x1", crop_size=(16, 16), crop_pct=0.8)
     assert one.resized_size(20, 30) == (20, 30)
     assert decode(next(one.iter_views(coded_frames(4, 20, 30), one.clip_indices(4))))[1:] == (7, 2)
 
 
 def test_bgr_channel_order_reverses_channels() -> None:
     frames = coded_frames(4, 32, 32)
-    rgb = next(sampling('1x1').iter_views(frames, [[0, 1, 2, 3]]))
-    bgr = next(sampling('1x1', channel_order='BGR').iter_views(frames, [[0, 1, 2, 3]]))
+    rgb = next(sampling("1x1").iter_views(frames, [[0, 1, 2, 3]]))
+    bgr = next(sampling("1x1", channel_order="BGR").iter_views(frames, [[0, 1, 2, 3]]))
     torch.testing.assert_close(bgr, rgb.flip(0))
 
 
@@ -168,7 +168,7 @@ def test_mean_std_applied_in_model_order() -> None:
 # -- decoding only the frames the views need ------------------------------------------------------------
 
 def test_probe_and_read_frames(tmp_path: Path) -> None:
-    path = tmp_path / 'ramp.mp4'
+    path = tmp_path / "ramp.mp4"
     write_video(path, np.stack([np.full((16, 16, 3), 20 * t, np.uint8) for t in range(12)]), fps=30)
     assert probe_video(path) == (12, 30.0)
     frames, rows = read_frames(path, [1, 5, 5, 11, 40])  # 40 is past the end: the last frame
