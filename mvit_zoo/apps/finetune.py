@@ -70,6 +70,7 @@ from ..data.folders import (
 from ..data.transforms import DataConfig, build_transform, is_video_model, resolve_data_config
 from ..data.video import VIDEO_EXTENSIONS, VideoFolder
 from ..evaluation import evaluate as evaluate_model
+from ..files import atomic_write
 from .cli import CliError
 
 __all__ = [
@@ -297,33 +298,17 @@ def _barrier(info: DistInfo) -> None:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-def _file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the process umask."""
-    # NOTE: os.umask can only be read by setting it; it is set straight back
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path` (with the umask's mode), then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, _file_mode())  # writers that create files 0600 (temporary-file style) get the usual mode
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, value: Any) -> None:
     def write(p: Path) -> None:
         p.write_text(json.dumps(value, indent=2) + "\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_weights(path: Path, model: nn.Module, global_step: int) -> None:
     """`model`'s state dict as safetensors, tagged with the step it was saved at."""
     from safetensors.torch import save_file
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"format": "pt", "global_step": str(global_step)}))
+    atomic_write(path, lambda p: save_file(state, str(p), metadata={"format": "pt", "global_step": str(global_step)}))
 
 
 def _link(source: Path, path: Path) -> None:
@@ -334,7 +319,7 @@ def _link(source: Path, path: Path) -> None:
             os.link(source, p)
         except OSError:
             shutil.copyfile(source, p)
-    _atomic_write(path, link)
+    atomic_write(path, link)
 
 
 def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) -> Any:
@@ -452,7 +437,7 @@ def _write_metrics(output: Path, history: List[Dict[str, Any]]) -> None:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
-    _atomic_write(output / "metrics.csv", write)
+    atomic_write(output / "metrics.csv", write)
 
 
 def _normalised(value: Any) -> Any:
@@ -652,7 +637,7 @@ class Trainer:
                 save_weights(checkpoint / EMA_WEIGHTS_FILE, self.ema.module, self.global_step)
             extra = {"global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
-            _atomic_write(checkpoint / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
+            atomic_write(checkpoint / OPTIMIZER_FILE, lambda p: torch.save(extra, p))
             state = {
                 "model": self.args.model, "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,

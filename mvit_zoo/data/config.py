@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..files import atomic_write
+
 __all__ = ["CONFIG_FILE", "DATA_FIELDS", "FRAME_SAMPLINGS", "ConfigError", "ModelConfig", "config_for_model",
            "data_fields", "find_config", "read_config", "write_config"]
 
@@ -216,15 +218,8 @@ def write_config(path: str | os.PathLike, config: ModelConfig | Mapping[str, Any
     file = _config_path(path)
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_dict(config, where=str(file))
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.part")  # open() gives it the umask's mode
-    try:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return file
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    return atomic_write(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def data_fields(pretrained_cfg: Mapping[str, Any], keys: Sequence[str] = DATA_FIELDS) -> dict[str, Any]:

@@ -39,7 +39,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +49,8 @@ from urllib.request import Request, urlopen
 
 import torch
 from torch import Tensor, nn
+
+from ..files import atomic_write, part_file
 
 __all__ = [
     "CacheError",
@@ -377,34 +378,26 @@ def check_state_dict(state_dict: Mapping[str, Any], source: str = "the checkpoin
 
 
 def _part_file(path: Path) -> Path:
-    """A new empty temporary file beside `path` (`.NAME.*.part`, this process's own), to be renamed onto
-    it once whole; a cache that cannot take it is a `CacheError` naming the fix."""
+    """`files.part_file`; a cache that cannot take it is a `CacheError` naming the fix."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
+        return part_file(path)
     except OSError as e:
         raise _cache_error(e, path, CACHE_ENV) from None
-    return Path(name)
 
 
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors atomically: a temporary file in the same folder, then a rename,
-    so an interrupted write never leaves a partial file under the final name."""
+    """Write a state dict as safetensors atomically (`files.atomic_write`): an interrupted write never
+    leaves a partial file under the final name."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _part_file(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
-                  metadata={"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}})
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as e:
         raise _cache_error(e, path, CACHE_ENV) from None
-    finally:
-        _remove(Path(tmp))
-    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -24,6 +24,7 @@ from mvit_zoo.apps import finetune
 from mvit_zoo.apps.cli import CliError
 from mvit_zoo.apps.finetune import Trainer
 from mvit_zoo.data.transforms import resolve_data_config
+from mvit_zoo.files import part_file
 from mvit_zoo.data.video import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -406,14 +407,14 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
     after writing the file's temporary copy: the run resumes, from the last whole checkpoint, to the
     numbers of an uninterrupted run; the published weights stay loadable throughout."""
     extra = ["--epochs", "2", "--save-every", "1", *TINY]
-    atomic_write = finetune._atomic_write
+    atomic_write = finetune.atomic_write
     writes: List[str] = []
 
     def recording(path: Path, write) -> None:
         writes.append(path.parent.name)
         atomic_write(path, write)
 
-    monkeypatch.setattr(finetune, "_atomic_write", recording)
+    monkeypatch.setattr(finetune, "atomic_write", recording)
     straight = tmp_path / "straight"
     assert finetune.main(finetune_args(tiny, straight, *extra)) == 0
     # the save of step N writes its checkpoint folder step-N-<id>/ ... (config.json is written on its own,
@@ -428,18 +429,18 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
         def dying(path: Path, write, calls: List[Path] = calls, k: int = k) -> None:
             calls.append(path)
             if len(calls) == k + 1:
-                write(path.with_name(path.name + ".tmp"))
+                write(part_file(path))  # its temporary copy whole, then the process dies
                 raise Killed
             atomic_write(path, write)
 
         output = tmp_path / f"killed{k}"
-        monkeypatch.setattr(finetune, "_atomic_write", dying)
+        monkeypatch.setattr(finetune, "atomic_write", dying)
         with pytest.raises(Killed):
             finetune.main(finetune_args(tiny, output, *extra))
         state = json.loads((output / "train_state.json").read_text())
         assert state["global_step"] in (2, 3, 4), k
         assert load_file(output / "model.safetensors").keys() == load_file(straight / "model.safetensors").keys()
-        monkeypatch.setattr(finetune, "_atomic_write", atomic_write)
+        monkeypatch.setattr(finetune, "atomic_write", atomic_write)
         assert finetune.main(["--resume", str(output), "--no-progress"]) == 0, k
         assert metrics(output) == metrics(straight), k
         assert_same_weights(output / "model.safetensors", straight / "model.safetensors")
