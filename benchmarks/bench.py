@@ -305,9 +305,12 @@ def batch_for(video: bool, mode: str, args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def dispatch_patch(model: nn.Module, without: Optional[str] = None,
                    seen: Optional[set[str]] = None) -> Any:
-    """Run `model` with the implementation `without` replaced by ABLATIONS[without]; every
-    implementation the dispatch chooses meanwhile is added to `seen`."""
+    """Run `model` with the path `without` ("a+b": each of them) replaced by what runs without it
+    (ABLATIONS, followed while the replacement is removed too); every path the dispatch chooses meanwhile
+    is added to `seen`."""
     from mvit_zoo.ops import attention, dispatch, memory
+
+    removed = set(without.split("+")) if without else set()
 
     def select(op: str, *a: Any, **kw: Any) -> str:
         impl = dispatch.select(op, *a, **kw)
@@ -316,14 +319,19 @@ def dispatch_patch(model: nn.Module, without: Optional[str] = None,
             return impl
         if seen is not None:
             seen.add(path)
-        return ABLATIONS[path] or impl if path == without else impl
+        visited = set()
+        while path in removed and path not in visited and ABLATIONS[path]:
+            visited.add(path)
+            impl = ABLATIONS[path]
+            path = impl if op.startswith("attention") else op
+        return impl
 
     split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
     if seen is not None and split and not model.training:  # (memory-saving training has its own q/k/v GEMMs)
         seen.add("split_qkv")
     attention.select = memory.select = select
     for m in split:
-        m.split_qkv = without != "split_qkv"
+        m.split_qkv = "split_qkv" not in removed
     try:
         yield
     finally:
@@ -669,7 +677,9 @@ def ablation_paths(pair: Pair, mode: str, dtype: str, device: torch.device, args
     seen: set[str] = set()
     with dispatch_patch(pair.ours, seen=seen):
         step()
-    return [p for p in ABLATIONS if p in seen and (not args.ablate or p in args.ablate)]
+    if not args.ablate:
+        return [p for p in ABLATIONS if p in seen]
+    return [p for p in args.ablate if seen & set(p.split("+"))]
 
 
 def add_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -899,6 +909,13 @@ def write_results(path: Path, result: dict[str, Any]) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def _ablation(value: str) -> str:
+    unknown = [p for p in value.split("+") if p not in ABLATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no path {', '.join(unknown)}; paths: {', '.join(ABLATIONS)} (a+b: both)")
+    return value
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -934,9 +951,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "working tree's weights")
     p.add_argument("--ab-tolerance", type=float, default=0.05,
                    help="A/B check: new may be this much slower / use this much more peak memory than old")
-    p.add_argument("--ablate", nargs="*", default=None, metavar="PATH", choices=list(ABLATIONS),
-                   help="time each fast path (all of them, or those named) against the same model without it, "
-                        "in every configuration where the dispatch chooses it (see ABLATIONS)")
+    p.add_argument("--ablate", nargs="*", default=None, metavar="PATH", type=_ablation,
+                   help="time each fast path (all of them, or those named; a+b: both at once) against the same "
+                        "model without it, in every configuration where the dispatch chooses it (see ABLATIONS)")
     p.add_argument("--gain-threshold", type=float, default=0.03,
                    help="ablation check: a path pays when it saves this much time or peak memory")
     p.add_argument("--quick", action="store_true",

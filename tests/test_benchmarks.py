@@ -207,7 +207,12 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
         with bench.dispatch_patch(model, without="split_qkv"):
             assert all(m.split_qkv is False for m in model.modules() if hasattr(m, "split_qkv"))
             torch.testing.assert_close(model(x), expected)
+        with bench.dispatch_patch(model, without="sdpa_mask_rows+sdpa_mask"):  # followed: rows -> mask -> augmented
+            assert attention.select("attention", x, grid_rank=2, mask_numel=1 << 30) == "sdpa_augmented"
+            torch.testing.assert_close(model(x), expected)
     assert memory.select is dispatch.select and attention.select is dispatch.select
     assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
     with pytest.raises(SystemExit):
         bench.parse_args(["--ablate", "--ref-commit", "HEAD"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablate", "gelu+no_such_path"])
