@@ -174,10 +174,9 @@ def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any
     bench = _load_bench()
     r = ablation_run["json"]
     paths = {(row["mode"], row["without"]) for row in r["rows"]}
-    assert {("infer", "sdpa_mask"), ("infer", "gelu"), ("infer", "split_qkv"), ("train", "norm_linears"),
+    assert {("infer", "sdpa_mask"), ("infer", "gelu"), ("train", "norm_linears"),
             ("train", "norm_mlp"), ("train", "residual_linear")} <= paths
     assert (("train", "cpu_flash") in paths) == HAS_CPU_FLASH
-    assert ("train", "split_qkv") not in paths  # memory-saving training makes its own q/k/v
     for row in r["rows"]:
         assert row["without"] in bench.ABLATIONS and row["reference"] == "mvit-zoo without a path"
         for impl in ("ours", "ref"):
@@ -200,18 +199,14 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        with bench.dispatch_patch(model, without="gelu"):
-            assert memory.select("gelu", x) == "plain" and attention.select("gelu", x) == "plain"
-            assert not any(m.split_qkv is False for m in model.modules() if hasattr(m, "split_qkv"))
-            torch.testing.assert_close(model(x), expected)
-        with bench.dispatch_patch(model, without="split_qkv"):
-            assert all(m.split_qkv is False for m in model.modules() if hasattr(m, "split_qkv"))
-            torch.testing.assert_close(model(x), expected)
-        with bench.dispatch_patch(model, without="sdpa_mask_rows+sdpa_mask"):  # followed: rows -> mask -> augmented
+        with bench.dispatch_patch(without="sdpa_mask_rows+sdpa_mask"):  # followed: rows -> mask -> augmented
             assert attention.select("attention", x, grid_rank=2, mask_numel=1 << 30) == "sdpa_augmented"
             torch.testing.assert_close(model(x), expected)
+    x16 = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert dispatch.select("depthwise_conv", x16, conv_3d_or_strided=True) == "float32_backward"
+    with bench.dispatch_patch(without="depthwise_conv"):
+        assert memory.select("depthwise_conv", x16, conv_3d_or_strided=True) == "plain"
     assert memory.select is dispatch.select and attention.select is dispatch.select
-    assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
     with pytest.raises(SystemExit):
         bench.parse_args(["--ablate", "--ref-commit", "HEAD"])
     with pytest.raises(SystemExit):
