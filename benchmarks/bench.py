@@ -91,12 +91,10 @@ MODES = ("infer", "latency", "train")
 
 # --ablate: each fast path of `mvit_zoo.ops.dispatch.select` -> what runs in its place without it (the
 # choice of the row below it in select's table). Attention paths go by implementation, the others by op
-# (norm_linears ... max_pool: the memory-saving "recompute" functions; depthwise_conv: float32_backward;
-# gelu: in_place).
+# (norm_linears ... max_pool: the memory-saving "recompute" functions; depthwise_conv: float32_backward).
 ABLATIONS: dict[str, str] = {
-    "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "sdpa_mask": "sdpa_augmented",
-    "sdpa_mask_rows": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain", "norm_mlp": "plain",
-    "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain", "gelu": "plain",
+    "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain",
+    "norm_mlp": "plain", "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain",
 }
 
 

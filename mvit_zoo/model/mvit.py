@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 
 from ..ops.attention import attention
 from ..ops.dispatch import use_fused_attn
-from ..ops.memory import (depthwise_conv, gelu, max_pool, merge_heads, norm_linears, norm_mlp, not_plain,
+from ..ops.memory import (depthwise_conv, max_pool, merge_heads, norm_linears, norm_mlp, not_plain,
                           residual_linear, residual_pooling)
 from .inputs import check_input, check_input_scripted
 
@@ -437,7 +437,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import ROW_BLOCK_BYTES, select
+from .dispatch import select
 from .memory import autocast_off, lowered
 
 __all__ = ["attention", "rel_pos_terms", "rel_pos_bias", "augment_qk", "explicit_attention", "augmented_attention",
@@ -45,45 +45,19 @@ def rel_pos_terms(q: Tensor, q_grid: List[int], rel: List[Optional[Tensor]], num
 def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]],
                  num_prefix: int) -> Tensor:
     """The bias (B, h, P + Nq, P + Nk) of eq. 4: sum over axes of `rel_pos_terms`, 0 for prefix rows/columns."""
-    return _bias_rows(rel_pos_terms(q, q_grid, rel, num_prefix), 0, q.shape[2], num_prefix, k_grid)
-
-
-def _bias_rows(terms: List[Optional[Tensor]], start: int, stop: int, num_prefix: int, k_grid: List[int]) -> Tensor:
-    """Rows start:stop of the bias (B, h, P + Nq, P + Nk) from the per-axis terms T_a (B, h, Nq, k_a)."""
-    p, nd = num_prefix, len(k_grid)
-    lo, hi = max(start, p) - p, max(stop, p) - p  # the grid rows among them
+    nd = len(k_grid)
     bias: Optional[Tensor] = None
-    for axis, term in enumerate(terms):
+    for axis, term in enumerate(rel_pos_terms(q, q_grid, rel, num_prefix)):
         if term is not None:
-            # (B, h, rows, k_a) -> (B, h, rows, 1.., k_a, ..1): broadcasts over the other key axes
-            shape = list(term.shape[:2]) + [hi - lo] + [k_grid[a] if a == axis else 1 for a in range(nd)]
-            row_term = term[:, :, lo:hi].reshape(shape)
-            bias = row_term if bias is None else bias + row_term
+            # (B, h, Nq, k_a) -> (B, h, Nq, 1.., k_a, ..1): broadcasts over the other key axes
+            term = term.reshape(list(term.shape[:3]) + [k_grid[a] if a == axis else 1 for a in range(nd)])
+            bias = term if bias is None else bias + term
     assert bias is not None, "rel_pos_bias needs a table for at least one axis"
-    B, H, n_k = bias.shape[0], bias.shape[1], 1
+    B, H, n_q, n_k = bias.shape[0], bias.shape[1], bias.shape[2], 1
     for size in k_grid:
         n_k *= size
-    bias = bias.expand([B, H, hi - lo] + k_grid).reshape(B, H, hi - lo, n_k)
-    return F.pad(bias, [p, 0, (stop - start) - (hi - lo), 0])
-
-
-@torch.jit.unused
-def masked_attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int],
-                                   k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int,
-                                   block_bytes: int = ROW_BLOCK_BYTES) -> Tensor:
-    """sdpa_mask_rows: SDPA with the bias as its mask, a block of query rows at a time, so the mask is
-    made `block_bytes` at a time and never whole (a whole one this large would come in fresh pages).
-    (B, h, P + Nq, d) -> same shape; no autograd."""
-    B, H, L, _ = q.shape
-    terms = rel_pos_terms(q, q_grid, rel, num_prefix)
-    step = max(1, block_bytes // (B * H * k.shape[2] * q.element_size()))
-    out = q.new_empty(B, L, H, v.shape[3]).transpose(1, 2)  # the layout SDPA's own output has
-    for start in range(0, L, step):
-        stop = min(L, start + step)
-        mask = _bias_rows(terms, start, stop, num_prefix, k_grid).to(q.dtype)
-        out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask,
-                                                               scale=scale)
-    return out
+    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, n_k)
+    return F.pad(bias, [num_prefix, 0, num_prefix, 0])
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
@@ -180,7 +154,7 @@ class _CpuFlashRelPos(torch.autograd.Function):
         B, H, d = q.shape[0], q.shape[1], q.shape[3]
         q_aug, k_aug = augment_qk(q, k, scale, q_grid, k_grid, rel, p)
         width = q_aug.shape[-1]
-        if select("attention_backward", q, mask_numel=q.shape[2] * k.shape[2]) == "gemm":
+        if select("attention_backward", q, pairs=q.shape[2] * k.shape[2]) == "gemm":
             d_q_aug, d_k, d_v = _gemm_backward(d_out, q_aug, k_aug, v, scale)
         else:
             d_q_aug, d_k, d_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -227,14 +201,11 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                      rel: List[Optional[Tensor]], num_prefix: int, fused: bool) -> Tensor:
     has_rel = any(r is not None for r in rel)
-    path = select("attention", q, fused_attn=fused, rel_pos=has_rel, grid_rank=len(q_grid),
-                  mask_numel=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+    path = select("attention", q, fused_attn=fused, rel_pos=has_rel)
     if path == "cpu_flash":
         return cpu_flash_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
     if path == "sdpa_augmented":
         return augmented_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
-    if path == "sdpa_mask_rows":
-        return masked_attention_in_row_blocks(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
     bias = None if not has_rel else rel_pos_bias(q, q_grid, k_grid, rel, num_prefix).to(q.dtype)
     if path == "explicit":
         return explicit_attention(q, k, v, scale, bias)

@@ -9,8 +9,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "FRESH_PAGES_BYTES", "ROW_BLOCK_BYTES",
-           "GEMM_BACKWARD_MAX_PAIRS"]
+__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "GEMM_BACKWARD_MAX_PAIRS"]
 
 _USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")
 
@@ -18,12 +17,6 @@ _USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "f
 HAS_CPU_FLASH = all(hasattr(torch.ops.aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
-# glibc's allocator serves blocks over 32 MiB (its default mmap threshold) with fresh pages from the
-# kernel, whose page faults cost as much as the GEMM that fills them: CPU inference makes an attention
-# mask that large ROW_BLOCK_BYTES of rows at a time (measured on mvit_tiny/small, batch 8: ~3% faster,
-# inference peak memory 1.5x lower)
-FRESH_PAGES_BYTES = 32 << 20
-ROW_BLOCK_BYTES = 8 << 20
 # bf16 CPU training: attentions of at most this many query-key pairs (per image and head) take their
 # backward as batched GEMMs, 1.5-4x faster than the flash kernel's there (mvit_tiny/small's 196 x 196,
 # 49 x 196, 49 x 49; without it mvit_small's bf16 training step is ~10% slower) and as accurate. Not
@@ -49,8 +42,8 @@ def _16bit(x: Tensor) -> bool:
 
 
 @torch.jit.unused
-def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, grid_rank: int = 2,
-           conv_3d_or_strided: bool = False, mask_numel: int = 0) -> str:
+def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, conv_3d_or_strided: bool = False,
+           pairs: int = 0) -> str:
     """The implementation of `op` for its first input `x`; the first row that holds applies.
 
     ======================================  ==========================================================  ================
@@ -61,9 +54,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     attention                               torch.compile / torch.export capture                        sdpa_mask
     attention                               a device other than CPU/CUDA (meta: shapes, FLOP counts)    sdpa_mask
     attention                               CPU, autograd records, CPU flash ops present                cpu_flash
-    attention                               CPU, autograd off, float32, 2D grid, mask over 32 MiB       sdpa_mask_rows
-    attention                               CPU, autograd off, float32, 2D grid                         sdpa_mask
-    attention                               otherwise (CPU 16-bit or 3D inference, CUDA)                sdpa_augmented
+    attention                               otherwise (CPU inference, CUDA)                             sdpa_augmented
     attention_backward (of cpu_flash)       bf16, at most GEMM_BACKWARD_MAX_PAIRS query-key pairs       gemm
     attention_backward (of cpu_flash)       otherwise                                                   kernel
     norm_linears, norm_mlp, residual_linear graph capture, autograd off, or a device other than         plain
@@ -73,15 +64,11 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     depthwise_conv                          eager CPU, autograd records, 16-bit (dtype or autocast),    float32_backward
                                             3D or strided
     depthwise_conv                          otherwise                                                   plain
-    gelu                                    eager, autograd off                                         in_place
-    gelu                                    otherwise                                                   plain
     ======================================  ==========================================================  ================
 
     explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
     gemm: the backward of softmax(q k^T) v as batched GEMMs (`attention._gemm_backward`); kernel: SDPA's
     CPU flash backward.
-    sdpa_mask_rows: sdpa_mask a block of ROW_BLOCK_BYTES of query rows at a time (the mask is never
-    whole: one over FRESH_PAGES_BYTES would come in fresh pages).
     sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its
     mask (graphs keep their own choices; ONNX takes it as it is). sdpa_augmented: the bias folded into
     q . k (`attention.augment_qk`), SDPA with no mask, so every fused kernel applies (CPU flash, CUDA
@@ -91,7 +78,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
     the probabilities). recompute: the `memory` autograd functions, which keep inputs and recompute
     LayerNorm / GELU outputs (max pooling: argmax indices) in backward. float32_backward: CPU 16-bit
     depthwise conv backward is 3-30x slower than float32's with the casts on 3D or strided convs (2D
-    stride 1: faster; kept there). in_place: no second buffer of the MLP's largest tensor.
+    stride 1: faster; kept there).
     """
     eager = not torch.compiler.is_compiling()  # torch.compile and torch.export
     if op == "attention":
@@ -101,20 +88,14 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, gr
             return "sdpa"
         if not eager or x.device.type not in ("cpu", "cuda"):
             return "sdpa_mask"
-        if x.device.type == "cpu":
-            if x.requires_grad and torch.is_grad_enabled():
-                if HAS_CPU_FLASH:
-                    return "cpu_flash"
-            elif grid_rank == 2 and not _16bit(x):
-                return "sdpa_mask_rows" if mask_numel * x.element_size() > FRESH_PAGES_BYTES else "sdpa_mask"
+        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled() and HAS_CPU_FLASH:
+            return "cpu_flash"
         return "sdpa_augmented"
-    if op == "attention_backward":  # of cpu_flash; mask_numel: query-key pairs per image and head
-        return "gemm" if x.dtype == torch.bfloat16 and mask_numel <= GEMM_BACKWARD_MAX_PAIRS else "kernel"
+    if op == "attention_backward":  # of cpu_flash; pairs: query-key pairs per image and head
+        return "gemm" if x.dtype == torch.bfloat16 and pairs <= GEMM_BACKWARD_MAX_PAIRS else "kernel"
     recording = eager and torch.is_grad_enabled()
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):
         return "recompute" if recording and x.device.type in ("cpu", "cuda") else "plain"
-    if op == "gelu":
-        return "in_place" if eager and not torch.is_grad_enabled() else "plain"
     if op == "depthwise_conv":
         slow = x.device.type == "cpu" and conv_3d_or_strided and _16bit(x)
         return "float32_backward" if recording and slow else "plain"

@@ -22,7 +22,7 @@ from torch.nn.modules import module as _module
 
 from .dispatch import select
 
-__all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "gelu", "residual_pooling", "merge_heads",
+__all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "residual_pooling", "merge_heads",
            "depthwise_conv", "not_plain", "lowered", "autocast_off"]
 
 
@@ -63,15 +63,6 @@ def merge_heads(x: Tensor) -> Tensor:
         if torch.compiler.is_exporting():
             x = x.clone(memory_format=torch.contiguous_format)  # (always a copy; .contiguous() may not be)
     return x.reshape(B, L, H * d)
-
-
-def gelu(x: Tensor) -> Tensor:
-    """GELU of the MLP's hidden tensor; without autograd in place, as that tensor is the block's largest
-    and a second buffer of its size comes in fresh pages (measured: ~8% of a 2D float32 CPU forward)."""
-    if not torch.jit.is_scripting():
-        if select("gelu", x) == "in_place":
-            return torch.ops.aten.gelu_(x)
-    return F.gelu(x)
 
 
 def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:

@@ -130,7 +130,7 @@ def test_16bit_heads_are_padded_to_32() -> None:
 
 @pytest.mark.parametrize("grad,fused,has_rel,expected", [
     (True, True, True, "cpu_flash"),
-    (False, True, True, "sdpa_mask"),  # CPU 2D float32 inference
+    (False, True, True, "sdpa_augmented"),  # CPU inference
     (True, False, True, "explicit"),
     (True, True, False, "sdpa"),
 ])
@@ -138,7 +138,7 @@ def test_dispatch_picks_the_documented_path(grad, fused, has_rel, expected, monk
     q_grid, k_grid, prefix, axes = CASES[1]
     q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes if has_rel else [], torch.float32, d=8)
     q.requires_grad_(grad)
-    assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel, grid_rank=len(q_grid)) == expected
+    assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel) == expected
     calls = []
     for name in ("cpu_flash_attention", "augmented_attention", "explicit_attention"):
         fn = getattr(ops_attention, name)
@@ -146,7 +146,7 @@ def test_dispatch_picks_the_documented_path(grad, fused, has_rel, expected, monk
     with torch.set_grad_enabled(grad):
         out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix, fused)
     names = {"cpu_flash": ["cpu_flash_attention"], "sdpa_augmented": ["augmented_attention"],
-             "explicit": ["explicit_attention"], "sdpa": [], "sdpa_mask": []}
+             "explicit": ["explicit_attention"], "sdpa": []}
     assert calls == names[expected]
     bias = rel_pos_bias(q, q_grid, k_grid, rel, prefix) if has_rel else None
     torch.testing.assert_close(out, explicit_attention(q, k, v, SCALE, bias), rtol=1e-5, atol=1e-5)
@@ -159,8 +159,8 @@ def test_compiled_graphs_take_the_mask_path() -> None:
     assert compiled(q.requires_grad_(True)) == "sdpa_mask"
     assert dispatch.select("attention", q) == "cpu_flash"
     with torch.no_grad():
-        assert dispatch.select("attention", q, grid_rank=3) == "sdpa_augmented"
-        assert dispatch.select("attention", q.bfloat16(), grid_rank=2) == "sdpa_augmented"
+        assert dispatch.select("attention", q) == "sdpa_augmented"
+        assert dispatch.select("attention", q.bfloat16()) == "sdpa_augmented"
 
 
 def test_without_the_cpu_flash_ops_training_takes_autograd_through_sdpa(monkeypatch) -> None:
@@ -201,33 +201,6 @@ def test_cuda_fused_kernel_equals_the_explicit_path(q_grid, k_grid, prefix, axes
     assert (out.float() - ref_out).abs().max().item() <= tol * scale(ref_out)
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         assert (a.float() - b).abs().max().item() <= tol * scale(b), i
-
-
-@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
-@pytest.mark.parametrize("block_rows", [1, 3, 1000])  # row blocks that split the prefix row, and one block
-def test_mask_in_row_blocks_equals_the_whole_mask(q_grid, k_grid, prefix, axes, block_rows) -> None:
-    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32)
-    block_bytes = block_rows * q.shape[0] * q.shape[1] * k.shape[2] * q.element_size()
-    with torch.no_grad():
-        out = ops_attention.masked_attention_in_row_blocks(q, k, v, SCALE, q_grid, k_grid, rel, prefix, block_bytes)
-        torch.testing.assert_close(out, _reference(q, k, v, q_grid, k_grid, rel, prefix), rtol=1e-5, atol=1e-5)
-
-
-def test_large_2d_float32_masks_are_made_in_row_blocks(monkeypatch) -> None:
-    q_grid, k_grid, prefix, axes = CASES[1]
-    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, torch.float32)
-    mask_bytes = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    calls = []
-    rows = ops_attention.masked_attention_in_row_blocks
-    monkeypatch.setattr(ops_attention, "masked_attention_in_row_blocks", lambda *a: calls.append(1) or rows(*a))
-    with torch.no_grad():
-        monkeypatch.setattr(dispatch, "FRESH_PAGES_BYTES", mask_bytes)  # not over it: the whole mask
-        attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
-        assert calls == []
-        monkeypatch.setattr(dispatch, "FRESH_PAGES_BYTES", mask_bytes - 1)
-        out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
-        assert calls == [1]
-    torch.testing.assert_close(out, _reference(q, k, v, q_grid, k_grid, rel, prefix), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
