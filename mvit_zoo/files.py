@@ -39,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = part_file(path)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())  # (writers that make their own file, as safetensors does, give it 0600)
         os.replace(tmp, path)
     finally:
         try:

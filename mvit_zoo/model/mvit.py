@@ -357,6 +357,7 @@ class MultiScaleAttention(nn.Module):
         self.residual_pooling = cfg.residual_pooling
         self.residual_skip = 0 if cfg.residual_pool_cls else self.num_prefix  # rows without residual pooling
         self.fused_attn = use_fused_attn()
+        self.split_qkv = False  # set by MViT where qkv is a plain nn.Linear (see forward)
 
         self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
@@ -392,6 +393,11 @@ class MultiScaleAttention(nn.Module):
         """(B, L, C) -> (B, heads, L, head_dim), a view."""
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _qkv_part(self, x: Tensor, i: int) -> Tensor:
+        """q (i = 0), k (1) or v (2) of x: (B, L, C_in) -> (B, L, C_out)."""
+        C, bias = self.dim_out, self.qkv.bias
+        return F.linear(x, self.qkv.weight[i * C:(i + 1) * C], None if bias is None else bias[i * C:(i + 1) * C])
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, Tensor, List[int]]:
         """Projected q, k, v (B, P + N, C) on `grid` -> the attention output and the pooled q, each
         (B, heads, P + Nq, head_dim), and the Q grid."""
@@ -421,7 +427,11 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.split_qkv:  # three GEMMs on slices of its weight: q, k, v come out contiguous for the pooling
+            q, k, v = self._qkv_part(x, 0), self._qkv_part(x, 1), self._qkv_part(x, 2)
+        else:
+            qkv, C = self.qkv(x), self.dim_out
+            q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
         out, q, q_grid = self.attend(q, k, v, grid)
         if self.residual_pooling:
             out = residual_pooling(out, q, self.residual_skip)
@@ -710,11 +720,16 @@ class MViT(nn.Module):
         """Train through `MultiScaleBlock.forward_memory_efficient` (default): the same values and gradients,
         less kept for backward (`mvit_zoo.ops.memory`). Decided here and at every `train()` / `eval()`, not per call:
         a block whose linears or norms are replaced (LoRA, quantisation), patched or hooked, or with global
-        module hooks registered, trains through its modules instead, with a warning that names why. Hooks or
-        replacements made after that are seen at the next `train()`, `eval()` or `set_memory_efficient()`."""
+        module hooks registered, trains through its modules instead, with a warning that names why (and
+        its attention calls a replaced or hooked qkv, in inference too, rather than three GEMMs on slices of its
+        weight). Hooks or replacements made after that are seen at the next `train()`, `eval()` or
+        `set_memory_efficient()`."""
         self.memory_efficient = enable
         blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, MultiScaleBlock)]
         skipped = []
+        for m in self.modules():
+            if isinstance(m, MultiScaleAttention):  # (inference too: a replaced or hooked qkv is called)
+                m.split_qkv = not not_plain({"attn.qkv": m.qkv}, {})
         for name, block in blocks:
             reasons = block.blockers() if enable and self.training else []
             block.memory_efficient = enable and self.training and not reasons
