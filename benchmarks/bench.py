@@ -92,9 +92,11 @@ MODES = ("infer", "latency", "train")
 # --ablate: each fast path of `mvit_zoo.ops.dispatch.select` -> what runs in its place without it (the
 # choice of the row below it in select's table). Attention paths go by implementation, the others by op
 # (norm_linears ... max_pool: the memory-saving "recompute" functions; depthwise_conv: float32_backward).
+# split_qkv: MultiScaleAttention's three q/k/v GEMMs in inference -> one qkv GEMM, sliced.
 ABLATIONS: dict[str, str] = {
     "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain",
     "norm_mlp": "plain", "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain",
+    "split_qkv": "one_gemm",
 }
 
 
@@ -301,7 +303,7 @@ def batch_for(video: bool, mode: str, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def dispatch_patch(without: Optional[str] = None, seen: Optional[set[str]] = None) -> Any:
+def dispatch_patch(model: nn.Module, without: Optional[str] = None, seen: Optional[set[str]] = None) -> Any:
     """Run `model` with the path `without` ("a+b": each of them) replaced by what runs without it
     (ABLATIONS, followed while the replacement is removed too); every path the dispatch chooses meanwhile
     is added to `seen`."""
@@ -323,20 +325,27 @@ def dispatch_patch(without: Optional[str] = None, seen: Optional[set[str]] = Non
             path = impl if op.startswith("attention") else op
         return impl
 
+    split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
+    if seen is not None and split and not model.training:  # (memory-saving training makes its own q/k/v)
+        seen.add("split_qkv")
     attention.select = memory.select = select
+    for m in split:
+        m.split_qkv = "split_qkv" not in removed
     try:
         yield
     finally:
         attention.select = memory.select = dispatch.select
+        for m in split:
+            m.split_qkv = True
 
 
-def ablated(step: Callable[[], Any], without: Optional[str]) -> Callable[[], Any]:
+def ablated(step: Callable[[], Any], model: nn.Module, without: Optional[str]) -> Callable[[], Any]:
     """`step` run with the implementation `without` replaced (see `dispatch_patch`); `step` itself if None."""
     if without is None:
         return step
 
     def run() -> Any:
-        with dispatch_patch(without):
+        with dispatch_patch(model, without):
             return step()
 
     return run
@@ -494,7 +503,7 @@ def _measure_one(model: nn.Module, spec: dict[str, Any], args: argparse.Namespac
     torch.manual_seed(2)
     x = torch.randn((spec["batch"],) + tuple(spec["input_shape"]), device=device)
     step = make_step(m, spec["mode"], spec["dtype"], x, num_classes_for(spec["model"], args.quick), args)
-    step = ablated(step, spec.get("without"))
+    step = ablated(step, m, spec.get("without"))
     for _ in range(spec["warmup"]):
         step()
     _sync(device)
@@ -617,7 +626,7 @@ def bench_config(pair: Pair, models: dict[str, nn.Module], mode: str, dtype: str
         try:
             steps[impl] = make_step(models[impl], mode, dtype, x, pair.num_classes, args)
             if impl == "ref":
-                steps[impl] = ablated(steps[impl], without)
+                steps[impl] = ablated(steps[impl], models[impl], without)
             t0 = time.perf_counter()
             for _ in range(args.warmup + (1 if compiled else 0)):
                 steps[impl]()
@@ -665,7 +674,7 @@ def ablation_paths(pair: Pair, mode: str, dtype: str, device: torch.device, args
     x = torch.randn((batch_for(pair.is_video, mode, args),) + pair.input_shape, device=device)
     step = make_step(pair.ours, mode, dtype, x, pair.num_classes, args)
     seen: set[str] = set()
-    with dispatch_patch(seen=seen):
+    with dispatch_patch(pair.ours, seen=seen):
         step()
     if not args.ablate:
         return [p for p in ABLATIONS if p in seen]
@@ -863,7 +872,8 @@ def render_section(result: dict[str, Any]) -> str:
         swaps = ", ".join(f"{k} -> {v}" for k, v in ABLATIONS.items())
         note = (f"path = a fast path `mvit_zoo.ops.dispatch.select` chose in that configuration; without = the same "
                 f"model and weights with it replaced by what runs in its place (the next row of select's table: "
-                f"{swaps}). gain = without ms / with ms; mem x = peak-memory growth with / "
+                f"{swaps}; split_qkv: the three q/k/v GEMMs of inference). gain = without ms / with ms; "
+                f"mem x = peak-memory growth with / "
                 f"without; check = pays when the path makes the model at least {thr:.0%} faster or {thr:.0%} "
                 f"leaner. {pk_note}")
     else:

@@ -174,7 +174,7 @@ def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any
     bench = _load_bench()
     r = ablation_run["json"]
     paths = {(row["mode"], row["without"]) for row in r["rows"]}
-    assert {("infer", "sdpa_augmented"), ("train", "norm_linears"),
+    assert {("infer", "sdpa_augmented"), ("infer", "split_qkv"), ("train", "norm_linears"),
             ("train", "norm_mlp"), ("train", "residual_linear")} <= paths
     assert (("train", "cpu_flash") in paths) == HAS_CPU_FLASH
     for row in r["rows"]:
@@ -199,14 +199,19 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        with bench.dispatch_patch(without="sdpa_augmented"):
+        with bench.dispatch_patch(model, without="sdpa_augmented"):
             assert attention.select("attention", x) == "sdpa_mask"
+            assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
             torch.testing.assert_close(model(x), expected)
-    with bench.dispatch_patch(without="cpu_flash+sdpa_augmented"):  # followed: cpu_flash -> augmented -> mask
+        with bench.dispatch_patch(model, without="split_qkv"):
+            assert not any(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+            torch.testing.assert_close(model(x), expected)
+    assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+    with bench.dispatch_patch(model, without="cpu_flash+sdpa_augmented"):  # followed: cpu_flash -> augmented -> mask
         assert attention.select("attention", x.requires_grad_()) == "sdpa_mask"
     x16 = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)
     assert dispatch.select("depthwise_conv", x16, conv_3d_or_strided=True) == "float32_backward"
-    with bench.dispatch_patch(without="depthwise_conv"):
+    with bench.dispatch_patch(model, without="depthwise_conv"):
         assert memory.select("depthwise_conv", x16, conv_3d_or_strided=True) == "plain"
     assert memory.select is dispatch.select and attention.select is dispatch.select
     with pytest.raises(SystemExit):
