@@ -318,11 +318,11 @@ def dispatch_patch(model: nn.Module, without: Optional[str] = None, seen: Option
             return impl
         if seen is not None:
             seen.add(path)
-        visited = set()
-        while path in removed and path not in visited:
-            visited.add(path)
-            impl = ABLATIONS[path]
-            path = impl if op.startswith("attention") else op
+        if path not in removed:
+            return impl
+        impl = ABLATIONS[path]
+        while op.startswith("attention") and impl in removed:  # (its replacement removed too: the next one)
+            impl = ABLATIONS[impl]
         return impl
 
     split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
