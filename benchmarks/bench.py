@@ -92,11 +92,12 @@ MODES = ("infer", "latency", "train")
 # --ablate: each fast path of `mvit_zoo.ops.dispatch.select` -> what runs in its place without it (the
 # choice of the row below it in select's table). Attention paths go by implementation, the others by op
 # (norm_linears ... max_pool: the memory-saving "recompute" functions; depthwise_conv: float32_backward).
-# split_qkv: MultiScaleAttention's three q/k/v GEMMs in inference -> one qkv GEMM, sliced.
+# memory_efficient: the blocks' forward through those functions (`MViT.set_memory_efficient`) -> "modules",
+# the blocks calling their modules (one qkv GEMM, the whole MLP hidden tensor).
 ABLATIONS: dict[str, str] = {
     "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain",
     "norm_mlp": "plain", "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain",
-    "split_qkv": "one_gemm",
+    "memory_efficient": "modules",
 }
 
 
@@ -325,18 +326,18 @@ def dispatch_patch(model: nn.Module, without: Optional[str] = None, seen: Option
             impl = ABLATIONS[impl]
         return impl
 
-    split = [m for m in model.modules() if getattr(m, "split_qkv", False)]
-    if seen is not None and split and not model.training:  # (memory-saving training makes its own q/k/v)
-        seen.add("split_qkv")
+    efficient = getattr(model, "memory_efficient", False)
+    if seen is not None and any(getattr(m, "memory_efficient", False) for m in model.modules() if m is not model):
+        seen.add("memory_efficient")
     attention.select = memory.select = select
-    for m in split:
-        m.split_qkv = "split_qkv" not in removed
+    if efficient and "memory_efficient" in removed:
+        model.set_memory_efficient(False)
     try:
         yield
     finally:
         attention.select = memory.select = dispatch.select
-        for m in split:
-            m.split_qkv = True
+        if efficient and "memory_efficient" in removed:
+            model.set_memory_efficient(True)
 
 
 def ablated(step: Callable[[], Any], model: nn.Module, without: Optional[str]) -> Callable[[], Any]:
@@ -872,7 +873,7 @@ def render_section(result: dict[str, Any]) -> str:
         swaps = ", ".join(f"{k} -> {v}" for k, v in ABLATIONS.items())
         note = (f"path = a fast path `mvit_zoo.ops.dispatch.select` chose in that configuration; without = the same "
                 f"model and weights with it replaced by what runs in its place (the next row of select's table: "
-                f"{swaps}; split_qkv: the three q/k/v GEMMs of inference). gain = without ms / with ms; "
+                f"{swaps}; modules: MViT.set_memory_efficient(False)). gain = without ms / with ms; "
                 f"mem x = peak-memory growth with / "
                 f"without; check = pays when the path makes the model at least {thr:.0%} faster or {thr:.0%} "
                 f"leaner. {pk_note}")

@@ -174,8 +174,8 @@ def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any
     bench = _load_bench()
     r = ablation_run["json"]
     paths = {(row["mode"], row["without"]) for row in r["rows"]}
-    assert {("infer", "sdpa_augmented"), ("infer", "split_qkv"), ("train", "norm_linears"),
-            ("train", "norm_mlp"), ("train", "residual_linear")} <= paths
+    assert {("infer", "sdpa_augmented"), ("infer", "norm_mlp"), ("infer", "memory_efficient"),
+            ("train", "norm_linears"), ("train", "norm_mlp"), ("train", "residual_linear")} <= paths
     assert (("train", "cpu_flash") in paths) == HAS_CPU_FLASH
     for row in r["rows"]:
         assert row["without"] in bench.ABLATIONS and row["reference"] == "mvit-zoo without a path"
@@ -192,21 +192,25 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
     import torch
 
     import mvit_zoo
+    from mvit_zoo.model.mvit import MultiScaleBlock
     from mvit_zoo.ops import attention, dispatch, memory
 
     bench = _load_bench()
     model = mvit_zoo.create_model("mvit_tiny", depths=(1, 1, 1, 1), embed_dim=16, num_heads=1, img_size=32).eval()
     x = torch.randn(1, 3, 32, 32)
+    blocks = [m for m in model.modules() if isinstance(m, MultiScaleBlock)]
     with torch.no_grad():
         expected = model(x)
         with bench.dispatch_patch(model, without="sdpa_augmented"):
             assert attention.select("attention", x) == "sdpa_mask"
-            assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+            assert all(b.memory_efficient for b in blocks)
             torch.testing.assert_close(model(x), expected)
-        with bench.dispatch_patch(model, without="split_qkv"):
-            assert not any(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+        with bench.dispatch_patch(model, without="memory_efficient+norm_mlp"):
+            assert not any(b.memory_efficient for b in blocks)
+            assert memory.select("norm_mlp", x) == "plain"
             torch.testing.assert_close(model(x), expected)
-    assert all(m.split_qkv for m in model.modules() if hasattr(m, "split_qkv"))
+        assert memory.select("norm_mlp", x) == "rows"
+    assert all(b.memory_efficient for b in blocks)
     with bench.dispatch_patch(model, without="cpu_flash+sdpa_augmented"):  # followed: cpu_flash -> augmented -> mask
         assert attention.select("attention", x.requires_grad_()) == "sdpa_mask"
     x16 = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)

@@ -357,7 +357,6 @@ class MultiScaleAttention(nn.Module):
         self.residual_pooling = cfg.residual_pooling
         self.residual_skip = 0 if cfg.residual_pool_cls else self.num_prefix  # rows without residual pooling
         self.fused_attn = use_fused_attn()
-        self.split_qkv = False  # set by MViT where qkv is a plain nn.Linear (see forward)
 
         self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
@@ -393,11 +392,6 @@ class MultiScaleAttention(nn.Module):
         """(B, L, C) -> (B, heads, L, head_dim), a view."""
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _qkv_part(self, x: Tensor, i: int) -> Tensor:
-        """q (i = 0), k (1) or v (2) of x: (B, L, C_in) -> (B, L, C_out)."""
-        C, bias = self.dim_out, self.qkv.bias
-        return F.linear(x, self.qkv.weight[i * C:(i + 1) * C], None if bias is None else bias[i * C:(i + 1) * C])
-
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: List[int]) -> Tuple[Tensor, Tensor, List[int]]:
         """Projected q, k, v (B, P + N, C) on `grid` -> the attention output and the pooled q, each
         (B, heads, P + Nq, head_dim), and the Q grid."""
@@ -427,13 +421,7 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
-        # NOTE: three GEMMs on slices of qkv's weight where it is a plain nn.Linear: q, k, v come out contiguous
-        # for the pooling (2D float32 CPU inference: ~4% faster, measured with the rest of this file as it is)
-        if self.split_qkv:
-            q, k, v = self._qkv_part(x, 0), self._qkv_part(x, 1), self._qkv_part(x, 2)
-        else:
-            qkv, C = self.qkv(x), self.dim_out
-            q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
         out, q, q_grid = self.attend(q, k, v, grid)
         if self.residual_pooling:
             out = residual_pooling(out, q, self.residual_skip)
@@ -478,7 +466,7 @@ class MultiScaleBlock(nn.Module):
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if not cfg.expand_attn and dim != dim_out else None
         self.mlp = Mlp(attn_dim, int(attn_dim * cfg.mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.memory_efficient = False  # set by MViT: train through forward_memory_efficient
+        self.memory_efficient = False  # set by MViT: run through forward_memory_efficient
 
     def _pool_shortcut(self, shortcut: Tensor, grid: List[int]) -> Tensor:
         if self.shortcut_pool_attn is None:
@@ -500,10 +488,11 @@ class MultiScaleBlock(nn.Module):
 
     @torch.jit.unused
     def forward_memory_efficient(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        """`forward` with the same values and gradients, keeping less for backward (`mvit_zoo.ops.memory`):
-        norm1 + q/k/v (+ shortcut projection) keep x only, residual pooling + projection keep no sum,
-        norm2 + MLP keep x and fc1's output. It reads the linears' parameters instead of calling them,
-        so `MViT` sets it only on blocks whose modules are plain (`ops.memory.not_plain`)."""
+        """`forward` through `mvit_zoo.ops.memory`, with the same values and gradients. Training keeps less for
+        backward: norm1 + q/k/v (+ shortcut projection) keep x only, residual pooling + projection keep no sum,
+        norm2 + MLP keep x and fc1's output. Inference makes q, k and v as three GEMMs (contiguous for the
+        pooling) and the MLP in row blocks (`ops.memory.norm_mlp`). It reads the modules' parameters instead
+        of calling them, so `MViT` sets it only on blocks whose modules are plain (`ops.memory.not_plain`)."""
         attn, proj = self.attn, self.shortcut_proj_attn
         weights, biases = (list(attn.qkv.weight.chunk(3)),
                            [None] * 3 if attn.qkv.bias is None else list(attn.qkv.bias.chunk(3)))
@@ -719,25 +708,21 @@ class MViT(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_memory_efficient(self, enable: bool = True) -> None:
-        """Train through `MultiScaleBlock.forward_memory_efficient` (default): the same values and gradients,
-        less kept for backward (`mvit_zoo.ops.memory`). Decided here and at every `train()` / `eval()`, not per call:
-        a block whose linears or norms are replaced (LoRA, quantisation), patched or hooked, or with global
-        module hooks registered, trains through its modules instead, with a warning that names why (and
-        its attention calls a replaced or hooked qkv, in inference too, rather than three GEMMs on slices of its
-        weight). Hooks or replacements made after that are seen at the next `train()`, `eval()` or
-        `set_memory_efficient()`."""
+        """Run the blocks through `MultiScaleBlock.forward_memory_efficient` (default): the same values and
+        gradients, less kept for backward in training, less peak memory and time in CPU inference
+        (`mvit_zoo.ops.memory`). Decided here and at every `train()` / `eval()`, not per call: a block whose
+        linears or norms are replaced (LoRA, quantisation), patched or hooked, or with global module hooks
+        registered, calls its modules instead (in training with a warning that names why). Hooks or
+        replacements made after that are seen at the next `train()`, `eval()` or `set_memory_efficient()`."""
         self.memory_efficient = enable
         blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, MultiScaleBlock)]
         skipped = []
-        for m in self.modules():
-            if isinstance(m, MultiScaleAttention):  # (inference too: a replaced or hooked qkv is called)
-                m.split_qkv = not not_plain({"attn.qkv": m.qkv}, {})
         for name, block in blocks:
-            reasons = block.blockers() if enable and self.training else []
-            block.memory_efficient = enable and self.training and not reasons
+            reasons = block.blockers() if enable else []
+            block.memory_efficient = enable and not reasons
             if reasons:
                 skipped.append(f"{name}: {', '.join(reasons)}")
-        if skipped:
+        if skipped and self.training:
             warnings.warn(
                 f"memory-efficient training is off for {len(skipped)} of {len(blocks)} blocks, which call their "
                 f"modules (hooks and replaced modules need that; it keeps more for backward): {'; '.join(skipped[:3])}"

@@ -4,7 +4,8 @@ less for backward, and the check that decides, once, whether a block may use the
 - `norm_linears`: LayerNorm then several linears (a block's q, k, v and shortcut projection), keeping
   the LayerNorm input only (its output is recomputed in backward).
 - `norm_mlp`: LayerNorm -> fc1 -> GELU -> fc2, keeping the input and fc1's output: at MLP ratio 4 the
-  plain modules keep 1 + 4 + 4 activation sizes, this 1 + 4.
+  plain modules keep 1 + 4 + 4 activation sizes, this 1 + 4. CPU inference runs it a block of rows at a
+  time through one reused hidden buffer (`dispatch.ROW_BLOCK_BYTES`).
 - `residual_linear`: residual pooling (out + q) and the output projection, keeping out and q (which the
   attention keeps anyway), not their sum.
 - `depthwise_conv`: the pooling conv with its backward in float32 where 16-bit is slow on CPU.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .dispatch import select
+from .dispatch import ROW_BLOCK_BYTES, select
 
 __all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "residual_pooling", "merge_heads",
            "depthwise_conv", "not_plain", "lowered", "autocast_off"]
@@ -159,11 +160,34 @@ class _GeluLinear(torch.autograd.Function):
         return d_hidden, d_w, d_b
 
 
+def _mlp_in_row_blocks(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                       fc2_bias: Optional[Tensor]) -> Tensor:
+    """fc2(gelu(fc1(x))) without autograd, (..., C) -> (..., C_out): ROW_BLOCK_BYTES of the hidden tensor at a
+    time, in one buffer (GELU in place), never the whole (..., hidden) tensor."""
+    device = x.device.type
+    x, w1, b1, w2, b2 = lowered(device, [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias])
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    step = max(1, ROW_BLOCK_BYTES // (w1.shape[0] * x.element_size()))
+    out, buffer = x.new_empty(n, w2.shape[0]), x.new_empty(min(step, n), w1.shape[0])
+    with torch.autocast(device, enabled=False):
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            hidden = torch.ops.aten.gelu_(_linear_into(rows[start:stop], w1, b1, buffer[:stop - start]))
+            _linear_into(hidden, w2, b2, out[start:stop])
+    return out.view(x.shape[:-1] + w2.shape[:1])
+
+
 def norm_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float, fc1_weight: Tensor,
              fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:
-    """fc2(gelu(fc1(layer_norm(x)))), (..., C) -> (..., C_out), keeping x and fc1's output only."""
+    """fc2(gelu(fc1(layer_norm(x)))), (..., C) -> (..., C_out), keeping x and fc1's output only; in CPU
+    inference a block of rows at a time."""
+    path = select("norm_mlp", x)
+    if path == "rows":
+        x_norm = F.layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+        return _mlp_in_row_blocks(x_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     hidden = norm_linears(x, norm_weight, norm_bias, eps, [fc1_weight], [fc1_bias])[0]
-    if select("norm_mlp", x) == "plain":
+    if path == "plain":
         return F.linear(F.gelu(hidden), fc2_weight, fc2_bias)
     device = x.device.type
     weight, bias = lowered(device, [fc2_weight, fc2_bias])

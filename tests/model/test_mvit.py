@@ -472,6 +472,23 @@ def test_hooks_run_in_training(on: str) -> None:
     assert len(seen) == 2 * len(modules)
 
 
+def test_hooks_run_in_inference() -> None:
+    """Forward hooks on a block's linears and LayerNorms (feature and attention-map tools) fire in inference,
+    where the memory-efficient block would run the MLP in row blocks and q/k/v from slices of qkv's weight,
+    with the same logits and the hooked modules' whole outputs."""
+    _, ours, _, x = _small_reference_pair("timm")
+    hooked = copy.deepcopy(ours)
+    block = next(m for m in hooked.modules() if isinstance(m, mvit_module.MultiScaleBlock))
+    modules = [block.norm1, block.attn.qkv, block.attn.proj, block.norm2, block.mlp.fc1, block.mlp.fc2]
+    seen: list = []
+    for module in modules:
+        module.register_forward_hook(lambda m, args, out: seen.append((m, out.clone())))
+    _assert_same_function(hooked, ours, x, train=False)
+    assert [m for m, _ in seen] == modules
+    fc1_out = next(out for m, out in seen if m is block.mlp.fc1)
+    assert fc1_out.shape[-1] == block.mlp.fc1.out_features and fc1_out.min() < 0  # before GELU, whole
+
+
 def test_memory_saving_path_steps_aside_with_a_message_naming_why() -> None:
     """Decided once, at `set_memory_efficient` / `train()`: a hooked or replaced module turns the memory-saving
     path off for its block, with a warning naming the block and the module; plain blocks keep it."""
@@ -484,12 +501,13 @@ def test_memory_saving_path_steps_aside_with_a_message_naming_why() -> None:
         model.train()
     flags = [b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock)]
     assert flags == [True, False, False, True]
-    model.eval()
-    assert not any(b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        model.eval()  # (inference steps aside too, without a warning: it keeps nothing for backward)
+        assert flags == [b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock)]
         model.set_memory_efficient(False)
         model.train()
+    assert not any(b.memory_efficient for b in model.modules() if isinstance(b, mvit_module.MultiScaleBlock))
 
 
 def test_global_switch_builds_explicit_attention(monkeypatch) -> None:

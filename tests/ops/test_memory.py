@@ -1,6 +1,7 @@
 """`mvit_zoo.ops.memory` against the plain modules: `norm_mlp`, `norm_linears`, `depthwise_conv` and
 `residual_linear` give the same values and gradients in float64 (gradcheck), float32 and bf16 autocast,
-without biases too, and keep for the backward only what they say they keep."""
+without biases too, and keep for the backward only what they say they keep; `norm_mlp`'s inference row
+blocks give the same values."""
 from __future__ import annotations
 
 import pytest
@@ -56,6 +57,24 @@ def test_matches_plain_modules(autocast: bool, tol: float) -> None:
                           grads, ref_grads):
         assert a.dtype == b.dtype
         assert (a - b).abs().max() <= tol * b.abs().max(), name
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_row_blocks_match_plain_modules(monkeypatch, autocast: bool, bias: bool) -> None:
+    """CPU inference ('rows'): the same values as the plain modules, here 16 hidden rows at a time (a short
+    last block) through one buffer, and the dispatch chooses it only without autograd."""
+    from mvit_zoo.ops import dispatch, memory
+
+    x = torch.randn(3, 13, 6)  # 39 rows
+    params = _params(torch.float32, hidden=12, bias=bias)
+    monkeypatch.setattr(memory, "ROW_BLOCK_BYTES", 16 * 12 * (2 if autocast else 4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert dispatch.select("norm_mlp", x) == "rows"
+        out, ref = norm_mlp(x, params[0], params[1], 1e-6, *params[2:]), _plain(x, *params)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref)
+    assert dispatch.select("norm_mlp", x.requires_grad_()) == "recompute"
 
 
 def test_keeps_only_input_and_fc1_output() -> None:
