@@ -102,15 +102,17 @@ def augment_qk(q: Tensor, k: Tensor, scale: float, q_grid: List[int], k_grid: Li
         extra += t.shape[-1]
     align = 32 if q.element_size() < 4 else (8 if q.is_cuda else 1)
     pad = -(d + extra) % align
-    q_aug = torch.cat([q, F.pad(torch.cat(terms, dim=-1).to(q.dtype), [0, pad, p, 0])], dim=-1)
-    keys = F.pad(_key_coordinates(k_grid, axes, k.dtype, k.device), [0, pad, p, 0])  # (P + Nk, W - d)
+    extra_q, keys = torch.cat(terms, dim=-1).to(q.dtype), _key_coordinates(k_grid, axes, k.dtype, k.device)
+    if pad or p:  # zero columns up to the alignment, zero rows for the prefix tokens: (P + Nk, W - d) keys
+        extra_q, keys = F.pad(extra_q, [0, pad, p, 0]), F.pad(keys, [0, pad, p, 0])
+    q_aug = torch.cat([q, extra_q], dim=-1)
     k_aug = torch.cat([k, keys.expand(B, H, -1, -1)], dim=-1)
     return q_aug, k_aug
 
 
 def _pad_to(x: Tensor, width: int) -> Tensor:
     """x (..., d) with zero channels up to `width` (the kernels want one head size for q, k and v)."""
-    return F.pad(x, [0, width - x.shape[-1]])
+    return torch.cat([x, x.new_zeros(x.shape[:-1] + (width - x.shape[-1],))], dim=-1)
 
 
 def _gemm_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> List[Tensor]:
