@@ -474,7 +474,7 @@ class MultiScaleBlock(nn.Module):
         return self.shortcut_pool_attn(shortcut, grid)[0]
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        if not torch.jit.is_scripting():  # (TorchScript compiles no autograd function: it never trains)
+        if not torch.jit.is_scripting():  # (TorchScript compiles no autograd function: it calls the modules)
             if self.memory_efficient:
                 return self.forward_memory_efficient(x, grid)
         # as in the reference: the shortcut is the un-normalised input, unless it is projected
@@ -534,7 +534,7 @@ class MultiScaleStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             return self._forward_checkpointed(x, grid)
         for block in self.blocks:
             x, grid = block(x, grid)
@@ -771,12 +771,8 @@ class MViT(nn.Module):
         return tuple(total)
 
     @torch.jit.unused
-    def check_input(self, x: Tensor) -> None:
-        """Raise a ValueError/TypeError that names the problem and the fix for a malformed input."""
-        check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size,
-                    self.check_finite)
-
-    def _checked(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> Tensor:
+        """x, or a ValueError/TypeError that names the problem and the fix for a malformed input."""
         return check_input(x, self.patch_embed.proj.weight, self.in_chans, self.img_size, self.min_input_size,
                            self.check_finite)
 
@@ -787,7 +783,7 @@ class MViT(nn.Module):
         if torch.jit.is_scripting():
             check_input_scripted(x, len(self._patch_grid), self.in_chans)
         else:
-            x = self._checked(x)
+            x = self.check_input(x)
         x, grid = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)

@@ -199,32 +199,20 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
         return _CpuFlashRelPos.apply(q, k, v, scale, list(q_grid), list(k_grid), num_prefix, *rel)
 
 
-@torch.jit.unused
-def _eager_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
-                     rel: List[Optional[Tensor]], num_prefix: int, fused: bool) -> Tensor:
-    has_rel = any(r is not None for r in rel)
-    path = select("attention", q, fused_attn=fused, rel_pos=has_rel)
-    if path == "cpu_flash":
-        return cpu_flash_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
-    if path == "sdpa_augmented":
-        return augmented_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
-    bias = None if not has_rel else rel_pos_bias(q, q_grid, k_grid, rel, num_prefix).to(q.dtype)
-    if path == "explicit":
-        return explicit_attention(q, k, v, scale, bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
               rel: List[Optional[Tensor]], num_prefix: int, fused: bool = True) -> Tensor:
     """softmax(q k^T * scale + rel_pos_bias) v: q (B, h, P + Nq, d) on `q_grid`, k and v (B, h, P + Nk, d)
     on `k_grid` -> (B, h, P + Nq, d). `rel` holds R_a (q_a, k_a, d) per grid axis or None (no bias on it).
     The implementation is `dispatch.select`'s ("attention"); TorchScript runs sdpa_mask or explicit."""
-    if not torch.jit.is_scripting():
-        return _eager_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix, fused)
     has_rel = False
     for r in rel:
-        if r is not None:
-            has_rel = True
+        has_rel = has_rel or r is not None
+    if not torch.jit.is_scripting():
+        path = select("attention", q, fused_attn=fused, rel_pos=has_rel)
+        if path == "cpu_flash":
+            return cpu_flash_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
+        if path == "sdpa_augmented":
+            return augmented_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
     bias = rel_pos_bias(q, q_grid, k_grid, rel, num_prefix).to(q.dtype) if has_rel else None
     if not fused:
         return explicit_attention(q, k, v, scale, bias)
