@@ -326,17 +326,17 @@ def dispatch_patch(model: nn.Module, without: Optional[str] = None, seen: Option
             impl = ABLATIONS[impl]
         return impl
 
-    efficient = getattr(model, "memory_efficient", False)
     if seen is not None and any(getattr(m, "memory_efficient", False) for m in model.modules() if m is not model):
         seen.add("memory_efficient")
+    modules = getattr(model, "memory_efficient", False) and "memory_efficient" in removed
     attention.select = memory.select = select
-    if efficient and "memory_efficient" in removed:
+    if modules:
         model.set_memory_efficient(False)
     try:
         yield
     finally:
         attention.select = memory.select = dispatch.select
-        if efficient and "memory_efficient" in removed:
+        if modules:
             model.set_memory_efficient(True)
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "GEMM_BACKWARD_MAX_PAIRS", "ROW_BLOCK_BYTES"]
+__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "GEMM_BACKWARD_MAX_PAIRS"]
 
 _USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")
 
@@ -22,12 +22,6 @@ HAS_CPU_FLASH = all(hasattr(torch.ops.aten, name) for name in (
 # 49 x 196, 49 x 49; without it mvit_small's bf16 training step is ~10% slower) and as accurate. Not
 # fp16: its small dS entries would lose digits in 16-bit GEMM inputs.
 GEMM_BACKWARD_MAX_PAIRS = 64 * 1024
-
-# CPU inference: the MLP's (..., 4 C) hidden tensor is made this many bytes of rows at a time, in one buffer
-# that the next block reuses. glibc's malloc (PyTorch's CPU allocator on Linux) maps blocks over its mmap
-# threshold (at most 32 MiB on 64-bit) from fresh pages, a page fault per 4 KiB on first write: at batch 8 the
-# first stage's hidden tensor is 38.5 MB (mvit_tiny), about as slow to fault in as the GEMM that fills it.
-ROW_BLOCK_BYTES = 8 << 20
 
 
 def use_fused_attn() -> bool:
@@ -84,7 +78,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
     row log-sum-exp, no (Nq, Nk) or augmented tensor (SDPA's CPU math fallback would keep the mask and
     the probabilities). recompute: the `memory` autograd functions, which keep inputs and recompute
     LayerNorm / GELU outputs (max pooling: argmax indices) in backward. rows: fc1 -> GELU in place -> fc2,
-ROW_BLOCK_BYTES of hidden rows at a time, into one output. float32_backward: CPU 16-bit
+    `memory.ROW_BLOCK_BYTES` of hidden rows at a time, into one output. float32_backward: CPU 16-bit
     depthwise conv backward is 3-30x slower than float32's with the casts on 3D or strided convs (2D
     stride 1: faster; kept there).
     """
@@ -102,7 +96,7 @@ ROW_BLOCK_BYTES of hidden rows at a time, into one output. float32_backward: CPU
     if op == "attention_backward":  # of cpu_flash; pairs: query-key pairs per image and head
         return "gemm" if x.dtype == torch.bfloat16 and pairs <= GEMM_BACKWARD_MAX_PAIRS else "kernel"
     recording = eager and torch.is_grad_enabled()
-    if op == "norm_mlp" and eager and not torch.is_grad_enabled() and x.device.type == "cpu":
+    if op == "norm_mlp" and eager and not recording and x.device.type == "cpu":
         return "rows"
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):
         return "recompute" if recording and x.device.type in ("cpu", "cuda") else "plain"

@@ -5,7 +5,7 @@ less for backward, and the check that decides, once, whether a block may use the
   the LayerNorm input only (its output is recomputed in backward).
 - `norm_mlp`: LayerNorm -> fc1 -> GELU -> fc2, keeping the input and fc1's output: at MLP ratio 4 the
   plain modules keep 1 + 4 + 4 activation sizes, this 1 + 4. CPU inference runs it a block of rows at a
-  time through one reused hidden buffer (`dispatch.ROW_BLOCK_BYTES`).
+  time through one reused hidden buffer (`ROW_BLOCK_BYTES`).
 - `residual_linear`: residual pooling (out + q) and the output projection, keeping out and q (which the
   attention keeps anyway), not their sum.
 - `depthwise_conv`: the pooling conv with its backward in float32 where 16-bit is slow on CPU.
@@ -21,10 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .dispatch import ROW_BLOCK_BYTES, select
+from .dispatch import select
 
 __all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "residual_pooling", "merge_heads",
-           "depthwise_conv", "not_plain", "lowered", "autocast_off"]
+           "depthwise_conv", "not_plain", "lowered", "autocast_off", "ROW_BLOCK_BYTES"]
+
+# CPU inference: the MLP's (..., 4 C) hidden tensor is made this many bytes of rows at a time, in one buffer
+# that the next block reuses. glibc's malloc (PyTorch's CPU allocator on Linux) maps blocks over its mmap
+# threshold (at most 32 MiB on 64-bit) from fresh pages, a page fault per 4 KiB on first write: at batch 8 the
+# first stage's hidden tensor is 38.5 MB (mvit_tiny), about as slow to fault in as the GEMM that fills it.
+ROW_BLOCK_BYTES = 8 << 20
 
 
 def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
