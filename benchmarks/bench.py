@@ -95,7 +95,8 @@ MODES = ("infer", "latency", "train")
 # memory_efficient: the blocks' forward through those functions (`MViT.set_memory_efficient`) -> "modules",
 # the blocks calling their modules (one qkv GEMM, the whole MLP hidden tensor).
 ABLATIONS: dict[str, str] = {
-    "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask", "gemm": "kernel", "norm_linears": "plain",
+    "cpu_flash": "sdpa_augmented", "sdpa_augmented": "sdpa_mask",
+    "sdpa_mask_rows": "sdpa_augmented", "gemm": "kernel", "norm_linears": "plain",
     "norm_mlp": "plain", "residual_linear": "plain", "max_pool": "plain", "depthwise_conv": "plain",
     "memory_efficient": "modules",
 }

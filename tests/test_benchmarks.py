@@ -174,7 +174,7 @@ def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any
     bench = _load_bench()
     r = ablation_run["json"]
     paths = {(row["mode"], row["without"]) for row in r["rows"]}
-    assert {("infer", "sdpa_augmented"), ("infer", "norm_mlp"), ("infer", "memory_efficient"),
+    assert {("infer", "sdpa_mask_rows"), ("infer", "norm_mlp"), ("infer", "memory_efficient"),
             ("train", "norm_linears"), ("train", "norm_mlp"), ("train", "residual_linear")} <= paths
     assert (("train", "cpu_flash") in paths) == HAS_CPU_FLASH
     for row in r["rows"]:
@@ -201,10 +201,12 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
     blocks = [m for m in model.modules() if isinstance(m, MultiScaleBlock)]
     with torch.no_grad():
         expected = model(x)
-        with bench.dispatch_patch(model, without="sdpa_augmented"):
-            assert attention.select("attention", x) == "sdpa_mask"
+        with bench.dispatch_patch(model, without="sdpa_mask_rows"):
+            assert attention.select("attention", x) == "sdpa_augmented"
             assert all(b.memory_efficient for b in blocks)
             torch.testing.assert_close(model(x), expected)
+        with bench.dispatch_patch(model, without="sdpa_mask_rows+sdpa_augmented"):  # followed: -> augmented -> mask
+            assert attention.select("attention", x) == "sdpa_mask"
         with bench.dispatch_patch(model, without="memory_efficient+norm_mlp"):
             assert not any(b.memory_efficient for b in blocks)
             assert memory.select("norm_mlp", x) == "plain"

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import memory
 from .dispatch import select
 from .memory import autocast_off, lowered
 
 __all__ = ["attention", "rel_pos_terms", "rel_pos_bias", "augment_qk", "explicit_attention", "augmented_attention",
-           "cpu_flash_attention"]
+           "masked_attention_in_row_blocks", "cpu_flash_attention"]
 
 
 def _letters(nd: int) -> str:
@@ -57,7 +58,7 @@ def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Opti
     for size in k_grid:
         n_k *= size
     bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, n_k)
-    return F.pad(bias, [num_prefix, 0, num_prefix, 0])
+    return F.pad(bias, [num_prefix, 0, num_prefix, 0]) if num_prefix else bias
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
@@ -190,6 +191,39 @@ def augmented_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
 
 
 @torch.jit.unused
+def masked_attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int],
+                                   k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
+    """sdpa_mask_rows: SDPA with the `rel_pos_bias` mask, `memory.ROW_BLOCK_BYTES` of it at a time in one
+    reused buffer, never the whole (P + Nq, P + Nk) mask; prefix queries (no bias) without a mask.
+    (B, h, P + Nq, d) -> the same, laid out (B, P + Nq, h, d) as SDPA's output is."""
+    B, H, L, d = q.shape
+    p, n_k, nd = num_prefix, k.shape[2], len(k_grid)
+    terms: List[Tensor] = []
+    for axis, term in enumerate(rel_pos_terms(q, q_grid, rel, p)):
+        if term is not None:  # (B, h, Nq, k_a) -> (B, h, Nq, 1.., k_a, ..1)
+            terms.append(term.reshape([B, H, L - p] + [k_grid[a] if a == axis else 1 for a in range(nd)]))
+    step = max(1, memory.ROW_BLOCK_BYTES // (B * H * n_k * q.element_size()))
+    mask = q.new_zeros(B, H, min(step, L - p), n_k)  # its P prefix columns stay 0
+    out = q.new_empty(B, L, H, v.shape[3]).transpose(1, 2)
+    if p:
+        out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
+    for start in range(p, L, step):
+        stop = min(L, start + step)
+        block = mask[:, :, :stop - start]
+        rows = [t[:, :, start - p:stop - p] for t in terms]
+        partial = rows[0]
+        for t in rows[1:-1]:
+            partial = partial + t
+        bias = block[..., p:].view([B, H, stop - start] + k_grid)  # (B, h, rows, *k_grid)
+        if len(rows) > 1:
+            torch.add(partial.expand(bias.shape), rows[-1], out=bias)
+        else:
+            bias.copy_(partial.expand(bias.shape))
+        out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=block, scale=scale)
+    return out
+
+
+@torch.jit.unused
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                         rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """cpu_flash: `_CpuFlashRelPos`, under autocast on q, k, v and R in the autocast dtype as SDPA's would be."""
@@ -208,11 +242,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], 
     for r in rel:
         has_rel = has_rel or r is not None
     if not torch.jit.is_scripting():
-        path = select("attention", q, fused_attn=fused, rel_pos=has_rel)
+        path = select("attention", q, fused_attn=fused, rel_pos=has_rel, video=len(q_grid) == 3)
         if path == "cpu_flash":
             return cpu_flash_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
         if path == "sdpa_augmented":
             return augmented_attention(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
+        if path == "sdpa_mask_rows":
+            return masked_attention_in_row_blocks(q, k, v, scale, q_grid, k_grid, rel, num_prefix)
     bias = rel_pos_bias(q, q_grid, k_grid, rel, num_prefix).to(q.dtype) if has_rel else None
     if not fused:
         return explicit_attention(q, k, v, scale, bias)

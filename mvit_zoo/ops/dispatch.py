@@ -42,8 +42,8 @@ def _16bit(x: Tensor) -> bool:
 
 
 @torch.jit.unused
-def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, conv_3d_or_strided: bool = False,
-           pairs: int = 0) -> str:
+def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, video: bool = False,
+           conv_3d_or_strided: bool = False, pairs: int = 0) -> str:
     """The implementation of `op` for its first input `x`; the first row that holds applies.
 
     ======================================  ==========================================================  ================
@@ -54,7 +54,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
     attention                               torch.compile / torch.export capture                        sdpa_mask
     attention                               a device other than CPU/CUDA (meta: shapes, FLOP counts)    sdpa_mask
     attention                               CPU, autograd records, CPU flash ops present                cpu_flash
-    attention                               otherwise (CPU inference, CUDA)                             sdpa_augmented
+    attention                               CPU, autograd off, float32, 2D                              sdpa_mask_rows
+    attention                               otherwise (CPU 16-bit or video inference, CUDA)             sdpa_augmented
     attention_backward (of cpu_flash)       bf16, at most GEMM_BACKWARD_MAX_PAIRS query-key pairs       gemm
     attention_backward (of cpu_flash)       otherwise                                                   kernel
     norm_mlp                                eager CPU, autograd off                                     rows
@@ -70,6 +71,9 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
     explicit: the (Nq, Nk) logits plus `attention.rel_pos_bias`, softmax, times v (the reference).
     gemm: the backward of softmax(q k^T) v as batched GEMMs (`attention._gemm_backward`); kernel: SDPA's
     CPU flash backward.
+    sdpa_mask_rows: SDPA with the mask made `memory.ROW_BLOCK_BYTES` at a time in one buffer
+    (`attention.masked_attention_in_row_blocks`): for float32 2D the mask costs less than the longer
+    heads of sdpa_augmented (4% of mvit_tiny/small inference, measured), not for video (3% slower).
     sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its
     mask (graphs keep their own choices; ONNX takes it as it is). sdpa_augmented: the bias folded into
     q . k (`attention.augment_qk`), SDPA with no mask, so every fused kernel applies (CPU flash, CUDA
@@ -83,6 +87,7 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
     stride 1: faster; kept there).
     """
     eager = not torch.compiler.is_compiling()  # torch.compile and torch.export
+    recording = eager and torch.is_grad_enabled()
     if op == "attention":
         if not fused_attn:
             return "explicit"
@@ -90,12 +95,13 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, co
             return "sdpa"
         if not eager or x.device.type not in ("cpu", "cuda"):
             return "sdpa_mask"
-        if x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled() and HAS_CPU_FLASH:
+        if x.device.type == "cpu" and x.requires_grad and recording and HAS_CPU_FLASH:
             return "cpu_flash"
+        if x.device.type == "cpu" and not recording and not video and not _16bit(x):
+            return "sdpa_mask_rows"
         return "sdpa_augmented"
     if op == "attention_backward":  # of cpu_flash; pairs: query-key pairs per image and head
         return "gemm" if x.dtype == torch.bfloat16 and pairs <= GEMM_BACKWARD_MAX_PAIRS else "kernel"
-    recording = eager and torch.is_grad_enabled()
     if op == "norm_mlp" and eager and not recording and x.device.type == "cpu":
         return "rows"
     if op in ("norm_linears", "norm_mlp", "residual_linear", "max_pool"):

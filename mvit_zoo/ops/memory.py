@@ -26,10 +26,11 @@ from .dispatch import select
 __all__ = ["norm_linears", "norm_mlp", "residual_linear", "max_pool", "residual_pooling", "merge_heads",
            "depthwise_conv", "not_plain", "lowered", "autocast_off", "ROW_BLOCK_BYTES"]
 
-# CPU inference: the MLP's (..., 4 C) hidden tensor is made this many bytes of rows at a time, in one buffer
-# that the next block reuses. glibc's malloc (PyTorch's CPU allocator on Linux) maps blocks over its mmap
-# threshold (at most 32 MiB on 64-bit) from fresh pages, a page fault per 4 KiB on first write: at batch 8 the
-# first stage's hidden tensor is 38.5 MB (mvit_tiny), about as slow to fault in as the GEMM that fills it.
+# CPU inference: the MLP's (..., 4 C) hidden tensor and the float32 attention mask
+# (`attention.masked_attention_in_row_blocks`) are made this many bytes of rows at a time, in one reused
+# buffer. glibc's malloc (PyTorch's CPU allocator on Linux) maps blocks over its mmap threshold (at most
+# 32 MiB on 64-bit) from fresh pages, a page fault per 4 KiB on first write: at batch 8 the first stage's
+# hidden tensor is 38.5 MB (mvit_tiny), about as slow to fault in as the GEMM that fills it.
 ROW_BLOCK_BYTES = 8 << 20
 
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from mvit_zoo.ops import attention as ops_attention, dispatch
+from mvit_zoo.ops import attention as ops_attention, dispatch, memory
 from mvit_zoo.ops.attention import (attention, augment_qk, augmented_attention, cpu_flash_attention, explicit_attention,
-                                    rel_pos_bias)
+                                    masked_attention_in_row_blocks, rel_pos_bias)
 
 CASES = [  # q grid, k grid, prefix tokens, axes with a table
     ([4, 3], [2, 3], 0, [0, 1]),
@@ -95,6 +95,20 @@ def test_values_and_gradients_equal_the_explicit_path(path, q_grid, k_grid, pref
         assert (a - b).abs().max().item() <= tol * scale(b), i
 
 
+@pytest.mark.parametrize("q_grid,k_grid,prefix,axes", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30], ids=["one_row", "short_last_block", "one_block"])
+def test_mask_in_row_blocks_equals_the_explicit_path(q_grid, k_grid, prefix, axes, dtype, tol, block_bytes,
+                                                     monkeypatch) -> None:
+    """Inference only: one query row per block, blocks with a short last one, the whole mask at once."""
+    monkeypatch.setattr(memory, "ROW_BLOCK_BYTES", block_bytes)
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes, dtype, d=8)
+    with torch.no_grad():
+        out = masked_attention_in_row_blocks(q, k, v, SCALE, q_grid, k_grid, rel, prefix)
+        ref = _reference(q, k, v, q_grid, k_grid, rel, prefix)
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
 def test_cpu_flash_keeps_no_attention_sized_tensor_for_backward() -> None:
     """The explicit path (and SDPA's math fallback with a mask) keeps (B, heads, Nq, Nk) tensors; this none."""
     q_grid, k_grid = [16, 16], [4, 8]
@@ -128,28 +142,32 @@ def test_16bit_heads_are_padded_to_32() -> None:
     assert augment_qk(q, k, SCALE, [4, 3], [2, 3], rel, 1)[0].shape[-1] % 32 == 0
 
 
-@pytest.mark.parametrize("grad,fused,has_rel,expected", [
-    (True, True, True, "cpu_flash"),
-    (False, True, True, "sdpa_augmented"),  # CPU inference
-    (True, False, True, "explicit"),
-    (True, True, False, "sdpa"),
+@pytest.mark.parametrize("case,grad,fused,has_rel,dtype,expected", [
+    (1, True, True, True, torch.float32, "cpu_flash"),
+    (1, False, True, True, torch.float32, "sdpa_mask_rows"),  # CPU inference, float32, 2D
+    (2, False, True, True, torch.float32, "sdpa_augmented"),  # video
+    (1, False, True, True, torch.bfloat16, "sdpa_augmented"),  # 16-bit
+    (1, True, False, True, torch.float32, "explicit"),
+    (1, True, True, False, torch.float32, "sdpa"),
 ])
-def test_dispatch_picks_the_documented_path(grad, fused, has_rel, expected, monkeypatch) -> None:
-    q_grid, k_grid, prefix, axes = CASES[1]
-    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes if has_rel else [], torch.float32, d=8)
+def test_dispatch_picks_the_documented_path(case, grad, fused, has_rel, dtype, expected, monkeypatch) -> None:
+    q_grid, k_grid, prefix, axes = CASES[case]
+    q, k, v, rel = _inputs(q_grid, k_grid, prefix, axes if has_rel else [], dtype, d=8)
     q.requires_grad_(grad)
-    assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel) == expected
+    with torch.set_grad_enabled(grad):
+        assert dispatch.select("attention", q, fused_attn=fused, rel_pos=has_rel, video=len(q_grid) == 3) == expected
     calls = []
-    for name in ("cpu_flash_attention", "augmented_attention", "explicit_attention"):
+    for name in ("cpu_flash_attention", "augmented_attention", "masked_attention_in_row_blocks", "explicit_attention"):
         fn = getattr(ops_attention, name)
         monkeypatch.setattr(ops_attention, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
     with torch.set_grad_enabled(grad):
         out = attention(q, k, v, SCALE, q_grid, k_grid, rel, prefix, fused)
     names = {"cpu_flash": ["cpu_flash_attention"], "sdpa_augmented": ["augmented_attention"],
-             "explicit": ["explicit_attention"], "sdpa": []}
+             "sdpa_mask_rows": ["masked_attention_in_row_blocks"], "explicit": ["explicit_attention"], "sdpa": []}
     assert calls == names[expected]
     bias = rel_pos_bias(q, q_grid, k_grid, rel, prefix) if has_rel else None
-    torch.testing.assert_close(out, explicit_attention(q, k, v, SCALE, bias), rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, explicit_attention(q, k, v, SCALE, bias), rtol=tol, atol=tol)
 
 
 def test_compiled_graphs_take_the_mask_path() -> None:
@@ -159,7 +177,7 @@ def test_compiled_graphs_take_the_mask_path() -> None:
     assert compiled(q.requires_grad_(True)) == "sdpa_mask"
     assert dispatch.select("attention", q) == "cpu_flash"
     with torch.no_grad():
-        assert dispatch.select("attention", q) == "sdpa_augmented"
+        assert dispatch.select("attention", q) == "sdpa_mask_rows"
         assert dispatch.select("attention", q.bfloat16()) == "sdpa_augmented"
 
 
