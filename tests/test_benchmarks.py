@@ -124,7 +124,7 @@ def test_ab_against_an_older_commit(ab_run: dict[str, Any]) -> None:
     out = ab_run["stdout"]
     assert "| new ms | old ms |" in out and "| check" in out and "A/B (new within 5% of old" in out
     md = ab_run["md"]
-    key = f"A/B {r['device_key']}"
+    key = f"A/B {r['device_key']}, fp32 infer+train"
     assert md.count(f"<!-- bench:begin {key} -->") == 1
     assert f"## A/B: new (working tree) vs old ({r['ref_commit'][:12]})" in md
     assert "speedup = old ms / new ms; mem x = new peak-memory growth / old" in md
@@ -151,10 +151,14 @@ def test_ab_and_reference_sections_side_by_side(quick_run: dict[str, Any], ab_ru
     bench.write_results(path, quick_run["json"])
     bench.write_results(path, ab_run["json"])
     bench.write_results(path, dict(ab_run["json"], command="python benchmarks/bench.py --ab-again"))
+    # a bf16 A/B run gets a section of its own, next to the float32 one
+    bench.write_results(path, dict(ab_run["json"], rows=[dict(row, dtype="bf16") for row in ab_run["json"]["rows"]]))
     text = path.read_text()
     key = quick_run["json"]["device_key"]
-    assert text.count(f"<!-- bench:begin {key} -->") == 1 and text.count(f"<!-- bench:begin A/B {key} -->") == 1
-    assert "--ab-again" in text and text.count("command: `") == 2
+    assert text.count(f"<!-- bench:begin {key} -->") == 1
+    assert text.count(f"<!-- bench:begin A/B {key}, fp32 infer+train -->") == 1
+    assert text.count(f"<!-- bench:begin A/B {key}, bf16 infer+train -->") == 1
+    assert "--ab-again" in text and text.count("command: `") == 3
 
 
 def test_unknown_ref_commit_is_refused() -> None:
@@ -184,7 +188,7 @@ def test_ablation_times_each_path_the_dispatch_chose(ablation_run: dict[str, Any
         assert isinstance(row["pays"], bool)
     assert "| path" in ablation_run["stdout"] and "| gain |" in ablation_run["stdout"]
     md = ablation_run["md"]
-    assert md.count(f"<!-- bench:begin ablation {r['device_key']} -->") == 1
+    assert md.count(f"<!-- bench:begin ablation {r['device_key']}, fp32 infer+train -->") == 1
     assert "## Ablation: each fast path against what runs without it" in md and ablation_run["repo_results_unchanged"]
 
 
