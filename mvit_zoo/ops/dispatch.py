@@ -73,7 +73,8 @@ def select(op: str, x: Tensor, fused_attn: bool = True, rel_pos: bool = True, vi
     CPU flash backward.
     sdpa_mask_rows: SDPA with the mask made `memory.ROW_BLOCK_BYTES` at a time in one buffer
     (`attention.masked_attention_in_row_blocks`): for float32 2D the mask costs less than the longer
-    heads of sdpa_augmented (4% of mvit_tiny/small inference, measured), not for video (3% slower).
+    heads and padded v of sdpa_augmented (ablation: 0.89x peak inference memory, speed within noise),
+    not for video (3% slower).
     sdpa: `F.scaled_dot_product_attention` without a mask. sdpa_mask: the same with the bias as its
     mask (graphs keep their own choices; ONNX takes it as it is). sdpa_augmented: the bias folded into
     q . k (`attention.augment_qk`), SDPA with no mask, so every fused kernel applies (CPU flash, CUDA
