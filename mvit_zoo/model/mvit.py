@@ -258,7 +258,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, List[int]]:
         x = self.proj(x)
         # NOTE contiguous: a residual sum takes its first operand's layout, so a transposed view here
-        # would make every stage-1 LayerNorm, copy and conv read channel-strided memory
+        # would hand every block of the first stage channel-strided tokens (slow LayerNorms, copies, convs)
         return x.flatten(2).transpose(1, 2).contiguous(), token_grid(x)
 
 

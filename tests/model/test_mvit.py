@@ -285,6 +285,24 @@ def test_memory_efficient_training_keeps_less() -> None:
     assert efficient < 0.8 * plain, (efficient, plain)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["mvit_tiny", "mvit_small_cls"])
+def test_blocks_get_contiguous_tokens(name: str, train: bool) -> None:
+    """Every block's input is contiguous: the residual sums keep their first operand's layout, so strided
+    patch tokens would stay strided through the first stage (and make it slower, not wrong)."""
+    model = mvit_zoo.create_model(name, depths=(2, 1, 1, 1)).train(train)
+    strided: list[str] = []
+    for n, m in model.named_modules():
+        if isinstance(m, mvit_module.MultiScaleBlock):
+            m.register_forward_pre_hook(
+                lambda _, args, n=n: None if args[0].is_contiguous() else strided.append(f"{n}: {args[0].stride()}"))
+    model.set_memory_efficient(True)  # (block hooks do not make the blocks step aside; check that)
+    assert all(m.memory_efficient for m in model.modules() if isinstance(m, mvit_module.MultiScaleBlock))
+    with torch.set_grad_enabled(train):
+        model(torch.randn(2, 3, 64, 64))
+    assert not strided, strided
+
+
 @pytest.mark.parametrize("v2", [True, False], ids=["mvit_v2_s", "mvit_v1_b"])
 def test_torchvision_input_gradient_parity(v2: bool) -> None:
     """Video: the input gradient (which flows through every layer, rel-pos tables included) equals
