@@ -140,7 +140,6 @@ def make_cfg(base: MViTCfg, **overrides: Any) -> MViTCfg:
     return replace(base, **overrides)
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Variants
 # --------------------------------------------------------------------------------------------------
@@ -278,8 +277,6 @@ class TokenPool(nn.Module):
     def __init__(self, mode: str, nd: int, channels: int, kernel: Grid, stride: Grid, num_prefix: int,
                  heads: int = 1) -> None:
         super().__init__()
-        if mode not in ("conv", "max", "avg"):
-            raise ValueError(f"pool_mode must be 'conv', 'max' or 'avg', got {mode!r}")
         self.mode = mode
         self.heads = heads
         self.num_prefix = num_prefix

@@ -43,21 +43,25 @@ def rel_pos_terms(q: Tensor, q_grid: List[int], rel: List[Optional[Tensor]], num
     return terms
 
 
+def _on_key_grid(terms: List[Optional[Tensor]], k_grid: List[int]) -> List[Tensor]:
+    """T_a (B, h, Nq, k_a) -> (B, h, Nq, 1.., k_a, ..1), broadcasting over the other key axes; Nones dropped."""
+    out: List[Tensor] = []
+    for axis, term in enumerate(terms):
+        if term is not None:
+            out.append(term.reshape(list(term.shape[:3]) + [k_grid[a] if a == axis else 1 for a in range(len(k_grid))]))
+    return out
+
+
 def rel_pos_bias(q: Tensor, q_grid: List[int], k_grid: List[int], rel: List[Optional[Tensor]],
                  num_prefix: int) -> Tensor:
     """The bias (B, h, P + Nq, P + Nk) of eq. 4: sum over axes of `rel_pos_terms`, 0 for prefix rows/columns."""
-    nd = len(k_grid)
-    bias: Optional[Tensor] = None
-    for axis, term in enumerate(rel_pos_terms(q, q_grid, rel, num_prefix)):
-        if term is not None:
-            # (B, h, Nq, k_a) -> (B, h, Nq, 1.., k_a, ..1): broadcasts over the other key axes
-            term = term.reshape(list(term.shape[:3]) + [k_grid[a] if a == axis else 1 for a in range(nd)])
-            bias = term if bias is None else bias + term
-    assert bias is not None, "rel_pos_bias needs a table for at least one axis"
-    B, H, n_q, n_k = bias.shape[0], bias.shape[1], bias.shape[2], 1
-    for size in k_grid:
-        n_k *= size
-    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, n_k)
+    terms = _on_key_grid(rel_pos_terms(q, q_grid, rel, num_prefix), k_grid)
+    assert len(terms) > 0, "rel_pos_bias needs a table for at least one axis"
+    bias = terms[0]
+    for term in terms[1:]:
+        bias = bias + term  # (B, h, Nq, *k_grid) once every axis is in
+    B, H, n_q = bias.shape[0], bias.shape[1], bias.shape[2]
+    bias = bias.expand([B, H, n_q] + k_grid).reshape(B, H, n_q, -1)
     return F.pad(bias, [num_prefix, 0, num_prefix, 0]) if num_prefix else bias
 
 
@@ -72,17 +76,9 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Opti
 def _key_coordinates(k_grid: List[int], axes: List[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """One-hot key coordinates (Nk, sum of k_grid[a] for a in axes): key j (row-major on `k_grid`) has a 1
     in the column of its coordinate j_a along each listed axis."""
-    n_k = 1
-    for g in k_grid:
-        n_k *= g
-    j = torch.arange(n_k, device=device).unsqueeze(1)
-    columns: List[Tensor] = []
-    step = n_k
-    for a in range(len(k_grid)):
-        step = step // k_grid[a]
-        if a in axes:
-            columns.append((j // step % k_grid[a] == torch.arange(k_grid[a], device=device)).to(dtype))
-    return torch.cat(columns, dim=1)
+    coords = torch.stack(torch.meshgrid([torch.arange(g, device=device) for g in k_grid], indexing="ij"), dim=-1)
+    coords = coords.reshape(-1, len(k_grid))  # (Nk, nd): j_a of each key
+    return torch.cat([F.one_hot(coords[:, a], k_grid[a]) for a in axes], dim=1).to(dtype)
 
 
 def augment_qk(q: Tensor, k: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
@@ -97,13 +93,10 @@ def augment_qk(q: Tensor, k: Tensor, scale: float, q_grid: List[int], k_grid: Li
     B, H, d, p = q.shape[0], q.shape[1], q.shape[3], num_prefix
     axes = [a for a in range(len(rel)) if rel[a] is not None]
     scaled: List[Optional[Tensor]] = [None if r is None else r * (1.0 / scale) for r in rel]
-    terms = [t for t in rel_pos_terms(q, q_grid, scaled, p) if t is not None]
-    extra = 0
-    for t in terms:
-        extra += t.shape[-1]
+    extra_q = torch.cat([t for t in rel_pos_terms(q, q_grid, scaled, p) if t is not None], dim=-1).to(q.dtype)
     align = 32 if q.element_size() < 4 else (8 if q.is_cuda else 1)
-    pad = -(d + extra) % align
-    extra_q, keys = torch.cat(terms, dim=-1).to(q.dtype), _key_coordinates(k_grid, axes, k.dtype, k.device)
+    pad = -(d + extra_q.shape[-1]) % align
+    keys = _key_coordinates(k_grid, axes, k.dtype, k.device)
     if pad or p:  # zero columns up to the alignment, zero rows for the prefix tokens: (P + Nk, W - d) keys
         extra_q, keys = F.pad(extra_q, [0, pad, p, 0]), F.pad(keys, [0, pad, p, 0])
     q_aug = torch.cat([q, extra_q], dim=-1)
@@ -190,18 +183,14 @@ def augmented_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: L
     return F.scaled_dot_product_attention(q_aug, k_aug, _pad_to(v, q_aug.shape[-1]), scale=scale)[..., :q.shape[-1]]
 
 
-@torch.jit.unused
 def masked_attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int],
                                    k_grid: List[int], rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """sdpa_mask_rows: SDPA with the `rel_pos_bias` mask, `memory.ROW_BLOCK_BYTES` of it at a time in one
     reused buffer, never the whole (P + Nq, P + Nk) mask; prefix queries (no bias) without a mask.
     (B, h, P + Nq, d) -> the same, laid out (B, P + Nq, h, d) as SDPA's output is."""
-    B, H, L, d = q.shape
-    p, n_k, nd = num_prefix, k.shape[2], len(k_grid)
-    terms: List[Tensor] = []
-    for axis, term in enumerate(rel_pos_terms(q, q_grid, rel, p)):
-        if term is not None:  # (B, h, Nq, k_a) -> (B, h, Nq, 1.., k_a, ..1)
-            terms.append(term.reshape([B, H, L - p] + [k_grid[a] if a == axis else 1 for a in range(nd)]))
+    B, H, L, _ = q.shape
+    p, n_k = num_prefix, k.shape[2]
+    terms = _on_key_grid(rel_pos_terms(q, q_grid, rel, p), k_grid)
     step = max(1, memory.ROW_BLOCK_BYTES // (B * H * n_k * q.element_size()))
     mask = q.new_zeros(B, H, min(step, L - p), n_k)  # its P prefix columns stay 0
     out = q.new_empty(B, L, H, v.shape[3]).transpose(1, 2)
@@ -216,14 +205,13 @@ def masked_attention_in_row_blocks(q: Tensor, k: Tensor, v: Tensor, scale: float
             partial = partial + t
         bias = block[..., p:].view([B, H, stop - start] + k_grid)  # (B, h, rows, *k_grid)
         if len(rows) > 1:
-            torch.add(partial.expand(bias.shape), rows[-1], out=bias)
+            torch.add(partial, rows[-1], out=bias)
         else:
-            bias.copy_(partial.expand(bias.shape))
+            bias.copy_(partial)
         out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=block, scale=scale)
     return out
 
 
-@torch.jit.unused
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_grid: List[int], k_grid: List[int],
                         rel: List[Optional[Tensor]], num_prefix: int) -> Tensor:
     """cpu_flash: `_CpuFlashRelPos`, under autocast on q, k, v and R in the autocast dtype as SDPA's would be."""

@@ -270,18 +270,13 @@ class _DepthwiseConvFloat32Backward(torch.autograd.Function):
 
 def depthwise_conv(x: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
     """Depthwise conv (groups = channels) of x (B, C, *grid) with weight (C, 1, *kernel), 2D or 3D."""
-    if not torch.jit.is_scripting():
+    if not torch.jit.is_scripting():  # (TorchScript compiles only the plain op below)
         if select("depthwise_conv", x, conv_3d_or_strided=x.dim() == 5 or max(stride) > 1) != "plain":
-            return _depthwise_conv_float32_backward(x, weight, stride, padding)
+            device = x.device.type
+            x, weight = lowered(device, [x, weight])
+            with torch.autocast(device, enabled=False):
+                return _DepthwiseConvFloat32Backward.apply(x, weight, list(stride), list(padding))
     return _conv(x, weight, stride, padding)
-
-
-@torch.jit.unused
-def _depthwise_conv_float32_backward(x: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
-    device = x.device.type
-    x, weight = lowered(device, [x, weight])
-    with torch.autocast(device, enabled=False):
-        return _DepthwiseConvFloat32Backward.apply(x, weight, list(stride), list(padding))
 
 
 class _MaxPoolRecomputeIndices(torch.autograd.Function):
@@ -305,15 +300,10 @@ def max_pool(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]
     anyway), not the int64 argmax indices (2-4x the size of the output)."""
     if not torch.jit.is_scripting():
         if select("max_pool", x) != "plain":
-            return _max_pool_keeping_input(x, kernel, stride, padding)
+            return _MaxPoolRecomputeIndices.apply(x, list(kernel), list(stride), list(padding))
     if x.dim() == 4:
         return F.max_pool2d(x, kernel, stride, padding)
     return F.max_pool3d(x, kernel, stride, padding)
-
-
-@torch.jit.unused
-def _max_pool_keeping_input(x: Tensor, kernel: List[int], stride: List[int], padding: List[int]) -> Tensor:
-    return _MaxPoolRecomputeIndices.apply(x, list(kernel), list(stride), list(padding))
 
 
 def not_plain(modules: Dict[str, Optional[nn.Module]], types: Dict[str, type]) -> List[str]:
