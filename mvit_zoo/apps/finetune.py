@@ -18,7 +18,9 @@ head sized to the class folders. The output folder holds `model.safetensors` and
 timm-style `config.json` (with `label_names`), per-epoch metrics (CSV and JSON), and the
 training state that `--resume` continues from exactly: `train_state.json` names the last
 complete checkpoint folder under `checkpoints/`, so a save cut short (Ctrl-C, a kill, a full
-disk) leaves the previous one to resume from. A first Ctrl-C finishes the step under way,
+disk) leaves the previous one to resume from. A run removes only the step folders it wrote
+(`step-N-<id>`, each holding a marker with the run's id), and refuses an output whose
+`checkpoints/` is a link or holds anything else. A first Ctrl-C finishes the step under way,
 saves a checkpoint and prints the command that resumes it.
 
 Determinism: augmentation is seeded per (seed, epoch, sample) and everything else per
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -84,6 +87,10 @@ __all__ = [
 
 STATE_FILE = "train_state.json"
 CHECKPOINTS_DIR = "checkpoints"
+# Every step folder a run writes holds this file with the run's id: only such folders are ever removed
+RUN_MARKER = ".mvit-zoo-run"
+_STEP_FOLDER = re.compile(r"step-\d{8}-[0-9a-f]{8}")
+_CHECKPOINT_FILES = frozenset({RUN_MARKER, "model.safetensors", "model_ema.safetensors", "optimizer.pt"})
 OPTIMIZER_FILE = "optimizer.pt"
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
@@ -322,6 +329,36 @@ def _link(source: Path, path: Path) -> None:
     atomic_write(path, link)
 
 
+def _is_own_checkpoint(entry: Path, run_id: str, legacy: bool) -> bool:
+    """True if `entry` is a step folder this run wrote: a real folder named `step-N-<id>` holding the run's
+    marker. A run saved before markers existed (`legacy`) owns step folders that hold only checkpoint files."""
+    if entry.is_symlink() or not entry.is_dir() or not _STEP_FOLDER.fullmatch(entry.name):
+        return False
+    marker = entry / RUN_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return marker.read_text().strip() == run_id
+    return legacy and all(f.name in _CHECKPOINT_FILES or f.name.endswith(".part") for f in entry.iterdir())
+
+
+def check_checkpoints_folder(output: Path, run_id: str, legacy: bool = False) -> List[Path]:
+    """The step folders of `output/checkpoints/` that this run wrote; a clear error if that folder is a link
+    or a file, or holds anything else (another tool's or another run's files are never touched)."""
+    folder = output / CHECKPOINTS_DIR
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        kind = "a link" if folder.is_symlink() else "a file"
+        raise CliError(f"{folder} is {kind}; a run keeps its checkpoints in a folder of its own there: "
+                       "choose another --output, or move it away")
+    if not folder.exists():
+        return []
+    entries = sorted(folder.iterdir())
+    foreign = [e.name for e in entries if not _is_own_checkpoint(e, run_id, legacy)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CliError(f"{folder} holds entries this run did not write ({shown}); the run removes its own old "
+                       "checkpoints there and touches nothing else: choose another --output, or move them away")
+    return entries
+
+
 def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) -> Any:
     """`load(path)`, with an error naming the file and the fix if it is missing, damaged or does not fit."""
     try:
@@ -477,6 +514,8 @@ class Trainer:
         self.epoch_loss = [0.0, 0.0]  # summed training loss and sample count of the current epoch
         self.best = {"top1": -1.0, "epoch": -1}
         self.finished = False  # set by --resume of a run that has trained all its epochs
+        self.run_id = ""  # names the step folders this run writes (RUN_MARKER), kept in train_state.json
+        self._legacy_checkpoints = False  # resumed from a run saved before step folders carried RUN_MARKER
         self.interrupted = False  # set when a Ctrl-C stopped training after saving a checkpoint
         self._stop_requested = 0.0  # time of the first Ctrl-C, 0 if none
 
@@ -488,6 +527,9 @@ class Trainer:
         if args.resume is None and (self.output / STATE_FILE).exists():
             raise CliError(f"{self.output} already holds a run; pass --resume to continue it "
                            f"or choose another --output")
+        if args.resume is None:
+            self.run_id = uuid.uuid4().hex
+            check_checkpoints_folder(self.output, self.run_id)
         # The data type depends on the model and the head on the data: the overrides are checked and
         # the model's input kind read on a weightless copy first.
         self.model_kwargs, is_video = resolve_model_kwargs(args)
@@ -511,6 +553,7 @@ class Trainer:
         self._build_optimisation()
         if args.resume is not None:
             self._resume(Path(args.resume) if args.resume else self.output)
+            check_checkpoints_folder(self.output, self.run_id, legacy=self._legacy_checkpoints)
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
             # MViT's depthwise pooling convs keep channels-last gradients: a harmless DDP performance note
@@ -592,6 +635,10 @@ class Trainer:
             raise CliError(f'steps per epoch changed ({state["steps_per_epoch"]} -> {self.steps_per_epoch}: data, '
                            '--batch-size or process count differ); resume with the run\'s own to continue exactly')
         _check_resume_args(state.get("args", {}), self.args)
+        # a run saved before step folders carried its id gets one now; its own folders are told by their files
+        self.run_id = state.get("run_id") or uuid.uuid4().hex
+        self._legacy_checkpoints = "run_id" not in state
+        check_checkpoints_folder(folder, self.run_id, legacy=self._legacy_checkpoints)
         checkpoint = folder / state["checkpoint"]
         _load_checkpoint_file(checkpoint / WEIGHTS_FILE, lambda p: _load_weights(p, self.model), folder)
         if self.ema is not None:
@@ -631,7 +678,9 @@ class Trainer:
             write_config(self.output, self.config())
             name = f"{CHECKPOINTS_DIR}/step-{self.global_step:08d}-{uuid.uuid4().hex[:8]}"
             checkpoint = self.output / name
+            own = check_checkpoints_folder(self.output, self.run_id, legacy=self._legacy_checkpoints)
             checkpoint.mkdir(parents=True)
+            (checkpoint / RUN_MARKER).write_text(self.run_id + "\n")  # first: a save cut short is still ours
             save_weights(checkpoint / WEIGHTS_FILE, self.model, self.global_step)
             if self.ema is not None:
                 save_weights(checkpoint / EMA_WEIGHTS_FILE, self.ema.module, self.global_step)
@@ -643,13 +692,13 @@ class Trainer:
                 "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
                 "epochs": self.args.epochs, "epoch_loss": epoch_loss, "best": self.best,
                 "label_names": self.classes, "world_size": self.info.world_size, "args": _args_dict(self.args),
-                "history": self.history, "checkpoint": name,
+                "history": self.history, "checkpoint": name, "run_id": self.run_id,
             }
             _write_json(self.output / STATE_FILE, state)  # the switch: from here on the run resumes from `name`
             self._publish(checkpoint)
-            for old in (self.output / CHECKPOINTS_DIR).iterdir():
-                if old != checkpoint:
-                    shutil.rmtree(old, ignore_errors=True)
+            for old in own:  # the older step folders of this run, as checked before the save; nothing else
+                shutil.rmtree(old, ignore_errors=True)
+            self._legacy_checkpoints = False
         _barrier(self.info)
 
     def _publish(self, checkpoint: Path) -> None:

@@ -215,7 +215,7 @@ def test_output_folder_contents(digits_run: Dict) -> None:
         assert (output / name).is_file(), name
     # the resumable state is the checkpoint folder that train_state.json names; the published weights are its own
     checkpoint = output / json.loads((output / "train_state.json").read_text())["checkpoint"]
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".mvit-zoo-run", "model.safetensors", "optimizer.pt"]
     assert (checkpoint / "model.safetensors").read_bytes() == (output / "model.safetensors").read_bytes()
     assert [p.name for p in (output / "checkpoints").iterdir()] == [checkpoint.name]  # older ones are removed
     config = json.loads((output / "config.json").read_text())
@@ -445,6 +445,59 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
         assert metrics(output) == metrics(straight), k
         assert_same_weights(output / "model.safetensors", straight / "model.safetensors")
         assert len(list((output / "checkpoints").iterdir())) == 1, k  # what the interrupted save left is removed
+
+
+@pytest.mark.parametrize("foreign", ["folder", "step-like folder", "other run", "file", "link"])
+def test_checkpoints_of_others_are_never_removed(tiny: Path, tmp_path: Path, foreign: str) -> None:
+    """An output whose checkpoints/ holds what the run did not write (another tool's folder, a step folder of
+    another run, a link to the user's files) is refused before training, and nothing there is touched."""
+    output, elsewhere = tmp_path / "o", tmp_path / "users"
+    (output / "checkpoints").mkdir(parents=True)
+    (elsewhere / "keep").mkdir(parents=True)
+    (elsewhere / "keep" / "data.txt").write_text("mine")
+    if foreign == "folder":
+        (output / "checkpoints" / "epoch_10").mkdir()
+        (output / "checkpoints" / "epoch_10" / "weights.pt").write_text("mine")
+    elif foreign == "step-like folder":  # named like the run's own, but without the run's marker
+        (output / "checkpoints" / "step-00000003-0123abcd").mkdir()
+        (output / "checkpoints" / "step-00000003-0123abcd" / "notes.txt").write_text("mine")
+    elif foreign == "other run":
+        (output / "checkpoints" / "step-00000003-0123abcd").mkdir()
+        (output / "checkpoints" / "step-00000003-0123abcd" / ".mvit-zoo-run").write_text("another run")
+    elif foreign == "file":
+        (output / "checkpoints" / "README").write_text("mine")
+    else:
+        (output / "checkpoints").rmdir()
+        (output / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(CliError, match="checkpoints is a link" if foreign == "link" else "holds entries this run "
+                       "did not write .*choose another --output, or move them away"):
+        finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY))
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (elsewhere / "keep" / "data.txt").read_text() == "mine"
+
+
+def test_resume_removes_only_its_own_step_folders(tiny: Path, tmp_path: Path) -> None:
+    """A foreign entry that appears in a run's checkpoints/ stops --resume (kept as it is); once moved away the
+    run resumes, and each save removes its own older step folders, also those of a run saved before markers."""
+    output = tmp_path / "o"
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    checkpoints = output / "checkpoints"
+    foreign = checkpoints / "epoch_10"
+    foreign.mkdir()
+    with pytest.raises(CliError, match="epoch_10"):
+        finetune.main(["--resume", str(output), "--epochs", "2", "--no-progress"])
+    assert foreign.is_dir()
+    foreign.rmdir()
+    # the run as an earlier version saved it: no run id, no marker in its step folder
+    state = json.loads((output / "train_state.json").read_text())
+    del state["run_id"]
+    (output / "train_state.json").write_text(json.dumps(state))
+    (output / state["checkpoint"] / ".mvit-zoo-run").unlink()
+    assert finetune.main(["--resume", str(output), "--epochs", "2", "--no-progress"]) == 0
+    state = json.loads((output / "train_state.json").read_text())
+    assert list(checkpoints.iterdir()) == [output / state["checkpoint"]]
+    assert (output / state["checkpoint"] / ".mvit-zoo-run").read_text().strip() == state["run_id"]
 
 
 def test_written_files_get_the_umask_mode(tiny: Path, tmp_path: Path) -> None:
