@@ -11,9 +11,12 @@ segments and one frame is taken from each; SlowFast's test takes the middle one,
 temporal view gives (it has no temporal views); with `T` views, view `t` takes the frame at
 `(2t + 1) / 2T` of each segment.
 
-Spatial crops: one crop is a centre crop after resizing the short side to `crop / crop_pct`
-(256 for 224); three crops resize the short side to the crop size and take the left, centre and right
-crops of a landscape frame (top, centre, bottom of a portrait one).
+Spatial crops: one crop is a centre crop after resizing the short side to `crop / crop_pct`, the
+minimum of the tag's training jitter scales as SlowFast's Kinetics test takes (256 for 224, 356 for
+the 312 crop of `mvit_v2_l_40x3.fb_k400`); three crops resize the short side to the crop size and take
+the left, centre and right crops of a landscape frame (top, centre, bottom of a portrait one). A frame
+whose short side already has that size is not resampled. SlowFast's SSv2 test takes the left crop
+when asked for one (its crop index modulo 1); one SSv2 crop here is the centre one, as for Kinetics.
 
 Scores of the `T x S` views of a video are averaged (softmax) by :func:`mvit_zoo.evaluate`.
 """
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from .video import PathLike, _import_av
 
 __all__ = [
+    "MAX_TEMPORAL_VIEWS",
     "SLOWFAST_TARGET_FPS",
     "ViewSampling",
     "Views",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 SLOWFAST_TARGET_FPS = 30.0  # SlowFast's DATA.TARGET_FPS: the frame rate sampling_rate is counted in
+# The published protocols take 1 to 10 temporal clips; a typo such as 99999x3 is refused, not run for hours
+MAX_TEMPORAL_VIEWS = 100
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,14 @@ class Views:
         if self.temporal < 1:
             raise ValueError(f"views: at least one temporal clip is needed, got {self.temporal}")
         if self.spatial not in (1, 3):
+            # NOTE: the model table writes views as the papers do, crops x clips ('1x5')
+            swapped = (f"; did you mean {self.spatial}x{self.temporal} (TxS is clips x crops, the reverse of the "
+                       f"papers' '{self.temporal}x{self.spatial}')?" if self.temporal in (1, 3) else "")
             raise ValueError(f"views: {self.spatial} spatial crops asked; SlowFast defines 1 (centre) or 3 "
-                             "(left/centre/right): use TxS with S = 1 or 3")
+                             f"(left/centre/right): use TxS with S = 1 or 3{swapped}")
+        if self.temporal > MAX_TEMPORAL_VIEWS:
+            raise ValueError(f"views: {self.temporal} temporal clips asked; at most {MAX_TEMPORAL_VIEWS} are taken "
+                             f"(the published protocols use 1 to 10): use TxS with T <= {MAX_TEMPORAL_VIEWS}")
 
     @classmethod
     def parse(cls, value: str | Sequence[int] | Views) -> Views:
@@ -143,7 +155,10 @@ def crop_offset(height: int, width: int, size: tuple[int, int], spatial_idx: int
 
 
 def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
-    """`(H, W)` with the short side resized to `short` (the long side rounded down)."""
+    """`(H, W)` with the short side resized to `short` (the long side rounded down); a frame whose short
+    side is already `short` keeps its size, as SlowFast's `random_short_side_scale_jitter` leaves it."""
+    if min(height, width) == short:
+        return height, width
     if width <= height:
         return math.floor(height / width * short), short
     return short, math.floor(width / height * short)

@@ -87,6 +87,9 @@ _SSV2 = dict(num_classes=174, label_set="ssv2", test_views=(1, 3), frame_samplin
 # SlowFast normalised SSv2 frames in BGR order before flipping them to RGB, so in RGB order ImageNet's
 # mean/std are reversed for the L 40x3 SSv2 checkpoint.
 _BGR_IMAGENET = dict(mean=IMAGENET_DEFAULT_MEAN[::-1], std=IMAGENET_DEFAULT_STD[::-1])
+# NOTE: SlowFast's one-crop test resizes the short side to TRAIN_JITTER_SCALES[0]: 356 in its MVITv2_L_40x3
+# config (312 crops), where the 224 models' 256 is their crop_pct 224 / 256
+_L_K400_CROP_PCT = 312 / 356
 # SlowFast's code ran the Q/K/V pooling norms with eps 1e-5 until mid-2022, when the MViT v1 files were trained.
 _SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
@@ -146,7 +149,7 @@ default_cfgs = generate_default_cfgs({
     "mvit_v2_l_40x3.fb_k400": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_k400"),
                                          url=_SLOWFAST_V2 + "MViTv2_L_40x3_k400_f306903192.pyth", top1=86.1,
                                          top5=97.0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                                         test_views=(5, 3), crop_pct=1.0),
+                                         test_views=(5, 3), crop_pct=_L_K400_CROP_PCT),
     "mvit_v2_l_40x3.fb_ssv2": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_ssv2"),
                                          url=_SLOWFAST_V2 + "MViTv2_L_40x3_ssv2_f309603968.pyth", top1=73.3,
                                          top5=94.1, **_SSV2, **_BGR_IMAGENET),

@@ -10,6 +10,7 @@ import torch
 
 from mvit_zoo.data.video import write_video
 from mvit_zoo.data.views import (
+    MAX_TEMPORAL_VIEWS,
     Views,
     ViewSampling,
     crop_offset,
@@ -175,3 +176,58 @@ def test_probe_and_read_frames(tmp_path: Path) -> None:
     assert frames.shape == (3, 16, 16, 3)
     levels = [round(float(frames[r].mean()) / 20) for r in rows]
     assert levels == [1, 5, 5, 11, 11]
+
+
+def test_views_in_the_papers_order_suggest_the_swap() -> None:
+    with pytest.raises(ValueError, match=r"did you mean 5x1 \(TxS is clips x crops"):
+        Views.parse("1x5")
+    with pytest.raises(ValueError, match="did you mean 10x3"):
+        Views.parse("3x10")
+
+
+def test_temporal_views_are_capped() -> None:
+    assert len(Views(MAX_TEMPORAL_VIEWS, 3)) == 3 * MAX_TEMPORAL_VIEWS
+    with pytest.raises(ValueError, match=f"99999 temporal clips asked; at most {MAX_TEMPORAL_VIEWS}"):
+        Views.parse("99999x3")
+
+
+def slowfast_short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """The output size of SlowFast's `random_short_side_scale_jitter` (slowfast/datasets/transform.py) with
+    min_size = max_size = size, re-derived from its code: a frame whose short side is `size` is returned as
+    it is, else the long side is floor(long / short * size)."""
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(np.floor(height / width * size)), size
+    return size, int(np.floor(width / height * size))
+
+
+@pytest.mark.parametrize("size", [224, 256, 312, 356])
+def test_resize_matches_slowfast_short_side_scale(size: int) -> None:
+    for height, width in [(size, 488), (488, size), (size, size), (240, 320), (720, 1280), (size, 2 * size + 41)]:
+        s = sampling("1x3", crop_size=(size, size))
+        assert s.resized_size(height, width) == slowfast_short_side_size(height, width, size), (height, width)
+
+
+def test_frame_at_the_target_short_side_is_not_resampled() -> None:
+    # 488 / 224 * 224 rounds down to 487: a resize would move the right crop by a pixel
+    s = sampling("1x3", crop_size=(224, 224))
+    frames = coded_frames(4, 224, 488)
+    views = list(s.iter_views(frames, [[0, 1, 2, 3]]))
+    assert [decode(v)[1:] for v in views] == [(0, 0), (132, 0), (264 - 256, 0)]  # green wraps at 256
+    torch.testing.assert_close(views[2], torch.from_numpy(frames[:, :, 264:]).permute(3, 0, 1, 2).float() / 255)
+
+
+def test_one_crop_short_side_is_the_tags_jitter_minimum() -> None:
+    """SlowFast's Kinetics test resizes one crop's short side to DATA.TRAIN_JITTER_SCALES[0]: 256 in the 224
+    configs, 356 in MVITv2_L_40x3_test.yaml (TEST_CROP_SIZE 312)."""
+    import timm
+
+    import mvit_zoo  # noqa: F401 - registers the tags
+
+    expected = {224: 256, 312: 356}
+    for tag in mvit_zoo.list_pretrained("mvit_*k400"):
+        cfg = timm.models.get_pretrained_cfg(tag)
+        crop = cfg.input_size[-1]
+        one = ViewSampling(num_frames=cfg.num_frames, crop_size=(crop, crop), crop_pct=cfg.crop_pct)
+        assert one.short_side() == expected[crop], tag
