@@ -1,17 +1,37 @@
 """The one place that decides which implementation of an op runs, and the global attention switch.
 
-`MVIT_FUSED_ATTN=0` in the environment (or `set_fused_attn(False)` before building a model) makes new
-attention modules take the explicit softmax(q k^T * scale + bias) v path, as timm's `TIMM_FUSED_ATTN`
-does; a built model switches with `MViT.set_fused_attn`.
+`MVIT_FUSED_ATTN=0` in the environment (or false/no/off/disable, any case; or `set_fused_attn(False)`
+before building a model) makes new attention modules take the explicit softmax(q k^T * scale + bias) v
+path, as timm's `TIMM_FUSED_ATTN` does; a built model switches with `MViT.set_fused_attn`.
 """
 import os
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["select", "use_fused_attn", "set_fused_attn", "HAS_CPU_FLASH", "GEMM_BACKWARD_MAX_PAIRS"]
+__all__ = ["select", "use_fused_attn", "set_fused_attn", "env_flag", "HAS_CPU_FLASH", "GEMM_BACKWARD_MAX_PAIRS"]
 
-_USE_FUSED_ATTN = os.environ.get("MVIT_FUSED_ATTN", "1").lower() not in ("0", "false", "no", "off")
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True, "enable": True,
+                "0": False, "false": False, "no": False, "off": False, "disable": False}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable `name`: 1/true/yes/on/enable or 0/false/no/off/disable, any case;
+    `default` when unset or empty, and also (with a warning naming the variable) for any other value."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    flag = _FLAG_VALUES.get(value.lower())
+    if flag is None:
+        warnings.warn(f"{name}={value!r} is not a recognised value; using {name}={int(default)}. Set it to one of "
+                      f"{', '.join(_FLAG_VALUES)} (any case)", RuntimeWarning, stacklevel=2)
+        return default
+    return flag
+
+
+# NOTE: read once, at import, so a bad value warns once per process
+_USE_FUSED_ATTN = env_flag("MVIT_FUSED_ATTN", True)
 
 # SDPA's CPU flash kernel and its backward, as ATen ops (private names; they exist from torch 2.2)
 HAS_CPU_FLASH = all(hasattr(torch.ops.aten, name) for name in (
