@@ -53,3 +53,56 @@ def test_readme_shows_the_cpu_torch_install() -> None:
     readme = (REPO / "README.md").read_text()
     assert "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu`" in readme
     assert 'pip install -e ".[test]"\npytest\n' in readme  # the default install stays as it is
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, **env})
+
+
+def test_import_loads_only_what_registering_the_models_needs() -> None:
+    """`import mvit_zoo` registers the models and leaves evaluation, data and checkpoint conversion unloaded;
+    their public names load on first use."""
+    code = ("import sys, mvit_zoo, timm\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('mvit_zoo.evaluation', 'mvit_zoo.data', "
+            "'mvit_zoo.weights.convert', 'mvit_zoo.apps'))))\n"
+            "print('mvit_v2_s_16x4' in timm.list_models('mvit*'))\n"
+            "from mvit_zoo import evaluate, Evaluation, convert_state_dict, WeightsUnavailableError\n"
+            "print(evaluate.__module__, Evaluation.__module__, convert_state_dict.__module__, "
+            "'evaluate' in dir(mvit_zoo))")
+    done = _python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:3] == ["[]", "True", "mvit_zoo.evaluation mvit_zoo.evaluation "
+                                           "mvit_zoo.weights.convert True"]
+
+
+def test_missing_attribute_is_an_attribute_error() -> None:
+    import mvit_zoo
+
+    try:
+        mvit_zoo.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("mvit_zoo.no_such_name did not raise")
+
+
+def test_torchvision_built_for_another_torch_is_one_line(tmp_path: Path) -> None:
+    """A torchvision whose compiled ops do not load (as when pip pairs a CPU torch with PyPI's CUDA
+    torchvision) fails `import mvit_zoo` with an ImportError naming both versions and the reinstall."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(  # what torchvision/_meta_registrations.py raises then
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    code = ("import importlib.metadata, torch\n"
+            "try:\n    import mvit_zoo\nexcept ImportError as e:\n"
+            "    print(torch.__version__, importlib.metadata.version('torchvision'), torch.version.cuda)\n"
+            "    print(e)\n")
+    done = _python(code, PYTHONPATH=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (torch_version, tv_version, cuda), message = done.stdout.splitlines()[0].split(), done.stdout.splitlines()[1]
+    assert f"torchvision {tv_version} was built for another torch than this torch {torch_version}" in message
+    fix = f"pip install --force-reinstall torch=={torch_version.split('+')[0]} torchvision"
+    assert message.endswith(fix if cuda != "None" else fix + " --index-url https://download.pytorch.org/whl/cpu")
