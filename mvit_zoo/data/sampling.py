@@ -44,8 +44,9 @@ def train_clip_indices(
     of the same duration; without `fps` (or `target_fps`) it spans that many of the video's frames.
     Its start is drawn uniformly in `[0, max(num_available - span, 0)]` (`rng.uniform`), and the
     indices are `linspace(start, start + span - 1, num_frames)` clamped to the video and rounded
-    down, so a video shorter than the clip repeats its last frame. `rng=None` draws from Python's
-    global generator.
+    down, so a video shorter than the clip repeats its last frame (SlowFast's `decoder.decode` of a
+    fully decoded video; its selective decoding reads the same span). `rng=None` draws from
+    Python's global generator.
     """
     if num_available < 1:
         raise ValueError("A video needs at least one frame; remove or re-encode the empty video")
