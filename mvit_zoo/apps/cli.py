@@ -14,18 +14,23 @@ imported (a missing optional dependency, say) reports why, and the other command
 A mistake in the input or the environment is printed as one line, `mvit-zoo CMD: error: ...`, with exit
 code 2 (argparse's code for a usage error) and no traceback; `--debug`, before or after the command,
 prints the traceback too. Any other exception is a bug and shows its traceback.
+
+Output into a pipe that closes early (`mvit-zoo predict DIR | head`) ends the command quietly with exit
+code 141 (128 + SIGPIPE, what a shell reports for a tool that the closed pipe stopped), no traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from typing import Callable, NamedTuple, Optional, Sequence
 
-__all__ = ["COMMANDS", "CliError", "EXIT_USER_ERROR", "build_parser", "main"]
+__all__ = ["COMMANDS", "CliError", "EXIT_BROKEN_PIPE", "EXIT_USER_ERROR", "build_parser", "main"]
 
 EXIT_USER_ERROR = 2  # a user error, as argparse exits on a bad argument
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout closed it
 
 
 class CliError(Exception):
@@ -125,6 +130,21 @@ def _describe(command: str, e: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `mvit-zoo ARGV` (default: sys.argv[1:]); returns the exit status."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # NOTE: a closed pipe shows when buffered output is flushed: here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # as Python's signal docs advise: point stdout at devnull, so that the flush at exit cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in COMMANDS:

@@ -71,9 +71,9 @@ def test_convert_from_url_and_errors(tmp_path: Path, hub: HubServer, hub_cache: 
     assert "mvit-zoo convert: error: checkpoint (torchvision layout) does not fit mvit_b_16x4" in err
     assert cli.main(["convert", str(tmp_path / "none.pth"), "--model", "mvit_tiny", "--out", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.bogus", "--out", str(tmp_path)]) == 2
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4.bogus", "--out", str(tmp_path / "z")]) == 2
     assert "unknown pretrained tag 'bogus' for mvit_v2_s_16x4" in capsys.readouterr().err
-    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4", "--out", str(tmp_path), "--model-arg",
+    assert cli.main(["convert", str(src), "--model", "mvit_v2_s_16x4", "--out", str(tmp_path / "z"), "--model-arg",
                      "depths"]) == 2
     assert "--model-arg expects KEY=VALUE" in capsys.readouterr().err
 
@@ -203,3 +203,30 @@ def test_convert_builds_the_model_the_checkpoint_needs(tmp_path: Path, hub_cache
     assert err == ["mvit-zoo convert: warning: pool_norm_eps: the pytorchvideo checkpoint implies 1e-05, the model has "
                    "1e-06; create the model as 'mvit_b_16x4.pv_k400' (its weights need these values) or with "
                    "mvit_zoo.create_model('mvit_b_16x4', pool_norm_eps=1e-05)"]
+
+
+
+PREDICT_TINY = ["predict", "--model", "mvit_tiny", "--no-pretrained", "--json", "--device", "cpu", "--model-kwargs",
+                '{"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1}']
+
+
+@pytest.mark.parametrize(("argv", "unbuffered"), [
+    (["publish", "--list"], False), pytest.param(["publish", "--list"], True, marks=pytest.mark.slow),
+    pytest.param(["--help"], False, marks=pytest.mark.slow), pytest.param(PREDICT_TINY, False, marks=pytest.mark.slow),
+])
+def test_closed_stdout_exits_quietly(argv: list[str], unbuffered: bool, hf_env: dict[str, str]) -> None:
+    """`mvit-zoo ... | head`: a reader that closed the pipe before the output came ends the command with exit
+    code 141 and nothing on stderr, not a BrokenPipeError traceback; buffered stdout fails at the flush, unbuffered
+    (PYTHONUNBUFFERED=1) at the print."""
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in hf_env.items() if key != "PYTHONUNBUFFERED"}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])})
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "mvit_zoo", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    proc.stdout.close()  # the reader is gone before the command writes a byte (it takes seconds to import)
+    _, err = proc.communicate(timeout=300)
+    assert (proc.returncode, err) == (cli.EXIT_BROKEN_PIPE, "")
