@@ -49,11 +49,20 @@ def test_sdist_holds_the_tests_and_their_helpers(tmp_path: Path) -> None:
     assert "Topic :: Scientific/Engineering :: Image Recognition" in pkg_info.get_all("Classifier")
 
 
-def test_readme_shows_the_cpu_torch_install() -> None:
+def test_readme_chooses_the_torch_build_before_installing() -> None:
+    """The set-up section gives one command per kind of machine before the install runs, the CPU one installing
+    torch and torchvision together from one index; it explains the mismatch symptom; CI runs the PyPI command."""
     readme = (REPO / "README.md").read_text()
-    assert "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu`" in readme
-    assert 'pip install -e ".[test]"\npytest\n' in readme  # the default install stays as it is
-
+    setup = readme[readme.index("## Set up and test"):readme.index("\n## ", readme.index("## Set up and test") + 1)]
+    blocks = [block.split("\n", 1)[1] for block in setup.split("```")[1::2]]
+    cpu = 'pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[test]"\n'
+    assert blocks[:3] == [cpu, 'pip install -e ".[test]"\n', "pytest\n"]
+    pypi = setup.index('```bash\npip install -e ".[test]"')
+    assert setup.index("CPU-only machine") < setup.index(cpu) < setup.index("machine with an NVIDIA GPU") < pypi
+    assert "`operator torchvision::nms does\nnot exist`" in setup and "--force-reinstall" in setup
+    ci = (REPO / ".ci" / "run").read_text()
+    assert '\npip install -e ".[test]"\n' in ci and "\npython -m pytest" in ci
+    assert "index-url" not in ci and "download.pytorch.org" not in ci  # CI needs no index but PyPI
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     import os

@@ -75,3 +75,8 @@ def test_apply_threads_sets_torch() -> None:
     assert threads.apply_threads(None, workers=1) == 3 == torch.get_num_threads()
     assert threads.apply_threads(1) == 1 == torch.get_num_threads()
 
+
+
+def test_tests_run_torch_on_one_thread_unless_omp_num_threads_says() -> None:
+    """tests/conftest.py sets OMP_NUM_THREADS=1 (when unset) before torch loads, for every test process."""
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"].split(",")[0])
