@@ -8,7 +8,9 @@ resumed within an epoch gives the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -21,6 +23,9 @@ __all__ = [
     "Samples",
     "SampleError",
     "scan_data",
+    "walk_files",
+    "class_folder_samples",
+    "hold_out",
     "ImageSamples",
     "EpochSeeded",
     "ShardSampler",
@@ -37,17 +42,80 @@ class SampleError(ValueError):
     """A data file that cannot be read; the message names the file and the fix."""
 
 
+def walk_files(top: Path, extensions: Tuple[str, ...], tree: Optional[Path] = None) -> List[str]:
+    """Files under `top` whose names end in one of `extensions` (any case), in torchvision's
+    `make_dataset` order (sorted folders, then sorted names), as paths under `top`.
+
+    Links to files and to folders outside `tree` (default: `top`) are followed. A link to a
+    folder inside `tree`, to `tree` itself, to an ancestor of `tree` or of the link, or to a folder
+    already walked would list files twice or loop (`a/loop -> ..`): it is skipped with a warning
+    naming it.
+    """
+    tree_real = os.path.realpath(tree if tree is not None else top)
+    visited = {os.path.realpath(top)}
+    found: List[Tuple[str, List[str]]] = []
+    pending = [str(top)]
+    while pending:
+        folder = pending.pop()
+        names: List[str] = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    if entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
+                    continue
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    inside = os.path.commonpath([real, tree_real]) in (real, tree_real)
+                    above = os.path.commonpath([real, os.path.realpath(folder)]) == real
+                    if inside or above or real in visited:
+                        warnings.warn(f"not following the link {entry.path} -> {os.readlink(entry.path)}: it leads "
+                                      f"back into {tree if tree is not None else top} (its files would be listed "
+                                      "twice or without end); remove the link or point it outside the data folder",
+                                      stacklevel=2)
+                        continue
+                    visited.add(real)
+                else:
+                    visited.add(os.path.realpath(entry.path))
+                pending.append(entry.path)
+        found.append((folder, sorted(names)))
+    return [os.path.join(folder, name) for folder, names in sorted(found) for name in names]
+
+
+def class_folder_samples(root: Path, class_to_idx: dict, extensions: Tuple[str, ...]) -> Samples:
+    """`(file, class index)` of every file under `root/<class>/` for the classes of `class_to_idx`,
+    walked by :func:`walk_files` with `root` as the tree (its links back into `root` are skipped)."""
+    samples: Samples = []
+    for name in sorted(class_to_idx):
+        samples += [(path, class_to_idx[name]) for path in walk_files(root / name, extensions, tree=root)]
+    return samples
+
+
+def hold_out(samples: Samples, num_classes: int, val_split: float, seed: int) -> Tuple[Samples, Samples]:
+    """(kept, held) samples: a `val_split` fraction of each class held out, chosen by `seed`,
+    at least one sample of each class kept; both sorted."""
+    rng = random.Random(seed)
+    kept: Samples = []
+    held: Samples = []
+    for idx in range(num_classes):
+        items = [s for s in samples if s[1] == idx]
+        rng.shuffle(items)
+        n_val = min(int(round(len(items) * val_split)), len(items) - 1)
+        held.extend(items[:n_val])
+        kept.extend(items[n_val:])
+    return sorted(kept), sorted(held)
+
+
 def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
               seed: int) -> Tuple[List[str], Samples, Samples]:
     """Classes and (train, val) samples of a class-folder tree.
 
     `root/train` and `root/val` (or `validation`) are used when present; otherwise the
     classes are `root`'s folders and a stratified `val_split` fraction of each class is
-    held out, chosen by `seed`. Raises `FileNotFoundError` / `ValueError` naming the
-    problem and the fix for a missing folder, a file, no class folders or a class without files.
+    held out, chosen by `seed`. Links that lead back into the tree are skipped with a warning
+    (:func:`walk_files`). Raises `FileNotFoundError` / `ValueError` naming the problem and the
+    fix for a missing folder, a file, no class folders or a class without files.
     """
-    from torchvision.datasets.folder import make_dataset
-
     layout = "a folder of class folders (DIR/<class>/<file>, or DIR/train/<class>/<file> and DIR/val/...)"
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; give {layout}")
@@ -59,7 +127,7 @@ def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
         found = f"only one class folder ({classes[0]!r})" if classes else "no class folders"
         raise ValueError(f"{train_root} has {found}; a classifier needs at least two: give {layout}")
     class_to_idx = {name: i for i, name in enumerate(classes)}
-    train = make_dataset(str(train_root), class_to_idx, extensions=extensions, allow_empty=True)
+    train = class_folder_samples(train_root, class_to_idx, extensions)
     empty = sorted(set(classes) - {classes[t] for _, t in train})
     if empty:
         raise ValueError(f'no files with the extensions {", ".join(extensions)} in the class folder(s) '
@@ -68,20 +136,13 @@ def scan_data(root: Path, extensions: Tuple[str, ...], val_split: float,
     if train_root != root:
         for name in ("val", "validation"):
             if (root / name).is_dir():
-                val = make_dataset(str(root / name), class_to_idx, extensions=extensions, allow_empty=True)
-                return classes, train, val
+                val_classes = {entry.name for entry in (root / name).iterdir() if entry.is_dir()}
+                return classes, train, class_folder_samples(root / name, {c: class_to_idx[c] for c in classes
+                                                                          if c in val_classes}, extensions)
     if val_split <= 0:
         return classes, train, []
-    rng = random.Random(seed)
-    kept: Samples = []
-    held: Samples = []
-    for idx in range(len(classes)):
-        items = [s for s in train if s[1] == idx]
-        rng.shuffle(items)
-        n_val = min(int(round(len(items) * val_split)), len(items) - 1)
-        held.extend(items[:n_val])
-        kept.extend(items[n_val:])
-    return classes, sorted(kept), sorted(held)
+    kept, held = hold_out(train, len(classes), val_split, seed)
+    return classes, kept, held
 
 
 class ImageSamples(Dataset):

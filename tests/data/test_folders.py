@@ -97,3 +97,28 @@ def test_shard_sampler_global_batches_match_single_process() -> None:
     assert [len(s) for s in odd] == [3, 3]
     val = [ShardSampler(5, 2, r) for r in range(2)]
     assert sorted(list(val[0]) + list(val[1])) == list(range(5))
+
+
+def test_scan_data_skips_links_back_into_the_tree(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "d", classes=2, per_class=8)
+    (root / "0" / "loop").symlink_to("..")  # followed 40 levels deep by os.walk(followlinks=True)
+    (root / "0" / "twin").symlink_to(root / "1")  # class 1's images would also be labelled 0
+    with pytest.warns(UserWarning) as caught:
+        classes, train, val = scan_data(root, IMAGE_EXTENSIONS, 0.0, seed=0)
+    assert len(train) == 16 and val == []
+    assert sorted(Path(p).parent.name for p, t in train if t == 0) == ["0"] * 8
+    messages = " ".join(str(w.message) for w in caught)
+    assert f"not following the link {root / '0' / 'loop'} -> .." in messages and "twin" in messages
+
+
+def test_scan_data_follows_links_to_files_and_folders_outside_the_tree(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "d", classes=2, per_class=2)
+    outside = make_tree(tmp_path / "extra", classes=1, per_class=3)
+    (root / "0" / "more").symlink_to(outside / "0")
+    (root / "1" / "one.png").symlink_to(outside / "0" / "000.png")
+    (root / "2").symlink_to(outside / "0", target_is_directory=True)  # a whole class folder elsewhere
+    (outside / "0" / "up").symlink_to(outside)  # a loop outside the tree is cut too
+    with pytest.warns(UserWarning, match="up -> "):
+        classes, train, _ = scan_data(root, IMAGE_EXTENSIONS, 0.0, seed=0)
+    assert classes == ["0", "1", "2"]
+    assert [sum(t == c for _, t in train) for c in range(3)] == [5, 3, 3]
