@@ -26,6 +26,10 @@ this device and comparison only) and, with --json, the raw results.
 
     python benchmarks/bench.py --models mvit_tiny mvit_small mvit_v2_s_16x4 --batch 8 --clip-batch 1 \\
         --rounds 5 --modes infer train --dtypes fp32 bf16 [--ref-commit REV] [--compile] [--device cuda] [--quick]
+
+`--contention N` runs N busy processes (one core each, a bounded pure-Python spin) beside the timing, as on a
+machine another job shares: it measures how each implementation's parallel regions cope with a core that is
+not theirs. Such runs write RESULTS.md only where --results says.
 """
 from __future__ import annotations
 
@@ -946,6 +950,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (minutes on a small CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    p.add_argument("--contention", type=int, default=0, metavar="N",
+                   help="run N busy processes (one core each) beside the timing (default: 0)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls per implementation before timing (default: 1 on CPU, 5 on CUDA)")
@@ -999,12 +1005,36 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+# one busy core until the deadline (argv[1], seconds from now) or until it is killed
+SPIN_CODE = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nx = 0\nwhile time.monotonic() < end:\n" \
+            "    x = (x * 31 + 7) % 1000003\n"
+
+
+@contextlib.contextmanager
+def contention(processes: int, seconds: float):
+    """`processes` busy processes beside the block (each spins on one core for at most `seconds`); stopped at exit."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN_CODE, str(seconds)]) for _ in range(processes)]
+    try:
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child is not None:
         print("CHILD_RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return 0
+    if args.contention and args.results is None:
+        args.no_results = True  # a loaded machine's numbers do not replace the quiet machine's section
+    with contention(args.contention, args.child_timeout * 4):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -1018,13 +1048,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         ablate=args.ablate,
         sdpa=args.sdpa, settings=dict(rounds=args.rounds, warmup=args.warmup, optimizer=args.optimizer, tol=args.tol,
                                       min_round_time=args.min_round_time, threads=args.threads,
+                                      contention=args.contention,
                                       ab_tolerance=args.ab_tolerance, gain_threshold=args.gain_threshold,
                                       memory_method=("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
                                                      else "peak RSS growth (VmHWM) in a fresh subprocess")),
         matmul_peak={}, agreement=[], rows=[],
     )
     print(f"# {result['device_key']} | torch {result['versions']['torch']}, timm {result['versions']['timm']}, "
-          f"torchvision {result['versions']['torchvision']} | {command}", flush=True)
+          f"torchvision {result['versions']['torchvision']} | {command}"
+          + (f" | {args.contention} busy processes beside it" if args.contention else ""), flush=True)
     for dtype in args.dtypes:
         result["matmul_peak"][dtype] = matmul_peak(device, dtype, args.quick)
         print(f"matmul peak {dtype}: {result['matmul_peak'][dtype]['gflops']:.1f} GFLOP/s "

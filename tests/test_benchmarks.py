@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,16 @@ def test_dispatch_patch_replaces_one_path_and_restores_the_dispatch() -> None:
         bench.parse_args(["--ablate", "--ref-commit", "HEAD"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--ablate", "gemm+no_such_path"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the processes' CPU time from /proc")
+def test_contention_runs_busy_processes_and_stops_them() -> None:
+    """`--contention N`: N processes spin beside the timing (each one core busy) and are gone afterwards."""
+    bench = _load_bench()
+    assert bench.parse_args(["--contention", "2"]).contention == 2 and bench.parse_args([]).contention == 0
+    with bench.contention(2, 60) as spinners:
+        time.sleep(0.5)
+        assert len(spinners) == 2 and all(s.poll() is None for s in spinners)
+        cpu = [float(Path(f"/proc/{s.pid}/stat").read_text().split()[13]) for s in spinners]  # utime, clock ticks
+    assert all(s.poll() is not None for s in spinners)
+    assert all(ticks > 0 for ticks in cpu)  # they ran, not slept
