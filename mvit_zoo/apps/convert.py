@@ -1,4 +1,4 @@
-"""`mvit-zoo convert SRC --model NAME --output DIR`: one checkpoint -> a Hub-ready folder.
+"""`mvit-zoo convert SRC [--model NAME] --output DIR [--overwrite]`: one checkpoint -> a Hub-ready folder.
 
 The library function is `mvit_zoo.weights.publish.convert_checkpoint`.
 """
@@ -43,17 +43,24 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """`mvit-zoo convert SRC --model NAME --output DIR`."""
+    """`mvit-zoo convert SRC [--model NAME] --output DIR [--overwrite]`."""
     parser.description = ("Convert an MViT checkpoint (mvit-zoo/timm safetensors or a `mvit-zoo finetune` folder, "
                           "torchvision .pth, PySlowFast / pytorchvideo / facebookresearch/mvit .pyth, a file or URL) "
                           "into a Hub-ready folder: model.safetensors, config.json, README.md. The model is built "
                           "from the checkpoint (its config.json, the fields its layout implies, the input size of "
-                          "its position tables) unless --model-arg says otherwise.")
+                          "its position tables) unless --model-arg says otherwise. The folder is built beside "
+                          "DIR and moved into place whole; an existing DIR is replaced only with --overwrite, "
+                          "and only if convert wrote it.")
     parser.add_argument("src", help="checkpoint file, folder with model.safetensors (+ config.json), or http(s) URL")
-    parser.add_argument("--model", required=True, metavar="NAME",
-                        help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400 (default: "
+                             "the architecture named by the config.json beside SRC, as in a `mvit-zoo finetune` "
+                             "folder)")
     parser.add_argument("--output", "--out", dest="output", required=True, metavar="DIR",
-                        help="output folder (--out is the old spelling)")
+                        help="output folder, new or empty (--out is the old spelling)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it exists; only a folder written by mvit-zoo convert (model.safetensors, "
+                             "config.json, README.md and nothing else) is replaced, never other files")
     parser.add_argument("--sha256", help="expected SHA-256 (or prefix) of SRC")
     add_model_arg(parser)
 
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ArchitectureMismatchWarning)
         folder, report = convert_checkpoint(args.src, args.model, args.output, model_args=model_args,
-                                            sha256=args.sha256)
+                                            sha256=args.sha256, overwrite=args.overwrite)
     for warning in caught:
         print(f"mvit-zoo convert: warning: {warning.message}", file=sys.stderr)
     print(f"{args.src}: {report.summary()}")

@@ -506,10 +506,12 @@ def fit_state_dict(
             continue
         out[key] = fitted.to(target[key].dtype) if fitted.is_floating_point() else fitted
 
+    # NOTE: a classifier is loaded whole or not at all: half of one (a weight without its bias) is missing
+    head_loaded = any(k.startswith("head.fc.") for k in out)
     for key in target:
         if key in out or any(m.startswith(key + ":") for m in mismatched):
             continue
-        if key.startswith("head.fc.") and (report.dropped or head != "strict"):
+        if key.startswith("head.fc.") and not head_loaded and (report.dropped or head != "strict"):
             report.fresh.append(key)
             continue
         if image_to_video and (key.endswith("rel_pos_t") or key == "pos_embed_temporal"):

@@ -23,10 +23,17 @@ server to connect and to answer, on the Hub's metadata request and on official U
 
 Every failure raises an error that says what went wrong and what to do: `WeightsUnavailableError` (no
 source could provide the weights; `DownloadError`, one server failed), `CacheError` (the cache cannot be
-written), `CorruptCheckpointError`, `UnsafeCheckpointError`, `HashMismatchError`, `InvalidWeightsError`.
-A corrupt cached file is removed, so that the next load fetches it afresh instead of failing the same way.
-A cached Hub file is checked against the hash it is named by on its first use in a process, and every
-loaded state dict once for non-float tensors and non-finite values (`check_state_dict`).
+written), `CorruptCheckpointError`, `UnsafeCheckpointError`, `HashMismatchError`, `InvalidWeightsError`,
+`SettingError` (an environment variable above has a value that cannot be used).
+A corrupt cached Hub file is removed, so that the next load fetches it afresh instead of failing the same
+way. A cached Hub file is checked against the hash it is named by, and a converted official checkpoint
+against the SHA-256 recorded beside it when it was written (`<file>.sha256`), on its first use in a process.
+
+Every weight file is read by `read_weights` (the checks below) and every training state by
+`read_training_state`: a pickle's tensors must own their bytes (a view that repeats or overlaps its storage,
+e.g. `expand`ed, would grow gigabytes from a small file when made contiguous), then every tensor must be
+floating point and finite (`check_state_dict`). `check_build_size` compares the size of a model built from
+a config (on the meta device, no memory) with what a weight file declares, before the model is built.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import errno
 import hashlib
 import http.client
 import logging
+import math
 import os
 import pickle
 import re
@@ -58,11 +66,13 @@ __all__ = [
     "DownloadError",
     "HashMismatchError",
     "InvalidWeightsError",
+    "SettingError",
     "UnsafeCheckpointError",
     "WeightSource",
     "WeightsError",
     "WeightsUnavailableError",
     "cache_dir",
+    "check_build_size",
     "check_state_dict",
     "download_timeout",
     "download_url",
@@ -70,9 +80,12 @@ __all__ = [
     "hub_repo_id",
     "load_pretrained",
     "read_checkpoint",
+    "read_training_state",
+    "read_weights",
     "resolve_weights",
     "save_safetensors",
     "sha256_file",
+    "weights_numel",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -139,7 +152,13 @@ class HashMismatchError(WeightsError):
 
 
 class InvalidWeightsError(WeightsError):
-    """A checkpoint's tensors cannot be weights: an integer / bool dtype, or NaN / Inf values."""
+    """A checkpoint's tensors cannot be weights: an integer / bool dtype, NaN / Inf values, a view that
+    repeats its storage's bytes, or far fewer values than the model they are to be loaded into."""
+
+
+class SettingError(WeightsError):
+    """An environment variable (`MVIT_ZOO_*`, `HF_HOME`, ...) has a value that cannot be used; the message
+    names the variable. Not a ValueError: a front end must not blame it on its own arguments."""
 
 
 @dataclass(frozen=True)
@@ -161,11 +180,20 @@ def hub_org() -> str:
     return os.environ.get(HUB_ORG_ENV) or DEFAULT_HUB_ORG
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")  # huggingface_hub's rule for a name
+
+
 def hub_repo_id(hf_hub_id: str) -> tuple[str, str | None]:
     """(repository, revision) of a tag's `hf_hub_id` ('org/name' or 'org/name@revision'). A repository in
-    the default organisation moves to `hub_org()`, so MVIT_ZOO_HUB_ORG applies even after import."""
+    the default organisation moves to `hub_org()`, so MVIT_ZOO_HUB_ORG applies even after import; a value
+    of it that is no Hub name is a `SettingError`."""
     repo, _, revision = hf_hub_id.partition("@")
     org, _, name = repo.partition("/")
+    env = os.environ.get(HUB_ORG_ENV)
+    if env and org in (DEFAULT_HUB_ORG, env) and (not _HUB_NAME.fullmatch(env) or "--" in env or ".." in env):
+        raise SettingError(f"{HUB_ORG_ENV}={env!r} is not a Hugging Face organisation name (letters, digits, '-', "
+                           f"'_', '.'; up to 96); set it to your organisation, e.g. my-org, or unset it for "
+                           f"{DEFAULT_HUB_ORG!r}")
     if org == DEFAULT_HUB_ORG and name:
         repo = f"{hub_org()}/{name}"
     return repo, revision or None
@@ -192,7 +220,7 @@ def download_timeout() -> float:
     except ValueError:
         seconds = -1.0
     if not 0 < seconds < float("inf"):
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds; set it to e.g. 30, or unset it "
+        raise SettingError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds; set it to e.g. 30, or unset it "
                          f"for the default {DEFAULT_TIMEOUT:g}")
     return seconds
 
@@ -219,11 +247,41 @@ def _endpoint() -> str:
 # Reading, checking and writing files
 # --------------------------------------------------------------------------------------------------
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
-def _cache_error(e: OSError, path: Path, env: str) -> CacheError:
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that exists and is not a folder, when that is one of its
+    parents (a file where a cache folder should be)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _not_a_folder(path: Path) -> SettingError | None:
+    """The error for a cache path below a file, naming the setting that points there (HF_HOME, ...)."""
+    from huggingface_hub import constants
+
+    blocker = _file_in_the_way(path)
+    if blocker is None:
+        return None
+    settings = [(CACHE_ENV, os.environ.get(CACHE_ENV)), ("HF_HUB_CACHE", constants.HF_HUB_CACHE),
+                ("HF_HOME", constants.HF_HOME)]
+    for env, value in settings:
+        if value and (blocker == Path(value) or blocker in Path(value).parents) and _within(path, Path(value)):
+            return SettingError(f"{env}={value} is not a folder: {blocker} is a file, so {path} cannot be "
+                                f"created; point {env} at a folder (or move that file away)")
+    return SettingError(f"cannot create {path}: {blocker} is a file, not a folder; move it away or point "
+                        f"{CACHE_ENV} / HF_HOME elsewhere")
+
+
+def _cache_error(e: OSError, path: Path, env: str) -> CacheError | SettingError:
     """The error for a failed write into a cache folder, with the fix for its cause."""
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocked = _not_a_folder(path)
+        if blocked is not None:
+            return blocked
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = f"free space on that disk, or point {env} to a disk with room"
     else:
@@ -317,9 +375,10 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None =
     `torch.load(weights_only=True)` (which refuses anything but tensors and plain containers).
 
     Every refusal of torch's weights-only unpickler on a well-formed pickle is an `UnsafeCheckpointError`;
-    bytes that are no pickle at all are a `CorruptCheckpointError`. A corrupt file inside a cache (HF's or
-    mvit-zoo's; or any file if `forget_if_corrupt`) is removed, so that the next load downloads it again
-    instead of failing the same way.
+    bytes that are no pickle at all are a `CorruptCheckpointError`; a pickled tensor that is a view
+    repeating or overlapping its bytes is an `InvalidWeightsError` (`_check_views`). A corrupt file inside
+    a cache (HF's or mvit-zoo's; or any file if `forget_if_corrupt`) is removed, so that the next load
+    downloads it again instead of failing the same way. `read_weights` adds the tensor checks.
     """
     path = Path(path)
     if not path.is_file():
@@ -330,7 +389,7 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None =
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified and re-raised with a clear message
         text = str(e)
         forget = _in_cache(path) if forget_if_corrupt is None else forget_if_corrupt
@@ -350,6 +409,140 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None =
         raise CorruptCheckpointError(
             f"cannot read weight file {path}: it is truncated or not a checkpoint ({type(e).__name__}: {first})."
             + (_forgot(path, failed) if forget else "")) from None
+    _check_views(checkpoint, path)
+    return checkpoint
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """(dotted key, tensor) of every tensor in nested dicts / lists / tuples."""
+    if isinstance(obj, Tensor):
+        yield prefix or "tensor", obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _check_views(obj: Any, path: Path) -> None:
+    """Refuse pickled tensors that would take more memory made contiguous than their file stores: the views
+    of each storage (identical ones counted once, as tied weights are) may not span more bytes than it has.
+    An `expand()`ed or `as_strided` tensor repeats its bytes: 4 MB in a file, gigabytes once copied."""
+    spans: dict[tuple[int, str], int] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for key, t in _tensors(obj):
+        storage = t.untyped_storage()
+        view = (storage.data_ptr(), t.device.type, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in seen:
+            continue
+        seen.add(view)
+        need = t.numel() * t.element_size()
+        where = (storage.data_ptr(), t.device.type)
+        spans[where] = spans.get(where, 0) + need
+        if spans[where] > storage.nbytes():
+            raise InvalidWeightsError(
+                f"refused to load {path}: tensor {key} {tuple(t.shape)} takes {need:,} bytes, but the file stores "
+                f"{storage.nbytes():,} bytes for it and the tensors sharing its data: it is a view that repeats "
+                f"or overlaps its data (e.g. expand()ed), which would grow to {spans[where]:,} bytes when copied. "
+                f"A weight file stores each tensor's own values; re-save it with each tensor .clone()d")
+
+
+def _numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
+    """Values held by a state dict, or declared by a weight file: for safetensors only its header is read."""
+    if isinstance(weights, Mapping):
+        return sum(t.numel() for _, t in _tensors(weights))
+    path = Path(weights)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if path.is_file() and (path.suffix == ".safetensors" or _looks_safetensors(path)):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except Exception as e:  # noqa: BLE001 - a bad header: the reader says what is wrong with it
+            raise CorruptCheckpointError(f"cannot read weight file {path}: its safetensors header is damaged "
+                                         f"({_first_line(e)})") from None
+    from .convert import unwrap_checkpoint
+
+    return _numel(unwrap_checkpoint(read_checkpoint(path)))
+
+
+def weights_numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
+    """How many values a weight file (or folder with model.safetensors, or state dict) holds, without
+    reading a safetensors file's data: its header declares every shape (and its length is checked
+    against the file's)."""
+    return _numel(weights)
+
+
+SIZE_RATIO, SIZE_MARGIN = 2, 1 << 24  # a model may hold 2x the file's values + 16 M (new head, inflated kernels)
+
+
+def check_build_size(name: str, model_kwargs: Mapping[str, Any], weights: str | os.PathLike | Mapping[str, Any],
+                     source: str = "--model-kwargs / config.json") -> int:
+    """Refuse, before building it, a model that `weights` cannot be the weights of: one with more than
+    `SIZE_RATIO` times the values the weight file holds (+ `SIZE_MARGIN`, for a new classifier, kernels
+    inflated to 3-D, larger position tables). The model is built on the meta device, which costs no
+    memory, so a small config.json (`depths [1, 1, 2000, 1]`) cannot make the caller allocate gigabytes.
+    `source` names where `model_kwargs` came from. Returns the model's parameter + buffer count."""
+    import timm
+
+    from .convert import CheckpointMismatchError
+
+    have = _numel(weights)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **dict(model_kwargs))
+    size = sum(t.numel() for t in model.state_dict().values())
+    if size > SIZE_RATIO * have + SIZE_MARGIN:
+        what = weights if not isinstance(weights, Mapping) else "the checkpoint"
+        raise CheckpointMismatchError(
+            f"{name} built with {source} {_kwargs_text(model_kwargs)} would hold {size:,} values "
+            f"({size * 4 / 2**30:.2f} GiB in float32), but {what} holds {have:,}: it cannot be this model's "
+            f"weights, so the model was not built. Pass the architecture arguments the checkpoint was "
+            f"made with (check depths, embed_dim, num_classes)")
+    return size
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps({k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg")}, default=str)
+
+
+def read_weights(path: str | os.PathLike, *, forget_if_corrupt: bool | None = None) -> dict[str, Tensor]:
+    """The state dict of a weight file, checked: read without running code (`read_checkpoint`), unwrapped
+    (`convert.unwrap_checkpoint`: `{'model_state': ...}`, a `module.` prefix), every tensor floating point
+    and finite (`check_state_dict`). The one reader of weights for every entry point."""
+    from .convert import unwrap_checkpoint
+
+    sd = unwrap_checkpoint(read_checkpoint(path, forget_if_corrupt=forget_if_corrupt))
+    check_state_dict(sd, str(path))
+    return sd
+
+
+def read_training_state(path: str | os.PathLike) -> Any:
+    """A training state (optimizer, scheduler, RNG state: tensors, numbers, strings, plain containers)
+    read with `torch.load(weights_only=True)`; a file whose pickle asks for anything else (to run code,
+    to build objects) is refused with an `UnsafeCheckpointError` and nothing of it is loaded. A file that
+    is no pickle is a `CorruptCheckpointError`; a view repeating its data an `InvalidWeightsError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - classified and re-raised with a clear message
+        if isinstance(e, pickle.UnpicklingError) and _is_pickle(path):
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: this file asks to run code or build objects that a training state does "
+                f"not contain ({_refused_detail(str(e))}); it was not loaded. Do not load it unsafely unless you "
+                f"trust its source") from None
+        text = str(e)
+        first = _refused_detail(text) if "weights_only" in text else _first_line(e)
+        raise CorruptCheckpointError(f"cannot read training state {path}: it is truncated or not a torch file "
+                                     f"({first})") from None
+    _check_views(state, path)
+    return state
 
 
 def check_state_dict(state_dict: Mapping[str, Any], source: str = "the checkpoint") -> None:
@@ -385,19 +578,54 @@ def _part_file(path: Path) -> Path:
         raise _cache_error(e, path, CACHE_ENV) from None
 
 
+def _sha256_record(path: Path) -> Path:
+    """Where the SHA-256 of a converted file is recorded: `<file>.sha256`, in `sha256sum` format."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _os_error_of(e: BaseException) -> OSError | None:
+    """The OSError behind safetensors' SafetensorError ('... I/O error: No space left on device (os error
+    28)'), which carries the errno only in its text."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def save_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+                     metadata: Mapping[str, str] | None = None, *, record_sha256: bool = False,
+                     env: str = CACHE_ENV) -> Path:
     """Write a state dict as safetensors atomically (`files.atomic_write`): an interrupted write never
-    leaves a partial file under the final name."""
+    leaves a partial file under the final name. With `record_sha256`, the file's SHA-256 is written to
+    `<path>.sha256` before the file appears (`_check_converted` compares them on load). A full disk or
+    a folder that cannot be written is a `CacheError` whose fix names `env`, the setting that chose the
+    folder."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata=meta)
+        if record_sha256:
+            line = f"{sha256_file(tmp)}  {path.name}\n"
+            atomic_write(_sha256_record(path), lambda t: t.write_text(line, encoding="ascii"))
+
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    except OSError as e:
-        raise _cache_error(e, path, CACHE_ENV) from None
+        return atomic_write(path, write)
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' SafetensorError around one
+        os_error = _os_error_of(e)
+        if os_error is None:
+            raise
+        if os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise CacheError(f"no space left on device while writing {path}: free {-(-need // (1 << 20))} MB "
+                             f"there, or point {env} to a disk with room", os_error.errno) from None
+        raise _cache_error(os_error, path, env) from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -728,6 +956,7 @@ def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
     expected = _expected_hash(url, _cfg_get(pcfg, "file_sha256"))
     with _download_lock(name, url):
         if converted.is_file():  # converted by another process while this one waited for the lock
+            _check_converted(converted, url)
             return converted
         if raw.parent.is_dir():
             _clean_stale_parts(raw.parent, name)
@@ -745,12 +974,40 @@ def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
                     "%s: %s has no published SHA-256, so the download was checked only for its length and "
                     "readability (its SHA-256 is %s; MODEL_CARD.md lists the files not verified yet). Set "
                     "file_sha256 in the pretrained cfg to check it", _tag_name(pcfg), url, digest)
-        checkpoint = read_checkpoint(raw, forget_if_corrupt=True)
+        checkpoint = read_weights(raw, forget_if_corrupt=True)
         sd, layout = to_native(checkpoint, model)  # on a mismatch the download stays for the right model
         save_safetensors(sd, converted, metadata={
-            "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)})
+            "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)},
+            record_sha256=True)
+        _intact_blobs.add(_blob_key(converted))
         _remove(raw)
     return converted
+
+
+def _check_converted(path: Path, url: str) -> None:
+    """A converted official checkpoint must still hash to the SHA-256 recorded when it was written
+    (`<file>.sha256`): checked on its first use in this process, and again whenever the file changed. A
+    file that fails (or has no record) is removed with its record, as a corrupt download is."""
+    key = _blob_key(path)
+    if key in _intact_blobs:
+        return
+    record = _sha256_record(path)
+    try:
+        recorded = record.read_text(encoding="ascii").split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError):
+        recorded = ""
+    if re.fullmatch(r"[0-9a-f]{64}", recorded):
+        digest = sha256_file(path)
+        if digest == recorded:
+            _intact_blobs.add(key)
+            return
+        problem = f"changed on disk: its SHA-256 is {digest[:16]}..., recorded {recorded[:16]}... when it was written"
+    else:
+        problem = f"has no SHA-256 recorded beside it ({record.name} is missing or unreadable), so it cannot be checked"
+    failed = _forget_cached(path) or _remove(record)
+    raise CorruptCheckpointError(f"cached converted weight file {path} of {url} {problem}."
+                                 + _forgot(path, failed).replace("downloads it afresh", "downloads and converts it "
+                                                                                         "afresh"))
 
 
 def _unavailable(tag: str, reason: str, summary: str, details: str, fix: str) -> WeightsUnavailableError:
@@ -786,6 +1043,7 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
             _check_cached_blob(cached, repo)
             return WeightSource(cached, "hub-cache", repo)
     if url and _converted_path(pcfg, url).is_file():
+        _check_converted(_converted_path(pcfg, url), url)
         return WeightSource(_converted_path(pcfg, url), "url-cache", url)
     if _offline():
         raise _unavailable(
@@ -796,29 +1054,34 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
 
     # 2. the Hub
     problems = []
-    unreachable = False
+    hub_unreachable = url_unreachable = False
     if repo:
         try:
             return WeightSource(_hub_download(repo, filename, revision), "hub", repo)
         except _HubMissing as e:
             problems.append(f"{e} on {_endpoint()}")
         except DownloadError as e:
-            unreachable = unreachable or e.reason != "missing"
+            hub_unreachable = e.reason != "missing"
             problems.append(f"the Hub at {_endpoint()} did not answer ({e.summary})")
     # 3. the official checkpoint
     if url:
         try:
             return WeightSource(_from_url(pcfg, url, model), "url", url)
         except DownloadError as e:
-            if e.reason == "missing" and not unreachable:
+            if e.reason == "missing" and not hub_unreachable:
                 raise _unavailable(tag, "missing", "no weights found", f"{'; '.join(problems + [str(e)])}",
                                    f"the official file has moved: pass a copy of it with {_FILE_HINT}") from None
             problems.append(f"cannot download {url} ({e.summary})")
-            unreachable = True
-    if unreachable:
+            url_unreachable = True
+    if hub_unreachable:
         raise _unavailable(tag, "unreachable", "cannot reach the Hub", "; ".join(problems),
                            f"set HF_ENDPOINT / HF_HUB_OFFLINE or pass a file ({_FILE_HINT}), or use "
                            f"pretrained=False")
+    if url_unreachable:  # the Hub answered that it has no copy; only the official server failed
+        host = url.split("/")[2] if "://" in url else url
+        raise _unavailable(tag, "unreachable", f"cannot download the official checkpoint {url}", "; ".join(problems),
+                           f"check the connection to {host} and try again, or pass a copy of the file with "
+                           f"{_FILE_HINT}, or use pretrained=False")
     raise _unavailable(tag, "missing", "no weights found",
                        f"{'; '.join(problems)}, and the tag has no official checkpoint URL to fall back to",
                        f"pass a file with {_FILE_HINT}")
@@ -837,7 +1100,7 @@ def load_pretrained(model: nn.Module, pcfg: Any = None, *, inflate: str = "mean"
 
     pcfg = model.pretrained_cfg if pcfg is None else pcfg
     source = resolve_weights(pcfg, model)
-    checkpoint = read_checkpoint(source.path)
+    checkpoint = read_weights(source.path)
     tag_classes = _cfg_get(pcfg, "num_classes")
     head = "strict" if tag_classes and getattr(model, "num_classes", None) == tag_classes else "auto"
     try:

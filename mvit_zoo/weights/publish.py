@@ -12,14 +12,23 @@ A Hub-ready folder holds
 
 `publish` does this for every official checkpoint whose tag points at this project's Hub organisation
 (`mvit_zoo.weights.hub.hub_org()`), and with `push` uploads each folder with huggingface_hub.
+
+A folder is written whole: built in a staging folder beside it (`.<name>.convert-<random>.part`, holding
+a `.mvit-zoo-convert` marker while it is written), then swapped in by two renames (the previous folder
+aside to `.<name>.convert-<random>.old`, the new one in) and the previous one removed. An existing folder
+is replaced only when asked (`overwrite`) and only if convert wrote it (its three files, the weights'
+metadata naming their source); staging folders a killed convert left are removed by the next run.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -32,7 +41,8 @@ from . import hub
 from .convert import (ArchitectureMismatchWarning, ConversionReport, architecture_mismatches, architecture_overrides,
                       checkpoint_img_size, fit_state_dict, layout_architecture, to_native)
 
-__all__ = ["convert_checkpoint", "model_card", "official_tags", "publish", "push_folder", "tag_config"]
+__all__ = ["OutputExistsError", "UnverifiedSourceError", "convert_checkpoint", "is_official_file", "model_card",
+           "official_tags", "publish", "push_folder", "tag_config"]
 
 DATASETS = {
     "imagenet-1k": "ImageNet-1k", "imagenet-21k-winter": "ImageNet-21k (winter 2021)",
@@ -60,6 +70,22 @@ CITATION_V2 = """@inproceedings{li2022mvitv2,
   booktitle={CVPR},
   year={2022}
 }"""  # noqa: E501
+
+
+FOLDER_FILES = (hub.WEIGHTS_NAME, CONFIG_FILE, "README.md")  # what a converted folder holds
+STAGING_MARKER = ".mvit-zoo-convert"  # in a staging folder while convert writes it: {"pid", "host", "time"}
+STALE_STAGING_SECONDS = 24 * 3600.0  # a marked staging folder of another host untouched this long is stale
+# NOTE: the metadata keys convert writes into model.safetensors: with the file names, what marks a folder as its own
+_CONVERT_METADATA = ("source", "source_sha256", "source_layout")
+
+
+class OutputExistsError(hub.WeightsError):
+    """The output path exists and convert may not replace it (a file, a folder without `overwrite`, or a
+    folder convert did not write)."""
+
+
+class UnverifiedSourceError(hub.WeightsError):
+    """A file offered as a tag's official checkpoint matches no hash known for it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,37 +289,198 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+# --------------------------------------------------------------------------------------------------
+# Whether a file is a tag's official checkpoint
+# --------------------------------------------------------------------------------------------------
+
+def _recorded_download_hash(pcfg: Mapping[str, Any]) -> Optional[str]:
+    """The SHA-256 of the official file as downloaded by this machine's URL fallback, which the converted
+    copy in mvit-zoo's cache records in its metadata (None if there is no such copy)."""
+    from safetensors import safe_open
+
+    url = pcfg.get("url")
+    path = hub._converted_path(pcfg, url) if url else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable cache file records nothing
+        return None
+    return meta.get("source_sha256") if meta.get("source_url") == url else None
+
+
+def is_official_file(pcfg: Mapping[str, Any], src: str, digest: str) -> bool:
+    """Whether the file `src` with SHA-256 `digest` is the official checkpoint of tag `pcfg`: its hash
+    matches the published one (`file_sha256`, torchvision's name rule), or, where none is published, `src`
+    is the tag's URL itself (downloaded over HTTPS by this call) or the hash equals the one this machine
+    recorded when it downloaded that URL. A same-named local file is not enough."""
+    url = pcfg.get("url")
+    if not url or not pcfg.get("tag"):
+        return False
+    expected = hub._expected_hash(url, pcfg.get("file_sha256"))
+    if expected:
+        return digest.startswith(expected)
+    return src == url or digest == _recorded_download_hash(pcfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: checked, staged, swapped in whole
+# --------------------------------------------------------------------------------------------------
+
+def _written_by_convert(folder: Path) -> bool:
+    """Whether `folder` is what convert writes: only `FOLDER_FILES`, as plain files, and weights whose
+    metadata names their source as convert records it."""
+    from safetensors import safe_open
+
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    names = {e.name for e in entries}
+    if hub.WEIGHTS_NAME not in names or not names <= set(FOLDER_FILES):
+        return False
+    if any(e.is_symlink() or not e.is_file() for e in entries):
+        return False
+    try:
+        with safe_open(str(folder / hub.WEIGHTS_NAME), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not convert's
+        return False
+    return all(k in meta for k in _CONVERT_METADATA)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file (or lies below one), an existing non-empty folder unless
+    `overwrite`, and, even then, a folder convert did not write."""
+    blocker = hub._file_in_the_way(out_dir)
+    if blocker is not None or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputExistsError(f"the output {out_dir} cannot be a folder: {blocker or out_dir} is a file; choose "
+                                f"a new folder name (convert writes {', '.join(FOLDER_FILES)} into it)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"the output folder {out_dir} already exists; pass --overwrite to replace it (only "
+                                f"a folder written by mvit-zoo convert is replaced), or choose a new folder")
+    if out_dir.is_symlink() or not _written_by_convert(out_dir):
+        found = ", ".join(sorted(p.name for p in out_dir.iterdir())[:8])
+        raise OutputExistsError(f"the output folder {out_dir} was not written by mvit-zoo convert (it holds: {found}; "
+                                f"convert writes only {', '.join(FOLDER_FILES)}), so it is not replaced even with "
+                                f"--overwrite; choose a new folder, or move those files away")
+
+
+def _staging_pattern(out_dir: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out_dir.name)}\.convert-[A-Za-z0-9_]+\.(part|old)")
+
+
+def _writer_alive(marker: Path) -> bool:
+    """Whether the convert that wrote staging marker `marker` may still be running."""
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        pid, host, started = int(info["pid"]), str(info["host"]), float(info["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # a marker cut short: its writer died while writing it
+    if host != socket.gethostname():
+        return time.time() - started < STALE_STAGING_SECONDS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clean_stale_staging(out_dir: Path) -> None:
+    """Remove what a killed convert into `out_dir` left beside it: a staging folder (recognised by its
+    name and its marker of a dead process, or by convert's files), and a previous folder set aside
+    (convert's files): moved back if the new one never arrived, else removed."""
+    pattern = _staging_pattern(out_dir)
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group(1) == "part":
+            marker = entry / STAGING_MARKER
+            # without its marker, a staging folder is one that was about to be swapped in: convert's files
+            stale = not _writer_alive(marker) if marker.is_file() else _written_by_convert(entry)
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif _written_by_convert(entry):
+            if out_dir.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.rename(entry, out_dir)
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Make the finished `staging` folder `out_dir`: the previous folder (checked by `_check_output`) is
+    renamed aside, the new one renamed in, the previous one removed; an interruption between the two
+    renames puts the previous folder back."""
+    (staging / STAGING_MARKER).unlink()
+    aside = staging.with_name(staging.name[:-len(".part")] + ".old") if out_dir.exists() else None
+    if aside is not None:
+        os.rename(out_dir, aside)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, out_dir)
+        raise
+    if aside is not None:
+        if _written_by_convert(aside) or not any(aside.iterdir()):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # files appeared in it since it was checked: they are the user's, kept
+            warnings.warn(f"the previous {out_dir} gained files while convert ran; it was kept as {aside}",
+                          stacklevel=3)
+
+
 def convert_checkpoint(
         src: str,
-        name: str,
+        name: Optional[str],
         out_dir: str | Path,
         *,
         model_args: Optional[Mapping[str, Any]] = None,
         source_url: Optional[str] = None,
         sha256: Optional[str] = None,
+        overwrite: bool = False,
 ) -> tuple[Path, ConversionReport]:
     """Convert checkpoint `src` (file, folder with model.safetensors, or URL; any supported layout) for
-    model `name` (`arch` or `arch.tag`) into a Hub-ready folder `out_dir`; returns the folder and the
-    conversion report.
+    model `name` (`arch` or `arch.tag`; None: the architecture the config.json beside `src` names) into
+    a Hub-ready folder `out_dir`; returns the folder and the conversion report.
 
     The model is built from the checkpoint: architecture fields from a config.json beside `src` (a
     fine-tuned run's), those the source layout implies (`layout_architecture`: pytorchvideo's
     `pool_norm_eps=1e-5`), and the input size its position tables were made for; then from the tag,
     and `model_args` overrides all of them (a stated field that differs from what the layout implies
     warns). The class count and label names come from the checkpoint and its config.json. `source_url`
-    names the official URL a local `src` is a copy of (`publish`). Tensors that are not floating point
-    or not finite are refused. The folder is written in a temporary folder beside `out_dir`, read back
-    and compared tensor by tensor, then moved into place: a failure leaves nothing behind.
+    names the official URL a local `src` claims to be a copy of (`publish`): the card names it only if
+    `is_official_file` confirms the claim. Tensors that are not floating point or not finite are refused,
+    and a model far larger than the checkpoint is refused before it is built (`hub.check_build_size`).
+
+    An existing `out_dir` is refused (`OutputExistsError`) unless it is empty, or `overwrite` is set and
+    convert wrote it. The folder is written in a staging folder beside `out_dir`, read back and compared
+    tensor by tensor, then swapped in whole (see the module docstring): a failure leaves nothing behind.
     """
     from ..model.mvit import MODEL_CFGS, MViTCfg, make_cfg
     from ..model.registry import create_model
 
     out_dir = Path(out_dir)
+    _clean_stale_staging(out_dir)
+    _check_output(out_dir, overwrite)
+    local = not re.match(r"^https?://", src)
+    base = find_config(_weights_file(Path(src).expanduser())) if local else None
+    if name is None:
+        if base is None:
+            raise ValueError(f"{src}: no {CONFIG_FILE} beside it names the architecture; pass --model NAME")
+        name = base.architecture
     pcfg = tag_config(name)
     arch, _, tag = name.partition(".")
     stated = dict(model_args or {})
-    local = not re.match(r"^https?://", src)
-    base = find_config(_weights_file(Path(src).expanduser())) if local else None
     if base is not None and base.architecture != arch:
         raise ValueError(f"{src}: its {CONFIG_FILE} is for {base.architecture}, not {arch}; pass --model "
                          f"{base.architecture}")
@@ -314,21 +501,22 @@ def convert_checkpoint(
         from_checkpoint["img_size"] = size
     arch_args = {**known, **from_checkpoint, **stated}
     num_classes = int(arch_args.pop("num_classes", _head_classes(native)))
+    hub.check_build_size(arch, {**arch_args, "num_classes": num_classes}, native,
+                         source=f"{CONFIG_FILE} beside {src} and --model-arg" if base else "--model-arg")
     model = create_model(arch, num_classes=num_classes, **arch_args)
     for message in architecture_mismatches(implied, model, layout):
         warnings.warn(ArchitectureMismatchWarning(message), stacklevel=2)
     fitted = fit_state_dict(native, model, layout=layout, head="strict", strict=True)
     model.load_state_dict(fitted)
 
-    expected = hub._expected_hash(pcfg["url"], pcfg.get("file_sha256")) if pcfg.get("url") else None
-    official = bool(tag) and ((source_url or src) == pcfg.get("url") or bool(expected and digest.startswith(expected)))
+    official = bool(tag) and is_official_file(pcfg, src, digest)
     timm_cfg = {**pcfg, **(base.pretrained_cfg if base else {})}
     data = {k: pcfg[k] for k in DATA_FIELDS if k in pcfg and (official or k not in _OFFICIAL_ONLY)}
     if base is not None:
         data.update(base.data_config)
     labels = (base.label_names if base and base.label_names and len(base.label_names) == num_classes
               else _label_names(data.get("label_set"), num_classes))
-    source = origin if source_url is None else source_url
+    source = source_url if source_url is not None and official else origin
     base_source = dict(base.source) if base else {}
     config = config_for_model(
         model, model_args={**arch_args, "num_classes": num_classes},
@@ -344,20 +532,24 @@ def convert_checkpoint(
                       upstream_url=pcfg.get("url"))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.convert-", suffix=".part"))
     try:
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        (staging / STAGING_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         weights = hub.save_safetensors(fitted, staging / hub.WEIGHTS_NAME, metadata={
-            "architecture": name, "source": source, "source_sha256": digest, "source_layout": layout})
+            "architecture": name, "source": source, "source_sha256": digest, "source_layout": layout},
+            env="the output folder (--output)")
         back = hub.read_checkpoint(weights, forget_if_corrupt=False)
         if set(back) != set(fitted) or any(not torch.equal(back[k], fitted[k]) for k in fitted):
             raise RuntimeError(f"{out_dir / hub.WEIGHTS_NAME}: the written file does not read back identically")
         write_config(staging, config)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        out_dir.mkdir(exist_ok=True)
         mode = _umask_mode()
-        for file in (hub.WEIGHTS_NAME, CONFIG_FILE, "README.md"):
+        for file in FOLDER_FILES:
             os.chmod(staging / file, mode)
-            os.replace(staging / file, out_dir / file)
+        os.chmod(staging, mode | ((mode & 0o444) >> 2))  # a folder: x wherever r (mkdtemp gives 0700)
+        _check_output(out_dir, overwrite)  # (files may have appeared in it meanwhile)
+        _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir, fitted.report
@@ -388,6 +580,36 @@ def _require_token(token: Optional[str]) -> str:
     return token
 
 
+def _source_of(tag: str, pcfg: Mapping[str, Any], source_dir: Optional[str | Path],
+               allow_unverified: bool, push: bool) -> tuple[str, bool]:
+    """(source, verified) of a tag: its copy in `source_dir` if there is one, else its URL (verified: the
+    download is the official file, checked against its hash where one is published). A local copy that
+    `is_official_file` cannot confirm is refused unless `allow_unverified`, and never pushed."""
+    url = pcfg["url"]
+    local = Path(source_dir) / url.rsplit("/", 1)[-1] if source_dir else None
+    if local is None or not local.is_file():
+        return url, True
+    digest = hub.sha256_file(local)
+    if is_official_file(pcfg, str(local), digest):
+        return str(local), True
+    expected = hub._expected_hash(url, pcfg.get("file_sha256"))
+    why = (f"its SHA-256 is {digest[:16]}..., expected {expected[:16]}..." if expected else
+           f"the tag publishes no SHA-256 and this machine has not downloaded {url} to compare (its SHA-256 is "
+           f"{digest[:16]}...)")
+    if not allow_unverified:
+        error = hub.HashMismatchError if expected else UnverifiedSourceError
+        raise error(f"{tag}: {local} is not known to be the official file: {why}. Publishing it would give it the "
+                    f"paper's provenance and accuracy. Remove it from --source-dir to download the official file, "
+                    f"or pass --allow-unverified to publish it as converted from an unverified file (no provenance "
+                    f"or accuracy claims, not pushed). Nothing was converted")
+    if push:
+        raise UnverifiedSourceError(f"{tag}: {local} is not known to be the official file ({why}), and --push "
+                                    f"uploads only verified files to the official repository {pcfg['hf_hub_id']}; "
+                                    f"publish it without --push, or remove it from --source-dir. Nothing was "
+                                    f"converted")
+    return str(local), False
+
+
 def publish(
         out_dir: str | Path,
         *,
@@ -396,13 +618,19 @@ def publish(
         push: bool = False,
         token: Optional[str] = None,
         model_args: Optional[Mapping[str, Any]] = None,
+        allow_unverified: bool = False,
         log: Any = print,
 ) -> list[Path]:
-    """Convert every official checkpoint (tags matching `only`) into `out_dir/<arch.tag>/`.
+    """Convert every official checkpoint (tags matching `only`) into `out_dir/<arch.tag>/`, replacing
+    folders that convert wrote there before (never others).
 
     Each source is `source_dir/<file name of its URL>` when present there, else downloaded (with the
-    hash check where one is known). With `push`, each folder is uploaded to the tag's Hub repository
-    (this project's organisation, `MVIT_ZOO_HUB_ORG`), which needs a token.
+    hash check where one is known). A local copy gets the tag's provenance (source, accuracy) only if its
+    hash confirms it (`is_official_file`); any other is refused (`UnverifiedSourceError`, or
+    `HashMismatchError` against a published hash) before anything is converted, unless `allow_unverified`,
+    which converts it with a card that makes no claims about it. With `push`, each folder is uploaded to
+    the tag's Hub repository (this project's organisation, `MVIT_ZOO_HUB_ORG`), which needs a token;
+    unverified files are never pushed.
     """
     tags = official_tags(only)
     if not tags:
@@ -410,16 +638,15 @@ def publish(
     if push:
         token = _require_token(token)
     out_dir = Path(out_dir)
+    plans = [(tag, pcfg, *_source_of(tag, pcfg, source_dir, allow_unverified, push))
+             for tag, pcfg in ((t, tag_config(t)) for t in tags)]
     folders = []
-    for tag in tags:
-        pcfg = tag_config(tag)
+    for tag, pcfg, src, verified in plans:
         url = pcfg["url"]
-        local = Path(source_dir) / url.rsplit("/", 1)[-1] if source_dir else None
-        src = str(local) if local is not None and local.is_file() else url
-        expected = hub._expected_hash(url, pcfg.get("file_sha256"))
-        log(f"{tag}: converting {src}")
-        folder, report = convert_checkpoint(src, tag, out_dir / tag, model_args=model_args, source_url=url,
-                                            sha256=expected)
+        log(f"{tag}: converting {src}" + ("" if verified else " (unverified: no provenance or accuracy claims)"))
+        folder, report = convert_checkpoint(
+            src, tag, out_dir / tag, model_args=model_args, source_url=url if verified else None,
+            sha256=hub._expected_hash(url, pcfg.get("file_sha256")) if verified else None, overwrite=True)
         log(f"{tag}: {report.summary()} -> {folder}")
         if push:
             repo, _ = hub.hub_repo_id(pcfg["hf_hub_id"])

@@ -186,6 +186,39 @@ def test_official_url_fallback(hub: HubServer, hub_cache: Path, kind: str) -> No
         assert same_weights(model, timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kw))
 
 
+def test_converted_file_is_checked_against_its_recorded_hash(hub: HubServer, hub_cache: Path) -> None:
+    tag, ref, kw, name, data = _official("torchvision-v2")
+    overlay = dict(url=hub.add_static(name, data))
+    model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    (converted,) = converted_files(hub_cache)
+    record = converted.with_name(converted.name + ".sha256")
+    assert record.read_text() == f"{weights.sha256_file(converted)}  {converted.name}\n"  # sha256sum -c reads it
+
+    raw = bytearray(converted.read_bytes())
+    raw[-3] ^= 0x10  # one flipped bit in a weight: the file still parses
+    converted.write_bytes(bytes(raw))
+    with pytest.raises(weights.CorruptCheckpointError, match=rf"cached converted weight file "
+                                                             rf"{re.escape(str(converted))} of .* changed on disk: .*"
+                                                             rf"removed; loading again downloads and converts it"):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    assert not converted.exists() and not record.exists()
+    assert same_weights(model, timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kw))
+    record.unlink()
+    weights._intact_blobs.clear()  # a new process
+    with pytest.raises(weights.CorruptCheckpointError, match="has no SHA-256 recorded beside it"):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+
+
+def test_a_failing_official_url_alone_is_not_called_the_hub(hub: HubServer, hub_cache: Path) -> None:
+    tag, ref, kw, name, data = _official("slowfast")
+    with silent_server() as silent:  # the Hub answers (no such repository); the official server does not
+        url = f"{silent}/files/{name}"
+        with pytest.raises(weights.WeightsUnavailableError) as info:
+            timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(url=url), **kw)
+    assert info.value.reason == "unreachable" and "cannot reach the Hub" not in str(info.value)
+    assert f"{tag}: cannot download the official checkpoint {url}" in str(info.value)
+
+
 def test_local_file_and_torch_hub(hub: HubServer, hub_cache: Path, tmp_path: Path) -> None:
     tag, ref, kw, name, data = _official("pytorchvideo")
     path = tmp_path / name
@@ -517,7 +550,7 @@ def test_silent_servers_time_out_and_the_url_is_still_tried(hub: HubServer, hub_
     assert max_diff(ref, model, video_input()) < TOL  # a Hub that times out does not skip the official URL
 
     monkeypatch.setenv("MVIT_ZOO_DOWNLOAD_TIMEOUT", "soon")
-    with pytest.raises(ValueError, match="MVIT_ZOO_DOWNLOAD_TIMEOUT='soon' is not a number of seconds"):
+    with pytest.raises(weights.SettingError, match="MVIT_ZOO_DOWNLOAD_TIMEOUT='soon' is not a number of seconds"):
         weights.download_timeout()
 
 

@@ -2,6 +2,7 @@
 mvit_zoo.create_model, a tag pointing at the Hub, and timm's `hf-hub:` route (config.json)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -26,6 +27,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-4
 TAG = "mvit_b_16x4.pv_k400"
 SMALL = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1, img_size=(4, 32, 32))
+
+
+def publish_hash(monkeypatch: pytest.MonkeyPatch, tag: str, data: bytes) -> None:
+    """Give `tag` a published SHA-256: that of `data`, which then is its official file."""
+    registered = publish.tag_config
+    digest = hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(publish, "tag_config", lambda name: {**registered(name), **({"file_sha256": digest}
+                                                                                    if name == tag else {})})
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +81,14 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
     pcfg = config["pretrained_cfg"]
     assert pcfg["mean"] == [0.45, 0.45, 0.45] and pcfg["input_size"] == [3, 32, 32] and pcfg["num_classes"] == 3
     assert set(pcfg) <= {f.name for f in timm.models.PretrainedCfg.__dataclass_fields__.values()}  # timm reads it
-    assert (config["data_config"]["num_frames"] == 4 and config["data_config"]["sampling_rate"] == 4
-            and config["data_config"]["label_set"] == "kinetics-400")
-    assert "label_names" not in config  # 3 classes: not Kinetics-400's 400 names
+    assert config["data_config"]["num_frames"] == 4 and config["data_config"]["sampling_rate"] == 4
+    assert "label_names" not in config and "label_set" not in config["data_config"]  # 3 classes: not Kinetics-400
 
     meta = safetensors.safe_open(str(folder / "model.safetensors"), "pt").metadata()
     assert meta["source_layout"] == "pytorchvideo" and meta["source"] == str(src)
     card = (folder / "README.md").read_text()
     assert card.startswith("---\ntags:\n- video-classification\n- timm\n- mvit-zoo\nlibrary_name: timm\n"
-                           "license: apache-2.0\ndatasets:\n- kinetics-400\n---\n# Model card for mvit_b_16x4.pv_k400")
+                           "license: apache-2.0\n---\n# Model card for mvit_b_16x4.pv_k400")
     for text in ("PyTorchVideo (facebookresearch/pytorchvideo)", "pytorchvideo layout",
                  "4 frames x 32 x 32, sampling rate 4", "## Citation", "fan2021multiscale",
                  "## Intended use and limitations"):
@@ -94,10 +102,11 @@ def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: 
 
 
 def test_published_folder_loads_from_the_hub(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub: HubServer,
-                                             hub_cache: Path) -> None:
+                                             hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ref, data = pv
     src = tmp_path / "MVIT_B_16x4.pyth"
     src.write_bytes(data)
+    publish_hash(monkeypatch, TAG, data)
     (folder,) = publish.publish(tmp_path / "out", only=TAG, source_dir=tmp_path, model_args=SMALL, log=lambda m: None)
     assert folder == tmp_path / "out" / TAG
     for name in ("model.safetensors", "config.json", "README.md"):
@@ -130,6 +139,7 @@ def test_push(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub_cache: Path
 
     ref, data = pv
     (tmp_path / "MVIT_B_16x4.pyth").write_bytes(data)
+    publish_hash(monkeypatch, TAG, data)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(weights.WeightsError, match="--push needs a Hugging Face token .* HF_TOKEN"):
         publish.publish(tmp_path / "out", only=TAG, source_dir=tmp_path, push=True, log=lambda m: None)
@@ -253,7 +263,7 @@ def test_a_failed_write_leaves_the_previous_folder(tmp_path: Path, hub_cache: Pa
 
     monkeypatch.setattr(publish, "write_config", broken)
     with pytest.raises(OSError, match="No space left"):
-        publish.convert_checkpoint(str(src), "mvit_v2_s_16x4", tmp_path / "out", model_args={**kw, "num_classes": 3,
-                                                                                            "drop_rate": 0.5})
+        publish.convert_checkpoint(str(src), "mvit_v2_s_16x4", tmp_path / "out", overwrite=True,
+                                   model_args={**kw, "num_classes": 3, "drop_rate": 0.5})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mvit_v2_s.pth", "out"]
