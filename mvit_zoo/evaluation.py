@@ -1,4 +1,4 @@
-"""Evaluate a classifier on a class-folder tree or a data loader: top-1/top-5, loss, per-class counts.
+"""Evaluate a classifier on a class-folder tree or a data loader: top-1/top-k, loss, per-class counts.
 
 `evaluate(model, 'DIR')` reads `DIR/<class>/<file>` (or `DIR/val/<class>/<file>`), images for
 image models and videos for video models. Video models are scored over `views` (temporal clips x
@@ -9,6 +9,9 @@ frames of one video's views. Folder names are matched to the model's classes by
 
 `evaluate(model, loader)` scores `(input, target)` batches as they come (one view each); it is the
 validation of `mvit-zoo finetune`.
+
+Top-k is top-5, or top-`num_classes` for a head of fewer than 5 classes (named `top2`, `top3`, ...;
+a top-5 of 100% there would say nothing).
 """
 from __future__ import annotations
 
@@ -30,12 +33,22 @@ from tqdm import tqdm
 from .data.video import VIDEO_EXTENSIONS
 from .data.views import Views, ViewSampling, probe_video, read_frames
 
-__all__ = ["IMAGE_EXTENSIONS", "Evaluation", "decode_views", "evaluate", "label_set_names", "match_classes",
-           "video_scores", "view_sampling"]
+__all__ = ["IMAGE_EXTENSIONS", "ClassMatchError", "Evaluation", "decode_views", "evaluate", "label_set_names",
+           "match_classes", "video_scores", "view_sampling"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 _LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
+TOP_K = 5
+
+
+class ClassMatchError(ValueError):
+    """Class folders that cannot be matched to the model's classes. `problem` says which folder and why;
+    the message adds the fix in Python terms (`class_names=`), a command line gives its own."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -44,7 +57,7 @@ _LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
 class Evaluation:
     """Counts of one evaluation; accuracies in percent.
 
-    `per_class[k] = (samples, top-1 hits, top-5 hits)` of model class `k`; `confusion` counts
+    `per_class[c] = (samples, top-1 hits, top-k hits)` of model class `c` (k = :attr:`k`); `confusion` counts
     `(target, prediction)` pairs (when asked for); `skipped` lists `(file, reason)` of
     unreadable files; `short` counts videos with fewer frames than one clip spans (their last
     frame is repeated, as in SlowFast).
@@ -72,7 +85,17 @@ class Evaluation:
         return self._percent(1)
 
     @property
-    def top5(self) -> float:
+    def k(self) -> int:
+        """The k of top-k: 5, or the class count when there are fewer classes."""
+        return min(TOP_K, self.num_classes)
+
+    @property
+    def topk_name(self) -> str:
+        """`top5`, or `top2` for a 2-class head: the key of top-k in :meth:`metrics` and :meth:`to_dict`."""
+        return f"top{self.k}"
+
+    @property
+    def topk(self) -> float:
         return self._percent(2)
 
     @property
@@ -80,22 +103,23 @@ class Evaluation:
         return self.loss_sum / max(self.count, 1)
 
     def metrics(self) -> dict[str, float]:
-        return {"loss": self.loss, "top1": self.top1, "top5": self.top5}
+        return {"loss": self.loss, "top1": self.top1, self.topk_name: self.topk}
 
     def class_accuracy(self) -> list[dict[str, Any]]:
-        """Top-1/top-5 of each class that has samples."""
+        """Top-1/top-k of each class that has samples."""
         rows = []
-        for k in torch.nonzero(self.per_class[:, 0]).flatten().tolist():
-            n, c1, c5 = self.per_class[k].tolist()
-            name = self.class_names[k] if self.class_names else str(k)
-            rows.append({"index": k, "label": name, "count": int(n), "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n})
+        for c in torch.nonzero(self.per_class[:, 0]).flatten().tolist():
+            n, c1, c5 = self.per_class[c].tolist()
+            name = self.class_names[c] if self.class_names else str(c)
+            rows.append({"index": c, "label": name, "count": int(n), "top1": 100.0 * c1 / n,
+                         self.topk_name: 100.0 * c5 / n})
         return rows
 
     def to_dict(self, per_class: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.info)
-        out.update(views=str(self.views) if self.views else None, count=self.count, top1=self.top1, top5=self.top5,
-                   loss=self.loss, skipped=len(self.skipped), skipped_files=[list(s) for s in self.skipped],
-                   short_videos=self.short)
+        out.update(views=str(self.views) if self.views else None, count=self.count, top1=self.top1,
+                   **{self.topk_name: self.topk}, loss=self.loss, skipped=len(self.skipped),
+                   skipped_files=[list(s) for s in self.skipped], short_videos=self.short)
         if per_class:
             out["per_class"] = self.class_accuracy()
         return out
@@ -112,7 +136,7 @@ class _Scorer:
     def add(self, log_probs: torch.Tensor, target: torch.Tensor) -> None:
         """`log_probs`: `(B, K)` log of the averaged softmax scores; `target`: `(B,)`."""
         log_probs, target = log_probs.float().cpu(), target.cpu().long()
-        top = log_probs.topk(min(5, log_probs.shape[-1]), dim=-1).indices
+        top = log_probs.topk(min(TOP_K, log_probs.shape[-1]), dim=-1).indices
         hits = top.eq(target[:, None])
         self.loss_sum += float(-log_probs.gather(1, target[:, None]).sum())
         stats = torch.stack([torch.ones_like(target), hits[:, 0].long(), hits.any(1).long()], 1).double()
@@ -146,13 +170,26 @@ def label_set_names(label_set: str) -> list[str] | None:
 
 
 def _label_set_of(model: nn.Module) -> tuple[str | None, list[str] | None]:
+    """The label set of `model`'s head and its shipped class names; `(None, None)` for a head that is not
+    the label set's (a fine-tuned one), whose pretrained cfg still names the label set it started from."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     num_classes = int(getattr(model, "num_classes", 0) or 0)
-    name = cfg.get("label_set") or _LABEL_SET_BY_CLASSES.get(num_classes)
+    name = cfg.get("label_set")
+    if name and cfg.get("num_classes") not in (None, num_classes):
+        name = None
+    name = name or _LABEL_SET_BY_CLASSES.get(num_classes)
     names = label_set_names(name) if name else None
     if names is not None and len(names) != num_classes:
-        return name, None  # a head that is not the label set's (e.g. a new one)
+        return None, None
     return name, names
+
+
+def _own_label_names(model: nn.Module) -> list[str] | None:
+    """The class names a model carries in its pretrained cfg (`timm.create_model('local-dir:RUN')` and
+    'hf-hub:' put the `label_names` of the folder's config.json there), if one per class."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    return list(names) if names and len(names) == num_classes else None
 
 
 def _aliases(label_set: str | None, names: Sequence[str]) -> dict[str, int]:
@@ -193,9 +230,9 @@ def match_classes(
         unknown = [f for f in folders if f not in lookup]
         if not unknown:
             return [lookup[f] for f in folders], "checkpoint class list"
-        raise ValueError(f'class folder {unknown[0]!r} is not one of the checkpoint\'s {len(class_names)} classes '
-                         f'(label_names of its config.json: {", ".join(map(repr, class_names[:5]))}, ...); '
-                         'rename the folder or evaluate with the checkpoint it was fine-tuned for')
+        raise ClassMatchError(f'class folder {unknown[0]!r} is not one of the model\'s {len(class_names)} classes '
+                              f'({", ".join(map(repr, class_names[:5]))}, ...)',
+                              "rename the folder, or evaluate the model that was fine-tuned for these folders")
     by_index = all(f.isdigit() and int(f) < num_classes for f in folders)
     if label_set_classes:
         table = _aliases(label_set, label_set_classes)
@@ -204,15 +241,15 @@ def match_classes(
             return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f"label set {label_set}"
         if by_index:
             return [int(f) for f in folders], "class index"
-        raise ValueError(f"class folder {unknown[0]!r} is not a class of the model's label set {label_set} "
-                         f"({len(label_set_classes)} classes); name the folders after its classes (see "
-                         f"mvit_zoo/data/{label_set}.txt), or pass the --checkpoint whose config.json lists them")
+        raise ClassMatchError(f"class folder {unknown[0]!r} is not a class of the model's label set {label_set} "
+                              f"({len(label_set_classes)} classes)", f"name the folders after its classes (see "
+                              f"mvit_zoo/data/{label_set}.txt), or pass class_names= (one per class, in head order)")
     if by_index:
         return [int(f) for f in folders], "class index"
     bad = next(f for f in folders if not (f.isdigit() and int(f) < num_classes))
-    raise ValueError(f"class folder {bad!r}: the model has no class names (no label set ships for its "
-                     f"{num_classes} classes and no checkpoint class list), so folders must be class indices "
-                     f"0..{num_classes - 1}; rename them, or pass a --checkpoint whose config.json has label_names")
+    raise ClassMatchError(f"class folder {bad!r}: the model has no class names (no label set ships for its "
+                          f"{num_classes} classes and no class list was given), so folders must be class indices "
+                          f"0..{num_classes - 1}", "rename them, or pass class_names= (one per class, in head order)")
 
 
 # -- folders ---------------------------------------------------------------------------------------
@@ -309,6 +346,7 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
 def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
                  data_cfg: Any = None, batch_size: int = 8, amp: bool = False) -> torch.Tensor:
     """Softmax scores of one video file averaged over its `views`: `(num_classes,)`."""
+    _check_batch_size(batch_size)
     device = next(model.parameters()).device
     sampling = view_sampling(model, views, data_cfg)
     frames, clips, _ = decode_views(path, sampling)
@@ -320,6 +358,11 @@ def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequenc
             probs = model(torch.stack(batch).to(device)).float().softmax(-1).sum(0)
         total = probs if total is None else total + probs
     return total.cpu() / len(sampling.views)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1 (views per forward pass), got {batch_size!r}")
 
 
 @torch.no_grad()
@@ -339,13 +382,16 @@ def evaluate(
         desc: str = "val",
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Evaluation:
-    """Top-1/top-5 and loss of `model` on a class-folder tree or an iterable of `(input, target)`.
+    """Top-1/top-k and loss of `model` on a class-folder tree or an iterable of `(input, target)`.
 
-    `views` (`'TxS'`) applies to video folders; `class_names` is a fine-tuned checkpoint's class
-    list (folder names); `data_cfg` the preprocessing (:func:`mvit_zoo.apps.finetune.resolve_data_config`
-    of the model by default). `all_reduce` sums a float64 tensor over processes (distributed
+    `views` (`'TxS'`) applies to video folders; `class_names` is a fine-tuned model's class list
+    (folder names; default: the `label_names` of its pretrained cfg, which a model loaded with
+    `timm.create_model('local-dir:RUN', pretrained=True)` carries); `data_cfg` the preprocessing
+    (:func:`mvit_zoo.data.transforms.resolve_data_config` of the model by default). `batch_size` is
+    the views per forward pass (at least 1). `all_reduce` sums a float64 tensor over processes (distributed
     validation of a sharded loader).
     """
+    _check_batch_size(batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     num_classes = int(model.num_classes)
@@ -364,7 +410,7 @@ def evaluate(
         if all_reduce is not None:
             stats = all_reduce(stats.to(device)).cpu()
         return Evaluation(num_classes, stats[:-1].view(num_classes, 3), float(stats[-1]), confusion=scorer.confusion,
-                          class_names=list(class_names) if class_names else None)
+                          class_names=list(class_names) if class_names else _own_label_names(model))
     return _evaluate_folder(model, Path(data), views, batch_size, device, amp, workers, class_names, data_cfg,
                             confusion, progress, desc)
 
@@ -379,6 +425,8 @@ def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, 
     video = is_video_model(model)
     folders, samples = _scan(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)
     label_set, set_names = _label_set_of(model)
+    if not class_names and set_names is None:
+        class_names = _own_label_names(model)
     targets, matched_by = match_classes(folders, num_classes, class_names, label_set, set_names)
     samples = [(path, targets[folder]) for path, folder in samples]
     names = list(class_names) if class_names else set_names

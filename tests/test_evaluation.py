@@ -48,7 +48,9 @@ def test_loader_counts_match_a_direct_computation() -> None:
     assert result.count == 15
     assert result.top1 == pytest.approx(100 * float((logits.argmax(-1) == target).float().mean()))
     top4 = logits.topk(4, -1).indices.eq(target[:, None]).any(1)
-    assert result.top5 == pytest.approx(100 * float(top4.float().mean())) == 100.0
+    # 4 classes: top-k is top-4 (a top-5 would be 100% by construction), and is named so
+    assert result.k == 4 and result.topk == pytest.approx(100 * float(top4.float().mean())) == 100.0
+    assert set(result.metrics()) == {"loss", "top1", "top4"} and "top5" not in result.to_dict()
     assert result.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, target)), rel=1e-6)
     reduced = mvit_zoo.evaluate(model, batches, all_reduce=lambda t: 2 * t)  # as if two processes
     assert reduced.count == 30 and reduced.top1 == pytest.approx(result.top1)
@@ -89,10 +91,51 @@ def test_match_classes() -> None:
     assert match_classes(["3", "0"], 5) == ([3, 0], "class index")
     with pytest.raises(ValueError, match="'zzz' is not a class of the model's label set kinetics-400"):
         match_classes(["abseiling", "zzz", "yyy"], 400, None, "kinetics-400", kinetics)
-    with pytest.raises(ValueError, match="'c' is not one of the checkpoint's 2 classes"):
+    with pytest.raises(ValueError, match="'c' is not one of the model's 2 classes"):
         match_classes(["a", "c"], 2, ["a", "b"])
     with pytest.raises(ValueError, match="'cat': the model has no class names"):
         match_classes(["0", "cat"], 5)
+
+
+def test_api_errors_name_the_api_arguments(tmp_path: Path) -> None:
+    """Python callers are told about `class_names=` and `batch_size`, not command-line flags."""
+    kinetics = label_set_names("kinetics-400")
+    for call in (lambda: match_classes(["0", "cat"], 5),
+                 lambda: match_classes(["abseiling", "zzz"], 400, None, "kinetics-400", kinetics)):
+        with pytest.raises(ValueError, match="class_names=") as info:
+            call()
+        assert "--" not in str(info.value)
+    write_clips(tmp_path, {"abseiling": 1}, frames=4)
+    model = tiny_video_model()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer of at least 1 .*got {bad}"):
+            video_scores(model, tmp_path / "abseiling" / "0.mp4", "1x1", batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be"):
+            mvit_zoo.evaluate(model, tmp_path, batch_size=bad)
+
+
+def test_local_dir_model_carries_its_class_names(tmp_path: Path) -> None:
+    """A fine-tuned folder loaded with timm's 'local-dir:' scores its class folders with no class_names=,
+    and reports neither the label set nor the names of the weights it was fine-tuned from."""
+    from mvit_zoo.data.config import config_for_model, write_config
+
+    torch.manual_seed(0)
+    kwargs = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1, "img_size": 32, "num_classes": 2}
+    model = timm.create_model("mvit_tiny", **kwargs)
+    run = tmp_path / "run"
+    run.mkdir()
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(run / "model.safetensors"))
+    write_config(run, config_for_model(model, model_args=kwargs, pretrained_cfg=dict(model.pretrained_cfg),
+                                       data_config={}, label_names=["dogs", "cats"]))
+    data = tmp_path / "data"
+    for name in ("cats", "dogs"):
+        (data / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / name / "a.png")
+    loaded = timm.create_model(f"local-dir:{run}", pretrained=True)
+    result = mvit_zoo.evaluate(loaded, data)
+    assert result.info["matched_by"] == "checkpoint class list" and result.class_names == ["dogs", "cats"]
+    assert result.info["label_set"] is None and result.k == 2 and "top2" in result.to_dict()
 
 
 def test_unreadable_files_are_counted_and_empty_class_folders_allowed(tmp_path: Path) -> None:

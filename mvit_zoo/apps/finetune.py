@@ -20,7 +20,11 @@ training state that `--resume` continues from exactly: `train_state.json` names 
 complete checkpoint folder under `checkpoints/`, so a save cut short (Ctrl-C, a kill, a full
 disk) leaves the previous one to resume from. A run removes only the step folders it wrote
 (`step-N-<id>`, each holding a marker with the run's id), and refuses an output whose
-`checkpoints/` is a link or holds anything else. A first Ctrl-C finishes the step under way,
+`checkpoints/` is a link or holds anything else; it keeps the latest `--keep-checkpoints` of its
+step folders (default 1). `model_best.safetensors` holds the weights of the best validation epoch
+(a link to the published weights when that is the last one); a finished run prints (on stdout) where
+its weights are and which epoch was best. One run at a time writes to an output folder: it holds the
+lock `.mvit-zoo.lock` there, and a second run is refused. A first Ctrl-C finishes the step under way,
 saves a checkpoint and prints the command that resumes it.
 
 Determinism: augmentation is seeded per (seed, epoch, sample) and everything else per
@@ -65,7 +69,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from ..data.config import ModelConfig, config_for_model, write_config
+from ..data.config import ModelConfig, check_model_args, config_for_model, write_config
 from ..data.folders import (
     IMAGE_EXTENSIONS, EpochSeeded, ImageSamples, SampleError, Samples, ShardSampler, derive_seed, scan_data,
     seed_everything,
@@ -74,9 +78,11 @@ from ..data.transforms import DataConfig, build_transform, is_video_model, resol
 from ..data.video import VIDEO_EXTENSIONS, VideoFolder
 from ..evaluation import evaluate as evaluate_model
 from ..files import atomic_write
+from ..weights.convert import CheckpointMismatchError
 from .cli import CliError
 
 __all__ = [
+    "check_model_name",
     "parse_model_kwargs",
     "resolve_model_kwargs",
     "Trainer",
@@ -96,7 +102,10 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
 BEST_WEIGHTS_FILE = "model_best.safetensors"
 # Arguments that describe the run rather than the result; they may change on --resume
-_RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data"})
+_RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data",
+                           "keep_checkpoints"})
+# Held by the run writing to an output folder (its pid in LOCK_FILE + ".pid"): a second run there is refused
+LOCK_FILE = ".mvit-zoo.lock"
 # Arguments a run cannot start without; `--resume DIR` alone takes them from the run
 _RUN_ARGS = ("model", "data", "output")
 
@@ -136,21 +145,26 @@ def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
         raise CliError(f'--model-kwargs is not valid JSON ({e}); give an object, e.g. \'{{"img_size": 64}}\'') from e
     if not isinstance(value, dict):
         raise CliError(f'--model-kwargs must be a JSON object, got {text!r}; e.g. \'{{"img_size": 64}}\'')
+    try:
+        check_model_args(value, "--model-kwargs")
+    except ValueError as e:
+        raise CliError(str(e)) from None
     return _tuples(value)
 
 
-def _check_model_name(name: str, pretrained: bool) -> None:
-    """A clear error for an unknown architecture (with close names) or pretrained tag."""
+def check_model_name(name: str) -> None:
+    """A clear error for an unknown architecture (with close names) or pretrained tag; the one message of
+    every command that takes `--model`."""
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f'did you mean {", ".join(close)}?' if close else "see `timm.list_models('mvit*')`"
         raise CliError(f"--model {name}: unknown model; {hint}")
-    if tag and pretrained:
+    if tag:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
             raise CliError(f'--model {name}: {arch} has no pretrained tag {tag!r}; available: '
-                           f'{", ".join(tags) or "none (use --no-pretrained or --pretrained-file)"}')
+                           f'{", ".join(tags) or f"none (name the architecture alone: --model {arch})"}')
 
 
 def _valid_fields(arch: str) -> str:
@@ -179,7 +193,7 @@ def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
 def resolve_model_kwargs(args: argparse.Namespace) -> Tuple[Dict[str, Any], bool]:
     """Architecture overrides of the run (`--model-kwargs` with `--img-size`/`--num-frames` merged
     in), checked on a weightless copy of the model; also whether the model takes video clips."""
-    _check_model_name(args.model, args.pretrained)
+    check_model_name(args.model)
     kwargs = parse_model_kwargs(args.model_kwargs)
     if (args.img_size or args.num_frames) and "img_size" in kwargs:
         raise CliError("the input size is given twice (--img-size/--num-frames and --model-kwargs img_size); "
@@ -217,6 +231,36 @@ def _check_input_size(name: str, model: nn.Module, size: Any) -> None:
                        f'{m} or more (--img-size {m}, or "img_size": {m} in --model-kwargs)')
 
 
+def _architecture_hint(weights: Path) -> str:
+    """How to build the model that `weights` fit: the arguments its config.json records, if there is one."""
+    from ..data.config import ConfigError, find_config
+
+    try:
+        config = find_config(weights)
+    except (ConfigError, OSError):
+        config = None
+    if config is None:
+        return "pass the --model and --model-kwargs the weights were trained with"
+    return f"pass the arguments of the run that wrote it: {_start_from(weights.parent)}"
+
+
+def _start_from(run: Path) -> str:
+    """The finetune arguments that start a new run from the weights of the run in `run`: its architecture
+    and architecture arguments (from its config.json) and `--pretrained-file`."""
+    from ..data.config import ConfigError, find_config
+
+    try:
+        config = find_config(run)
+    except (ConfigError, OSError):
+        config = None
+    flags = ["--pretrained-file", str(run / WEIGHTS_FILE)]
+    if config is not None:
+        model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
+        flags = ["--model", config.architecture, *(["--model-kwargs", json.dumps(model_args)] if model_args else []),
+                 *flags]
+    return " ".join(map(shlex.quote, flags))
+
+
 def create_finetune_model(
         name: str,
         num_classes: int,
@@ -237,7 +281,13 @@ def create_finetune_model(
     if pretrained_file:
         # an unknown class count: the loader keeps a fitting classifier and leaves out another
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), num_classes=None)
-        return timm.create_model(name, pretrained=True, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except CheckpointMismatchError as e:
+            detail = str(e).split(": ", 1)[-1]  # after the loader's title, which names the tag, not the file
+            raise CliError(f"--pretrained-file {pretrained_file} does not fit {name}"
+                           f"{' with these --model-kwargs' if model_kwargs else ''} ({detail[:300]}...); "
+                           f"{_architecture_hint(Path(pretrained_file))}") from e
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if pretrained and model.pretrained_cfg.get("num_classes") == num_classes:
         model.reset_classifier(num_classes)  # the tag's own head was loaded: start a new one
@@ -368,7 +418,7 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) ->
         raise CliError(
             f"cannot resume from {path} ({detail[:300]}); if the model arguments were changed, resume with the "
             f"run's own; if the file is damaged, start a new run (e.g. from the run's published weights: "
-            f"--pretrained-file {run / WEIGHTS_FILE})") from e
+            f"{_start_from(run)})") from e
 
 
 def _load_weights(path: Path, model: nn.Module) -> None:
@@ -696,7 +746,9 @@ class Trainer:
             }
             _write_json(self.output / STATE_FILE, state)  # the switch: from here on the run resumes from `name`
             self._publish(checkpoint)
-            for old in own:  # the older step folders of this run, as checked before the save; nothing else
+            # the older step folders of this run, as checked before the save (nothing else), but the newest
+            # --keep-checkpoints - 1 of them; the names sort by step
+            for old in own[:max(len(own) - (self.args.keep_checkpoints - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
             self._legacy_checkpoints = False
         _barrier(self.info)
@@ -848,11 +900,31 @@ class Trainer:
         self.epoch_loss = [0.0, 0.0]
         self.save(epoch + 1, 0)
         if self.info.is_main:
-            if improved:
-                save_weights(self.output / BEST_WEIGHTS_FILE, self.model, self.global_step)
+            if improved:  # the weights just saved: a link to them, not another copy
+                _link(self.output / WEIGHTS_FILE, self.output / BEST_WEIGHTS_FILE)
             _write_metrics(self.output, self.history)
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  file=sys.stderr)
+            print(" ".join(_field(k, v) for k, v in row.items()), file=sys.stderr)
+
+
+def _field(key: str, value: Any) -> str:
+    """`key=value` of an epoch's log line: the learning rate in 3 significant digits (9.5e-06, 0.0005), other
+    floats with 4 decimals."""
+    if key.endswith("lr") and isinstance(value, float):
+        return f"{key}={value:.3g}"
+    return f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+
+
+def summary(output: Path, history: List[Dict[str, Any]], best: Dict[str, Any]) -> str:
+    """The closing lines of a run: where its weights are, and which epoch was best."""
+    last = history[-1]["epoch"] if history else None
+    lines = [f"weights (last epoch, {last}): {output / WEIGHTS_FILE}"]
+    if best.get("epoch", -1) >= 0:
+        lines.append(f"best weights (epoch {best['epoch']}, val top-1 {best['top1']:.2f}%): "
+                     f"{output / BEST_WEIGHTS_FILE}")
+    lines += [f"config and class names: {output / 'config.json'}", f"metrics: {output / 'metrics.csv'}",
+              f"use them: mvit-zoo predict FILE --checkpoint {shlex.quote(str(output))} (the last epoch's weights; "
+              f"--checkpoint {shlex.quote(str(output / BEST_WEIGHTS_FILE))} for the best)"]
+    return "\n".join(lines)
 
 
 def read_state(folder: Path) -> Dict[str, Any]:
@@ -867,7 +939,7 @@ def read_state(folder: Path) -> Dict[str, Any]:
         state = {"error": str(e)}
     if not isinstance(state, dict) or "checkpoint" not in state:
         raise CliError(f"{path} is damaged or not a training state; start a new run "
-                       f"(e.g. from its published weights: --pretrained-file {folder / WEIGHTS_FILE})")
+                       f"(e.g. from its published weights: {_start_from(folder)})")
     return state
 
 
@@ -941,6 +1013,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "not given take the run's values, so `--resume DIR` alone is enough")
     r.add_argument("--save-every", type=int, default=0, metavar="STEPS",
                    help="also save the training state every STEPS steps within epochs (default: epoch ends only)")
+    r.add_argument("--keep-checkpoints", type=int, default=1, metavar="N",
+                   help="resumable checkpoints (weights + optimizer state, about 3x the weights each) kept under "
+                        "DIR/checkpoints/; older ones of this run are removed (default: %(default)s, the latest)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars (default: yes)")
@@ -952,15 +1027,63 @@ def _defaults() -> Dict[str, Any]:
     return vars(parser.parse_args([]))
 
 
+# (low, high or None, (low included, high included)) of the numeric options, and what the range means
+_RANGES: Dict[str, Tuple[float, Optional[float], Tuple[bool, bool]]] = {
+    "val_split": (0.0, 1.0, (True, False)),
+    "hflip": (0.0, 1.0, (True, True)),
+    "color_jitter": (0.0, None, (True, False)),
+    "reprob": (0.0, 1.0, (True, True)),
+    "mixup": (0.0, None, (True, False)),
+    "cutmix": (0.0, None, (True, False)),
+    "mixup_prob": (0.0, 1.0, (True, True)),
+    "lr": (0.0, None, (False, False)),
+    "min_lr": (0.0, None, (True, False)),
+    "warmup_epochs": (0.0, None, (True, False)),
+    "warmup_lr": (0.0, None, (True, False)),
+    "weight_decay": (0.0, None, (True, False)),
+    "layer_decay": (0.0, 1.0, (False, True)),
+    "smoothing": (0.0, 1.0, (True, False)),
+    "clip_grad": (0.0, None, (False, False)),
+    "ema_decay": (0.0, 1.0, (True, False)),
+    "drop_path": (0.0, 1.0, (True, False)),
+}
+_RANGE_NOTES = {
+    "val_split": "the fraction of each class held out; 0 for none",
+    "hflip": "a probability", "color_jitter": "a jitter strength", "reprob": "a probability",
+    "mixup": "a Beta alpha; 0 turns it off", "cutmix": "a Beta alpha; 0 turns it off", "mixup_prob": "a probability",
+    "lr": "a learning rate", "min_lr": "a learning rate", "warmup_epochs": "epochs; 0 for no warm-up",
+    "warmup_lr": "a learning rate", "weight_decay": "a decay factor",
+    "layer_decay": "the factor per layer; 1 turns it off", "smoothing": "the probability mass spread over the classes",
+    "clip_grad": "a gradient norm; leave it out for no clipping",
+    "ema_decay": "the weight of the old average per step, e.g. 0.9998",
+    "drop_path": "the stochastic depth rate of the last block",
+}
+
+
 def _check_args(args: argparse.Namespace) -> None:
     missing = [f"--{name}" for name in _RUN_ARGS if getattr(args, name) is None]
     if missing:
         raise CliError(f'{", ".join(missing)} required (or --resume DIR to continue a run)')
-    for name in ("epochs", "batch_size", "eval_batch_size", "img_size", "num_frames", "save_every"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "img_size", "num_frames", "save_every",
+                 "keep_checkpoints", "sampling_rate"):
         value = getattr(args, name)
         if value is not None and (value < 1 if name != "save_every" else value < 0):
             flag = "--" + name.replace("_", "-")
             raise CliError(f'{flag} {value}: must be {"at least 1" if name != "save_every" else "0 or more"}')
+    for name, (low, high, closed) in _RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        above = value >= low if closed[0] else value > low
+        below = high is None or (value <= high if closed[1] else value < high)
+        if not (math.isfinite(value) and above and below):
+            interval = (f'{"[" if closed[0] else "("}{low:g}, {"inf)" if high is None else f"{high:g}"}'
+                        f'{"" if high is None else "]" if closed[1] else ")"}')
+            raise CliError(f'--{name.replace("_", "-")} {value:g}: must be in {interval} ({_RANGE_NOTES[name]})')
+    scale_min, scale_max = args.scale
+    if not 0 < scale_min <= scale_max <= 1:
+        raise CliError(f"--scale {scale_min:g} {scale_max:g}: give MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
+                       "image area)")
 
 
 def _restore_run_args(args: argparse.Namespace) -> None:
@@ -991,14 +1114,15 @@ def run(args: argparse.Namespace) -> int:
     args.data = str(Path(args.data).absolute())  # saved with the run, for `--resume DIR` from anywhere
     trainer = Trainer(args)
     try:
-        trainer.setup()
-        if trainer.finished:
-            if trainer.info.is_main:
-                print(f"the run in {args.resume} is finished ({trainer.start_epoch} of {args.epochs} epochs, global "
-                      f"step {trainer.global_step}): nothing to resume. To train further, start a new run from its "
-                      f"weights: --pretrained-file {Path(args.resume) / WEIGHTS_FILE}", file=sys.stderr)
-            return 0
-        trainer.train()
+        with _output_lock(trainer.output, trainer.info):
+            trainer.setup()
+            if trainer.finished:
+                if trainer.info.is_main:
+                    print(f"the run in {args.resume} is finished ({trainer.start_epoch} of {args.epochs} epochs, "
+                          f"global step {trainer.global_step}): nothing to resume. To train further, start a new run "
+                          f"from its weights: {_start_from(Path(args.resume))}", file=sys.stderr)
+                return 0
+            trainer.train()
     finally:
         if trainer.info.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -1009,7 +1133,42 @@ def run(args: argparse.Namespace) -> int:
             print(f"saved a checkpoint at global step {trainer.global_step} in {trainer.output}; resume with:\n"
                   f"  {launcher} finetune --resume {shlex.quote(str(trainer.output))}", file=sys.stderr)
         return 130
+    if trainer.info.is_main:
+        print(summary(trainer.output, trainer.history, trainer.best))
     return 0
+
+
+@contextmanager
+def _output_lock(output: Path, info: DistInfo) -> Iterator[None]:
+    """Hold `output/LOCK_FILE` for the whole run (the main process): a second run writing to the same folder
+    is refused, naming the process that holds it, instead of the two overwriting each other's checkpoints."""
+    if not info.is_main:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    path, pid_file = output / LOCK_FILE, output / f"{LOCK_FILE}.pid"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = pid_file.read_text().strip() if pid_file.is_file() else "unknown"
+        raise CliError(f"another run is writing to {output} (pid {pid}); wait for it to end, or give this one "
+                       "another --output") from None
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        # NOTE: the lock file goes with the run, so a folder holds only the run's files; a run that opened it
+        # in the instant before this unlink locks a removed file: two runs started within microseconds of
+        # this one's end are not told apart
+        pid_file.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        lock.release()
+        if created and not any(output.iterdir()):  # a run that failed before writing leaves no folder behind
+            output.rmdir()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,13 +15,14 @@ is classified; an image given to a video model is repeated over time, and a vide
 an image model is reduced to its middle frame.
 
 A bad input (a missing or unreadable file, a checkpoint that does not fit the model, a device that is
-not there) raises `CliError`, which `mvit-zoo` prints as one line; non-finite outputs are refused
-rather than printed as `nan%` or written as JSON `NaN`.
+not there) raises `CliError`, which `mvit-zoo` prints as one line; of several inputs, one that cannot
+be read is skipped and listed, and the exit status is 1 at the end. Non-finite outputs are refused
+rather than printed as `nan%` or written as JSON `NaN`. Label names are printed with control
+characters escaped (`\x1b`), so a config.json cannot clear the terminal or fake output.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
@@ -36,14 +37,16 @@ from ..data.config import CONFIG_FILE, find_config
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.transforms import DataConfig, build_transform, resolve_data_config
 from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
-from ..evaluation import video_scores
+from ..data.views import probe_video
+from ..evaluation import video_scores, view_sampling
 from ..weights.convert import unwrap_checkpoint
 from ..weights.hub import CorruptCheckpointError, read_checkpoint
 from .cli import CliError
-from .finetune import parse_model_kwargs
+from .finetune import check_model_name, parse_model_kwargs
 
-__all__ = ["DATA_DIR", "DEFAULT_MODEL", "SAMPLE_IMAGE", "find_inputs", "label_names_for", "load_label_set",
-           "load_input", "load_model", "predict", "configure_parser", "run", "main"]
+__all__ = ["DATA_DIR", "DEFAULT_MODEL", "SAMPLE_IMAGE", "NonFiniteOutputError", "find_inputs", "label_names_for",
+           "load_label_set", "load_input", "load_model", "predict", "printable", "short_video_note",
+           "configure_parser", "run", "main"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_IMAGE = DATA_DIR / "chelsea.jpg"
@@ -52,6 +55,17 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_best.safetenso
 _LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 _CHECKPOINT_HINT = "pass a folder written by `mvit-zoo finetune` or a weights file (.safetensors, .pth, .bin)"
+EXIT_SKIPPED = 1  # some inputs could not be read (the others were classified)
+
+
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or Inf scores: its weights, not the input, are at fault."""
+
+
+def printable(text: Any) -> str:
+    """`str(text)` with control and other non-printing characters (terminal escape sequences, carriage
+    returns, bidirectional overrides) written as Python escapes, e.g. `\\x1b`."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def load_label_set(label_set: str) -> Optional[List[str]]:
@@ -102,19 +116,6 @@ def _read_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
                        f"pickle), or a truncated one; {_CHECKPOINT_HINT}") from e
 
 
-def _check_model_name(name: str) -> None:
-    """Refuse an unknown architecture or pretrained tag, naming the close ones."""
-    arch, _, tag = name.partition(".")
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f'did you mean {" or ".join(close)}?' if close else "mvit_zoo.list_models() lists the MViT ones"
-        raise CliError(f"unknown model '{arch}': {hint}")
-    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-    if tag and tag not in tags:
-        known = ", ".join(tags) if tags else f"none: pass --no-pretrained, or --model {arch} with --checkpoint"
-        raise CliError(f"unknown pretrained tag '{tag}' for {arch}; its tags: {known}")
-
-
 def _load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str, name: str) -> None:
     """`model.load_state_dict(state_dict)`, or one line naming the keys and shapes that disagree."""
     own = model.state_dict()
@@ -158,15 +159,18 @@ def load_model(
         model_kwargs["num_classes"] = _num_classes(name, state_dict, config)
         pretrained = False
     assert name is not None
-    _check_model_name(name)
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
-    except (TypeError, ValueError) as e:  # an argument the model does not take, or a value it cannot use
-        if not model_kwargs:
-            raise
-        source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else "--model-kwargs"
-        raise CliError(f"cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields of "
-                       f"its config, with values it accepts") from e
+    check_model_name(name)
+    if model_kwargs:
+        # the arguments are tried on a weightless copy first: an error there is theirs, where a failure to
+        # fetch the weights (the Hub, a download setting) is not
+        try:
+            with torch.device("meta"):
+                timm.create_model(name, pretrained=False, **model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:  # an argument the model does not take, or a bad value
+            source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else "--model-kwargs"
+            raise CliError(f"cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields "
+                           f"of its config, with values it accepts") from e
+    model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     if not getattr(model, "num_classes", 0):
         raise CliError(f"{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes "
                        f"from --model-kwargs, or pass a checkpoint with a head")
@@ -266,7 +270,7 @@ def ranked(probs: torch.Tensor, k: int) -> List[Tuple[int, float]]:
     """Top-`k` (class index, probability) of class probabilities `(num_classes,)`; ValueError if they
     are not finite (NaN or Inf)."""
     if not torch.isfinite(probs).all():
-        raise ValueError(f"the model gave non-finite outputs ({int((~torch.isfinite(probs)).sum())} of "
+        raise NonFiniteOutputError(f"the model gave non-finite outputs ({int((~torch.isfinite(probs)).sum())} of "
                          f"{probs.numel()} are NaN or Inf): its weights hold NaN/Inf, or the forward overflows; "
                          f"check the checkpoint and --model-kwargs")
     values, indices = probs.topk(min(k, probs.numel()))
@@ -297,7 +301,8 @@ def _device(spec: str) -> torch.device:
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint, --pretrained and --model-kwargs: what `load_model` takes besides the name."""
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="a folder written by `mvit-zoo finetune` (config.json + model.safetensors) or a weights "
+                        help="a folder written by `mvit-zoo finetune` (config.json + model.safetensors: the weights "
+                             "of the last epoch; give DIR/model_best.safetensors for the best epoch's) or a weights "
                              "file")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="load the pretrained weights of NAME[.tag] (default: yes; --no-pretrained: random init)")
@@ -327,22 +332,51 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or (None if args.checkpoint else DEFAULT_MODEL)
     model, labels, data_cfg = load_model(name, args.checkpoint, args.pretrained, parse_model_kwargs(args.model_kwargs))
     model.to(device)
+    if not args.pretrained and not args.checkpoint:
+        print(f"note: --no-pretrained: {name} has random weights, so its classes below mean nothing", file=sys.stderr)
+    sampling = view_sampling(model, args.views or "1x1", data_cfg) if data_cfg.is_video else None
+    skipped: List[Tuple[Path, str]] = []
     for path in inputs:
         try:
             if args.views and data_cfg.is_video and is_video_file(path):
                 top = ranked(video_scores(model, path, args.views, data_cfg=data_cfg), args.top_k)
             else:
                 top = predict(model, load_input(path, data_cfg), args.top_k)
-        except ValueError as e:
-            raise CliError(f"{path}: {e}") from e
+        except NonFiniteOutputError as e:  # the model's fault: every input would give the same
+            raise CliError(f"{printable(path)}: {e}") from e
+        except (CliError, ValueError, OSError) as e:  # this input cannot be read
+            reason = str(e).removeprefix(f"{path}: ")
+            if len(inputs) == 1:
+                raise e if isinstance(e, CliError) else CliError(f"{printable(path)}: {printable(reason)}") from e
+            skipped.append((path, reason))
+            print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
+            continue
+        note = short_video_note(path, sampling) if sampling is not None and is_video_file(path) else None
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         if args.json:
             print(json.dumps({"input": str(path), "top": [
                 {"index": i, "label": labels[i], "probability": p} for i, p in top]}, allow_nan=False))
         else:
-            print(f"{path}:")
+            print(f"{printable(path)}:")
             for rank, (i, p) in enumerate(top, 1):
-                print(f"  {rank}. {100 * p:6.2f}%  {labels[i]}  ({i})")
+                print(f"  {rank}. {100 * p:6.2f}%  {printable(labels[i])}  ({i})")
+    if skipped:
+        print(f"{len(skipped)} of {len(inputs)} inputs could not be read (listed above); the others were classified",
+              file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
+
+
+def short_video_note(path: Path, sampling: Any) -> Optional[str]:
+    """A note for a video with fewer frames than one clip spans (the clip repeats its last frame), as
+    `validate` counts them; None for a long enough one. `sampling` is the model's
+    :class:`~mvit_zoo.data.views.ViewSampling`."""
+    count, fps = probe_video(path)
+    if count < 1 or not sampling.is_short(count, fps):
+        return None
+    return (f"{printable(path)} has {count} frames, fewer than one clip of {sampling.num_frames} frames spans; "
+            "its last frame is repeated")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

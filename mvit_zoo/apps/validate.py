@@ -10,7 +10,8 @@ Usage::
 Folders are matched to the model's classes by name (the checkpoint's `label_names`, else the
 label set of the model's pretrained cfg: Kinetics names, ImageNet synsets or names), else by class
 index. Video models are scored over `--views TxS` (temporal clips x spatial crops; default: the
-tag's `test_views`) with the softmax scores averaged, as SlowFast's test.
+tag's `test_views`) with the softmax scores averaged, as SlowFast's test. A head of fewer than 5
+classes reports top-k with k = its class count (`top-2`, ...), not a top-5 that is 100% by construction.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.config import find_config
 from ..data.views import Views
-from ..evaluation import Evaluation, evaluate
+from ..evaluation import ClassMatchError, Evaluation, evaluate
 from .cli import CliError
 from .finetune import parse_model_kwargs
-from ..data.config import find_config
-from .predict import add_weight_arguments, load_model
+from .predict import _positive_int, add_weight_arguments, load_model, printable
 
 __all__ = ["configure_parser", "run"]
 
@@ -40,7 +41,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_weight_arguments(parser)
     parser.add_argument("--views", default=None, metavar="TxS",
                         help="video: temporal clips x spatial crops, S = 1 or 3 (default: the tag's test_views)")
-    parser.add_argument("--batch-size", type=int, default=8, help="views per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="views per forward pass, at least 1 (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... (auto: CUDA if available)")
@@ -88,14 +90,15 @@ def _write_confusion(path: Path, result: Evaluation, folder_classes: list[int]) 
 
 
 def _summary(row: dict, result: Evaluation, per_class: bool) -> str:
-    lines = [f"{'model':<14}{row['model']}"]
+    topk, name = f"top-{result.k}", result.topk_name
+    lines = [f"{'model':<14}{printable(row['model'])}"]
     for key in ("views", "matched_by", "count", "skipped", "short_videos"):
         if row.get(key) is not None:
             lines.append(f"{key:<14}{row[key]}")
-    lines += [f"{'top-1':<14}{row['top1']:.3f}", f"{'top-5':<14}{row['top5']:.3f}", f"{'loss':<14}{row['loss']:.4f}"]
+    lines += [f"{'top-1':<14}{row['top1']:.3f}", f"{topk:<14}{row[name]:.3f}", f"{'loss':<14}{row['loss']:.4f}"]
     if per_class:
-        lines.append(f"{'class':<40}{'n':>6}{'top-1':>9}{'top-5':>9}")
-        lines += [f"{c['label'][:39]:<40}{c['count']:>6}{c['top1']:>9.2f}{c['top5']:>9.2f}"
+        lines.append(f"{'class':<40}{'n':>6}{'top-1':>9}{topk:>9}")
+        lines += [f"{printable(c['label'])[:39]:<40}{c['count']:>6}{c['top1']:>9.2f}{c[name]:>9.2f}"
                   for c in result.class_accuracy()]
     return "\n".join(lines)
 
@@ -115,9 +118,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     class_names = _checkpoint_classes(args.checkpoint)
-    result = evaluate(model, args.data, args.views, batch_size=args.batch_size, device=device, amp=args.amp,
-                      workers=args.workers, class_names=class_names, data_cfg=data_cfg,
-                      confusion=bool(args.confusion), progress=args.progress)
+    try:
+        result = evaluate(model, args.data, args.views, batch_size=args.batch_size, device=device, amp=args.amp,
+                          workers=args.workers, class_names=class_names, data_cfg=data_cfg,
+                          confusion=bool(args.confusion), progress=args.progress)
+    except ClassMatchError as e:
+        raise CliError(f"{printable(e.problem)}; rename the folders, or pass the --checkpoint whose config.json "
+                       "lists their names (label_names)") from e
     name = args.model or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     arch, _, tag = name.partition(".")
     row = {"model": name, "architecture": arch, "tag": tag or None, "checkpoint": args.checkpoint,
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: no class names for this {result.num_classes}-class head ship with the package; "
               "classes are given by index", file=sys.stderr)
     for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
     if result.short:
         print(f"note: {result.short} video(s) have fewer frames than one clip spans; their last frame is repeated",
               file=sys.stderr)

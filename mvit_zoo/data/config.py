@@ -32,8 +32,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..files import atomic_write
 
-__all__ = ["CONFIG_FILE", "DATA_FIELDS", "FRAME_SAMPLINGS", "ConfigError", "ModelConfig", "config_for_model",
-           "data_fields", "find_config", "read_config", "write_config"]
+__all__ = ["CONFIG_FILE", "DATA_FIELDS", "FRAME_SAMPLINGS", "INTERPOLATIONS", "LABEL_SET_CLASSES", "ConfigError",
+           "ModelConfig", "check_model_args", "config_for_model", "data_fields", "find_config", "read_config",
+           "write_config"]
 
 CONFIG_FILE = "config.json"
 # Data settings of MViTPretrainedCfg that timm's PretrainedCfg has no field for, kept in `data_config`
@@ -41,11 +42,52 @@ DATA_FIELDS = ("num_frames", "sampling_rate", "frame_sampling", "channel_order",
                "top1", "top5", "file_sha256")
 FRAME_SAMPLINGS = ("stride", "segment")
 CHANNEL_ORDERS = ("RGB", "BGR")
+# resize filters: timm's image transforms take all of them, the video clip transforms the first three
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+VIDEO_INTERPOLATIONS = INTERPOLATIONS[:3]
+# class count of each label set: a config whose head has another count (a fine-tuned one) is not that set's
+LABEL_SET_CLASSES = {"imagenet-1k": 1000, "imagenet-21k-winter": 19168, "kinetics-400": 400, "kinetics-600": 600,
+                     "ssv2": 174}
+# architecture arguments that are sizes or counts (each number >= 1), and those that may be 0
+_POSITIVE_ARGS = ("depths", "embed_dim", "num_heads", "img_size", "num_frames", "patch_kernel", "patch_stride",
+                  "kernel_qkv", "stride_q", "stride_kv_adaptive", "mlp_ratio")
+_NON_NEGATIVE_ARGS = ("num_classes", "patch_padding")
 _SOURCE_FIELDS = ("tag", "file", "sha256", "layout", "description")
 
 
 class ConfigError(ValueError):
     """A config.json that cannot be used; the message names the file, the field and what it should be."""
+
+
+def _numbers(value: Any) -> Optional[list[Any]]:
+    """The numbers of a number or a (nested) list of them; None if `value` holds anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        for v in value:
+            inner = _numbers(v)
+            if inner is None:
+                return None
+            out += inner
+        return out
+    return None
+
+
+def check_model_args(model_args: Mapping[str, Any], where: str) -> None:
+    """Refuse sizes and counts below their range in architecture arguments (`model_args` of a config.json,
+    `--model-kwargs`): `ValueError` naming `where`, the key and the range, instead of a traceback from deep
+    inside the model's constructor."""
+    for key, value in model_args.items():
+        low = 1 if key in _POSITIVE_ARGS else 0 if key in _NON_NEGATIVE_ARGS else None
+        if low is None or value is None:
+            continue
+        numbers = _numbers(value)
+        if numbers is None or not numbers or any(n < low or (key == "mlp_ratio" and n <= 0) for n in numbers):
+            what = "above 0" if key == "mlp_ratio" else f">= {low}"
+            raise ValueError(f"{where}: {key} must be a number or list of numbers {what}, got {value!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -125,11 +167,27 @@ class ModelConfig:
         size = self.pretrained_cfg.get("input_size")
         if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3):
             raise bad("pretrained_cfg.input_size", f"must be [C, H, W], got {size!r}")
+        channels = size[0] if isinstance(size, (list, tuple)) and size else 3
         for name in ("mean", "std"):
             value = self.pretrained_cfg.get(name)
-            if value is not None and (not isinstance(value, (list, tuple)) or not all(
-                    isinstance(v, (int, float)) for v in value)):
-                raise bad(f"pretrained_cfg.{name}", f"must be a list of numbers, got {value!r}")
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != channels or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise bad(f"pretrained_cfg.{name}", f"must be a list of {channels} numbers (one per input channel), "
+                                                    f"got {value!r}")
+        if any(v <= 0 for v in self.pretrained_cfg.get("std") or ()):
+            raise bad("pretrained_cfg.std", f"must be above 0, got {self.pretrained_cfg['std']!r}")
+        crop_pct = self.pretrained_cfg.get("crop_pct")
+        if crop_pct is not None and (isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float))
+                                     or not 0 < crop_pct <= 1):
+            raise bad("pretrained_cfg.crop_pct", f"must be a number in (0, 1], got {crop_pct!r}")
+        interpolation = self.pretrained_cfg.get("interpolation")
+        allowed = VIDEO_INTERPOLATIONS if self.data_config.get("num_frames") else INTERPOLATIONS
+        if interpolation is not None and interpolation not in allowed:
+            raise bad("pretrained_cfg.interpolation", f"must be one of {', '.join(allowed)}, got {interpolation!r}")
+        try:
+            check_model_args(self.model_args, "model_args")
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}; rewrite the file with `mvit-zoo convert` or fix that field") from None
         sampling = self.data_config.get("frame_sampling")
         if sampling is not None and sampling not in FRAME_SAMPLINGS:
             raise bad("data_config.frame_sampling", f"must be one of {FRAME_SAMPLINGS}, got {sampling!r}")
@@ -256,6 +314,8 @@ def config_for_model(
     data = {k: v for k, v in data_config.items() if v is not None}
     if data.get("frame_sampling") == "stride":
         del data["frame_sampling"]
+    if LABEL_SET_CLASSES.get(data.get("label_set"), model.num_classes) != model.num_classes:
+        del data["label_set"]  # the set the weights were fine-tuned from, not the classes of this head
     if getattr(model, "is_video", False):
         data["num_frames"] = int(model.img_size[0])
     pool = getattr(model, "global_pool", None)

@@ -165,6 +165,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
         registered = default_cfgs.get(variant)
         base = registered.default if registered is not None else MViTPretrainedCfg()
         known = {f.name for f in fields(PretrainedCfg)}
+        if pcfg.num_classes is not None and pcfg.num_classes != base.num_classes:
+            # another head (a fine-tuned folder's): the tag's label set and accuracy are not these weights'
+            base = dataclasses.replace(base, label_set=None, top1=None, top5=None, file_sha256=None)
         pcfg = dataclasses.replace(base, **{k: v for k, v in dataclasses.asdict(pcfg).items() if k in known})
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))

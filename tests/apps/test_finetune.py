@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -84,7 +85,7 @@ def write_bars(root: Path, train: int, val: int) -> None:
             folder = root / part / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                write_video(folder / f"{i:03d}.mp4", moving_bar(rng, dy, dx), fps=8)
+                write_video(folder / f"{i:03d}.mp4", moving_bar(rng, dy, dx), fps=30)
 
 
 def finetune_args(data: Path, output: Path, *extra: str, model: str = "mvit_tiny",
@@ -145,7 +146,7 @@ def test_video_moving_bars_above_chance(tmp_path: Path) -> None:
     """A frame shows the bar's orientation, not its direction: above 50% needs motion (chance: 25%)."""
     data, output = tmp_path / "bars", tmp_path / "run"
     write_bars(data, train=12, val=6)
-    rc = finetune.main(finetune_args(data, output, "--epochs", "3", "--batch-size", "8", "--lr", "2e-3",
+    rc = finetune.main(finetune_args(data, output, "--epochs", "5", "--batch-size", "8", "--lr", "2e-3",
                                      "--warmup-epochs", "0.5", "--sampling-rate", "2", "--scale", "0.6", "1",
                                      "--hflip", "0", model="mvit_v2_s_16x4", kwargs=SMALL_3D))
     assert rc == 0
@@ -651,3 +652,92 @@ def test_video_without_frames_is_named(tmp_path: Path, workers: int) -> None:
     with pytest.raises(CliError, match=f"^cannot read {re.escape(str(empty))} .*; remove or re-encode that file$"):
         finetune.main(finetune_args(data, tmp_path / "o", "--epochs", "1", "--batch-size", "3", "--val-split", "0",
                                     "--workers", str(workers), model="mvit_v2_s_16x4", kwargs=kwargs))
+
+
+# -- hints, summary, disk use, argument ranges, one run per folder ------------------------------------------------
+
+VAL = ["--batch-size", "4", "--val-split", "0.34"]  # 8 train images (2 steps per epoch), 4 val
+
+
+def test_finished_run_hint_carries_the_architecture(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The 'start a new run from its weights' hint of a run built with --model-kwargs and --img-size works as
+    printed; a weights file that does not fit is named, with the arguments that fit it."""
+    kwargs = {k: v for k, v in SMALL_2D.items() if k != "img_size"}
+    run = tmp_path / "run"
+    assert finetune.main(finetune_args(tiny, run, "--img-size", "32", "--epochs", "1", *TINY, kwargs=kwargs)) == 0
+    capsys.readouterr()
+    assert finetune.main(["--resume", str(run)]) == 0
+    hint = capsys.readouterr().err.split("start a new run from its weights: ")[1].strip()
+    assert hint.startswith("--model mvit_tiny --model-kwargs ") and f"--pretrained-file {run}" in hint
+    argv = [*shlex.split(hint), "--data", str(tiny), "--output", str(tmp_path / "next"), "--no-progress", "--epochs",
+            "1", *TINY]
+    assert finetune.main(argv) == 0
+
+    weights = run / "model.safetensors"
+    with pytest.raises(CliError, match=f"^--pretrained-file {re.escape(str(weights))} does not fit mvit_tiny .*pass "
+                                       r"the arguments of the run that wrote it: --model mvit_tiny --model-kwargs"):
+        finetune.main(["--model", "mvit_tiny", "--pretrained-file", str(weights), "--data", str(tiny), "--output",
+                       str(tmp_path / "other"), "--no-progress", *TINY])
+
+
+def test_closing_summary_best_weights_and_readable_lr(tiny: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert finetune.main(finetune_args(tiny, run, "--epochs", "1", "--lr", "9.5e-6", "--min-lr", "9.5e-6",
+                                       "--warmup-epochs", "0", *VAL)) == 0
+    captured = capsys.readouterr()
+    assert " lr=9.5e-06 " in captured.err and "lr=0.0000" not in captured.err
+    out = captured.out.splitlines()
+    assert out[0] == f"weights (last epoch, 0): {run / 'model.safetensors'}"
+    assert re.fullmatch(rf"best weights \(epoch 0, val top-1 \d+\.\d\d%\): {re.escape(str(run))}/model_best"
+                        r"\.safetensors", out[1])
+    assert f"--checkpoint {run} (the last epoch's weights" in captured.out
+    # the best epoch is the last one: its weights are a link to the same file, not a second copy
+    assert os.path.samefile(run / "model_best.safetensors", run / "model.safetensors")
+
+
+def test_keep_checkpoints(tiny: Path, tmp_path: Path) -> None:
+    """Saves at steps 1, 2 and 3: the default keeps the last, --keep-checkpoints 2 the last two."""
+    for keep, expected in ((None, ["step-00000003"]), ("2", ["step-00000002", "step-00000003"])):
+        run = tmp_path / f"keep{keep}"
+        extra = ["--keep-checkpoints", keep] if keep else []
+        assert finetune.main(finetune_args(tiny, run, "--epochs", "1", "--save-every", "1", *extra, *TINY)) == 0
+        assert sorted(p.name[:13] for p in (run / "checkpoints").iterdir()) == expected
+    run = tmp_path / "keep2"
+    (run / "checkpoints" / "mine").mkdir()  # not the run's: refused, never removed
+    with pytest.raises(CliError, match="holds entries this run did not write"):
+        finetune.main(["--resume", str(run), "--epochs", "2", "--keep-checkpoints", "1"])
+    assert (run / "checkpoints" / "mine").is_dir()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clip-grad", "-1"], r"--clip-grad -1: must be in \(0, inf\) \(a gradient norm"),
+    (["--val-split", "2"], r"--val-split 2: must be in \[0, 1\)"),
+    (["--val-split", "-0.5"], r"--val-split -0.5: must be in \[0, 1\)"),
+    (["--warmup-epochs", "-1"], r"--warmup-epochs -1: must be in \[0, inf\)"),
+    (["--hflip", "2"], r"--hflip 2: must be in \[0, 1\] \(a probability\)"),
+    (["--ema-decay", "2"], r"--ema-decay 2: must be in \[0, 1\)"),
+    (["--smoothing", "1.5"], r"--smoothing 1.5: must be in \[0, 1\)"),
+    (["--drop-path", "5"], r"--drop-path 5: must be in \[0, 1\)"),
+    (["--lr", "nan"], r"--lr nan: must be in \(0, inf\)"),
+    (["--scale", "0.5", "0.2"], r"--scale 0.5 0.2: give MIN MAX with 0 < MIN <= MAX <= 1"),
+    (["--keep-checkpoints", "0"], r"--keep-checkpoints 0: must be at least 1"),
+    (["--model-kwargs", '{"embed_dim": 0}'], r"--model-kwargs: embed_dim must be a number or list of numbers >= 1"),
+    (["--model-kwargs", '{"depths": [1, 1, 0, 1]}'], r"--model-kwargs: depths must be"),
+])
+def test_out_of_range_numbers_are_refused(flags: List[str], message: str, tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(CliError, match=message):
+        finetune.main([*finetune_args(tiny, tmp_path / "o"), *flags])
+    assert not (tmp_path / "o").exists()
+
+
+def test_second_run_into_the_same_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    output = tmp_path / "o"
+    output.mkdir()
+    with FileLock(str(output / finetune.LOCK_FILE)):  # another run holds the folder
+        (output / f"{finetune.LOCK_FILE}.pid").write_text("4242\n")
+        with pytest.raises(CliError, match=f"^another run is writing to {re.escape(str(output))} \\(pid 4242\\)"):
+            finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY))
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0  # free again

@@ -106,10 +106,10 @@ def test_predict_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    """The one line `mvit-zoo predict` printed for a user error (and nothing on stdout)."""
+    """The one line `mvit-zoo predict` printed for a user error (and nothing on stdout; notes aside)."""
     captured = capsys.readouterr()
     assert captured.out == ""
-    [line] = captured.err.splitlines()
+    [line] = [line for line in captured.err.splitlines() if not line.startswith("note: ")]
     assert line.startswith("mvit-zoo predict: error: ")
     return line.removeprefix("mvit-zoo predict: error: ")
 
@@ -192,12 +192,20 @@ def test_device_that_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
         assert line.endswith("pass --device cpu, or auto (a GPU when torch sees one)")
 
 
-def test_unknown_model_names_close_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    assert predict.main(["--model", "mvit_smal", "--no-pretrained"]) == 2
-    line = error_line(capsys)
-    assert line.startswith("unknown model 'mvit_smal': did you mean mvit_small")
-    assert predict.main(["--model", "mvit_small.fb_nope", "--no-pretrained"]) == 2
-    assert error_line(capsys) == "unknown pretrained tag 'fb_nope' for mvit_small; its tags: fb_in1k"
+def test_unknown_model_names_close_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One message, from one function, for every command that takes --model."""
+    from mvit_zoo.apps import cli
+
+    for command in ("predict", "validate", "finetune"):
+        extra = {"predict": [], "validate": ["--data", str(tmp_path)],
+                 "finetune": ["--data", str(tmp_path), "--output", str(tmp_path / "o")]}[command]
+        assert cli.main([command, "--model", "mvit_smal", "--no-pretrained", *extra]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"mvit-zoo {command}: error: --model mvit_smal: unknown model; did you mean mvit_small")
+        assert cli.main([command, "--model", "mvit_small.fb_nope", "--no-pretrained", *extra]) == 2
+        assert capsys.readouterr().err == (f"mvit-zoo {command}: error: --model mvit_small.fb_nope: mvit_small has "
+                                           "no pretrained tag 'fb_nope'; available: fb_in1k\n")
+    assert not (tmp_path / "o").exists()  # a finetune that fails on its arguments leaves no output folder
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -272,3 +280,79 @@ def test_model_kwargs_the_model_does_not_take(capsys: pytest.CaptureFixture[str]
     headless = json.dumps({**json.loads(SMALL_2D), "num_classes": 0})
     assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", headless]) == 2
     assert error_line(capsys).startswith("mvit_tiny has no classifier (num_classes=0)")
+
+
+def _folder_with_labels(folder: Path, labels: List[str]) -> Path:
+    """A fine-tuned folder (config.json + model.safetensors) of a small random mvit_tiny with `labels`."""
+    import mvit_zoo
+    from mvit_zoo.data.config import config_for_model, write_config
+
+    kwargs = {**json.loads(SMALL_2D), "num_classes": len(labels)}
+    model = mvit_zoo.create_model("mvit_tiny", **kwargs)
+    folder.mkdir(parents=True)
+    mvit_zoo.save_safetensors(model.state_dict(), folder / "model.safetensors")
+    write_config(folder, config_for_model(model, model_args=kwargs, pretrained_cfg=dict(model.pretrained_cfg),
+                                          data_config={}, label_names=labels))
+    return folder
+
+
+def test_folder_with_unreadable_files_classifies_the_rest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / "c.png")
+    (folder / "d.mp4").write_bytes(b"\x00" * 64)
+    assert predict.main(tiny(str(folder), "--json")) == predict.EXIT_SKIPPED == 1
+    captured = capsys.readouterr()
+    assert [json.loads(line)["input"] for line in captured.out.splitlines()] == [str(folder / "a.png"),
+                                                                                  str(folder / "c.png")]
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert [line.split(":")[0] for line in skipped] == [f"skipped {folder / 'b.png'}", f"skipped {folder / 'd.mp4'}"]
+    assert "2 of 4 inputs could not be read" in captured.err
+
+
+def test_label_names_are_printed_with_control_characters_escaped(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A config.json's label names cannot clear the screen or fake output lines."""
+    labels = ["\x1b[2J\x1b[Hcat", "dog\rFAKE  99.99%  tiger", "bird\u202e"]
+    run = _folder_with_labels(tmp_path / "run", labels)
+    assert predict.main([str(predict.SAMPLE_IMAGE), "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\r\u202e")
+    assert {m[3] for m in top_lines(out)} == {"\\x1b[2J\\x1b[Hcat", "dog\\rFAKE  99.99%  tiger", "bird\\u202e"}
+    data = tmp_path / "data"
+    for name in ("0", "1", "2"):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(data / name / "a.png")
+    from mvit_zoo.apps import cli
+
+    assert cli.main(["validate", "--no-progress", "--model", "mvit_tiny", "--model-kwargs", SMALL_2D,
+                     "--checkpoint", str(run / "model.safetensors"), "--data", str(data), "--per-class"]) == 2
+    err = capsys.readouterr().err  # the folders are indices, the checkpoint has names: the error quotes them
+    assert "\x1b" not in err and "\\x1b[2J" in err and "--checkpoint whose config.json lists their names" in err
+
+
+def test_random_weights_and_short_videos_are_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert predict.main(tiny()) == 0
+    assert "note: --no-pretrained: mvit_tiny has random weights" in capsys.readouterr().err
+    short = tmp_path / "short.mp4"
+    write_video(short, np.zeros((3, 40, 40, 3), np.uint8))  # a 4-frame clip at rate 4 spans 16 frames
+    for views in ([], ["--views", "2x1"]):
+        assert predict.main(tiny(str(short), *views, video=True)) == 0
+        assert f"note: {short} has 3 frames, fewer than one clip of 4 frames spans" in capsys.readouterr().err
+
+
+def test_download_settings_are_not_blamed_on_model_kwargs(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MVIT_ZOO_DOWNLOAD_TIMEOUT", "soon")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert predict.main(["--model", "mvit_tiny.fb_in1k", "--model-kwargs", '{"img_size": 64}']) == 2
+    line = error_line(capsys)
+    assert "--model-kwargs" not in line and "MVIT_ZOO_DOWNLOAD_TIMEOUT" in line
+
+
+def test_model_kwargs_sizes_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    for kwargs, key in (({"embed_dim": 0}, "embed_dim"), ({"depths": [1, -1, 1, 1]}, "depths")):
+        assert predict.main(tiny()[:-2] + ["--model-kwargs", json.dumps({**json.loads(SMALL_2D), **kwargs})]) == 2
+        assert error_line(capsys).startswith(f"--model-kwargs: {key} must be a number or list of numbers >= 1")

@@ -123,3 +123,38 @@ def test_validate_bad_arguments_fail_before_the_model_loads(tmp_path: Path, caps
     assert "S = 1 or 3" in capsys.readouterr().err
     assert validate("--model", "mvit_base.fb_in1k", "--data", str(tmp_path), "--results-file", "r.txt") == 2
     assert ".json or .csv" in capsys.readouterr().err
+
+
+def test_finetuned_two_class_head_reports_top2_and_no_pretraining_label_set(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """A 2-class head: top-k is top-2 (a top-5 is 100% by construction), and the results name no label set
+    (not the ImageNet-1k of the weights it was fine-tuned from)."""
+    import mvit_zoo
+    from mvit_zoo.data.config import config_for_model, write_config
+
+    kwargs = {**SMALL_2D, "num_classes": 2}
+    model = mvit_zoo.create_model("mvit_tiny", **kwargs)
+    run = tmp_path / "run"
+    run.mkdir()
+    mvit_zoo.save_safetensors(model.state_dict(), run / "model.safetensors")
+    write_config(run, config_for_model(model, model_args=kwargs, pretrained_cfg=dict(model.pretrained_cfg),
+                                       data_config={}, label_names=["cats", "dogs"]))
+    data = tmp_path / "data"
+    for name in ("cats", "dogs"):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(data / name / "a.png")
+    assert validate("--checkpoint", str(run), "--data", str(data), "--results-file", str(tmp_path / "r.json"),
+                    "--per-class") == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["label_set"] is None and "top5" not in row and row["top2"] == 100.0
+    out = capsys.readouterr().out
+    assert "top-2" in out and "top-5" not in out
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-3"])
+def test_batch_size_must_be_positive(batch_size: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        validate("--model", "mvit_tiny", "--no-pretrained", "--data", str(tmp_path), "--batch-size", batch_size)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mvit-zoo validate: error: argument --batch-size: must be at least 1, got {batch_size}")

@@ -43,6 +43,8 @@ def test_finetuned_ssv2_keeps_frame_sampling_through_convert_and_predict(tmp_pat
     assert converted.mean == run.mean and converted.pretrained_cfg["crop_pct"] == run.pretrained_cfg["crop_pct"]
     card = (folder / "README.md").read_text()
     assert "segment sampling" in card and "fine-tuned from mvit_v2_s_16x4.fb_ssv2" in card
+    # its own 3 classes, not the 174 of the SSv2 set it was fine-tuned from
+    assert "label_set" not in converted.data_config and "Something-Something" not in card.split("Classes:**")[1]
 
     loaded, labels, data_cfg = predict.load_model(None, str(folder))  # predict reads it through the same schema
     assert labels == LABELS and data_cfg.input_size == (3, 4, 32, 32)
@@ -74,6 +76,24 @@ def test_round_trip_and_validation(tmp_path: Path) -> None:
          r"pretrained_cfg\.input_size must be \[C, H, W\]"),
         (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": [1]}),
          r"model_args must be an object"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": {"embed_dim": 0}}),
+         r"model_args: embed_dim must be a number or list of numbers >= 1, got 0"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": {"img_size": [32, -32]}}),
+         r"model_args: img_size must be .* >= 1, got \[32, -32\]"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "model_args": {"depths": [1, 0, 1, 1]}}),
+         r"model_args: depths must be"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "pretrained_cfg": {"mean": [0.5, 0.5]}}),
+         r"pretrained_cfg\.mean must be a list of 3 numbers \(one per input channel\), got \[0\.5, 0\.5\]"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "pretrained_cfg": {"std": [0.5, 0, 0.5]}}),
+         r"pretrained_cfg\.std must be above 0"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "pretrained_cfg": {"interpolation": "cubic"}}),
+         r"pretrained_cfg\.interpolation must be one of bilinear, bicubic, nearest, box, hamming, lanczos, "
+         r"got 'cubic'"),
+        (json.dumps({"architecture": "mvit_v2_s_16x4", "num_classes": 2, "data_config": {"num_frames": 4},
+                     "pretrained_cfg": {"interpolation": "lanczos"}}),
+         r"pretrained_cfg\.interpolation must be one of bilinear, bicubic, nearest, got 'lanczos'"),
+        (json.dumps({"architecture": "mvit_tiny", "num_classes": 2, "pretrained_cfg": {"crop_pct": 0}}),
+         r"pretrained_cfg\.crop_pct must be a number in \(0, 1\]"),
     ]
     for text, message in bad:
         (tmp_path / "config.json").write_text(text)
@@ -99,6 +119,19 @@ def test_reads_the_files_earlier_writers_produced(tmp_path: Path) -> None:
         cfg = read_config(tmp_path)
         assert cfg.to_dict() == old and cfg.source == {}
     assert read_config(tmp_path).sampling_rate == 4 and read_config(tmp_path).frame_sampling == "stride"
+
+
+def test_a_label_set_of_another_class_count_is_left_out() -> None:
+    """A head fine-tuned from a tag does not inherit the tag's label set into its config.json."""
+    from mvit_zoo.data.config import config_for_model
+
+    def label_set(num_classes: int, label_set: str) -> object:
+        model = mvit_zoo.create_model("mvit_v2_s_16x4", num_classes=num_classes, **SMALL_3D)
+        config = config_for_model(model, model_args={}, pretrained_cfg={}, data_config={"label_set": label_set})
+        return config.data_config.get("label_set")
+
+    assert label_set(10, "kinetics-400") is None and label_set(2, "imagenet-1k") is None
+    assert label_set(400, "kinetics-400") == "kinetics-400" and label_set(174, "ssv2") == "ssv2"
 
 
 def test_finetune_writes_through_the_schema(tmp_path: Path) -> None:
