@@ -75,8 +75,9 @@ from ..data.folders import (
     seed_everything,
 )
 from ..data.transforms import DataConfig, build_transform, is_video_model, resolve_data_config
-from ..data.video import VIDEO_EXTENSIONS, VideoFolder
-from ..evaluation import evaluate as evaluate_model
+from ..data.augment import TrainClipTransform
+from ..data.video import VIDEO_EXTENSIONS, VideoClips, ViewClips
+from ..evaluation import evaluate as evaluate_model, view_sampling
 from ..files import atomic_write
 from ..weights.convert import CheckpointMismatchError
 from .cli import CliError
@@ -618,10 +619,10 @@ class Trainer:
                                    color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
         val_tf = build_transform(cfg, False)
         if cfg.is_video:
-            train_ds: Dataset = VideoFolder(train_samples, cfg.num_frames, cfg.sampling_rate, random_start=True,
-                                            transform=train_tf, classes=self.classes)
-            val_ds: Dataset = VideoFolder(val_samples, cfg.num_frames, cfg.sampling_rate, random_start=False,
-                                          transform=val_tf, classes=self.classes)
+            train_tf = TrainClipTransform(cfg.input_size, cfg.mean, cfg.std, scale=tuple(args.scale), hflip=args.hflip,
+                                          auto_augment=args.aa, re_prob=args.reprob, channel_order=cfg.channel_order)
+            train_ds: Dataset = VideoClips(train_samples, cfg.num_frames, cfg.sampling_rate, train_tf)
+            val_ds: Dataset = ViewClips(val_samples, view_sampling(self.model, "1x1", cfg))
         else:
             train_ds, val_ds = ImageSamples(train_samples, train_tf), ImageSamples(val_samples, val_tf)
         self.num_train, self.num_val = len(train_samples), len(val_samples)

@@ -10,23 +10,29 @@ Decoding needs the optional `av` package (`pip install mvit-zoo[video]`).
 from __future__ import annotations
 
 import os
+import random
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from .reader import probe, read_frames
+from .sampling import train_clip_indices, train_segment_indices
+from .views import SLOWFAST_TARGET_FPS, ViewSampling, stride_clip_indices
+
 __all__ = [
     "VIDEO_EXTENSIONS",
     "is_video_file",
-    "read_video",
     "write_video",
-    "sample_clip_indices",
     "ClipTransform",
     "load_clip",
-    "VideoFolder",
+    "shrink_frames",
+    "VideoClips",
+    "ViewClips",
 ]
 
 VIDEO_EXTENSIONS: Tuple[str, ...] = (
@@ -94,32 +100,6 @@ def write_video(
         container.mux(stream.encode())
 
 
-def sample_clip_indices(
-        num_available: int,
-        num_frames: int,
-        stride: int,
-        random_start: bool = False,
-        generator: Optional[torch.Generator] = None,
-) -> List[int]:
-    """Indices of one clip of `num_frames` frames taken every `stride` frames.
-
-    The clip spans `(num_frames - 1) * stride + 1` frames. Its start is drawn uniformly
-    (`random_start`, for training) or centred (for evaluation). Videos shorter than the
-    span are read from their first frame and the last frame is repeated, as in PySlowFast.
-    """
-    if num_available < 1:
-        raise ValueError("A video needs at least one frame")
-    if num_frames < 1 or stride < 1:
-        raise ValueError(f"num_frames and stride must be positive, got {num_frames} and {stride}")
-    span = (num_frames - 1) * stride + 1
-    slack = max(num_available - span, 0)
-    if random_start:
-        start = int(torch.randint(0, slack + 1, (1,), generator=generator))
-    else:
-        start = slack // 2
-    return [min(start + i * stride, num_available - 1) for i in range(num_frames)]
-
-
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -185,54 +165,119 @@ class ClipTransform:
 def load_clip(
         path: PathLike,
         num_frames: int,
-        stride: int,
-        random_start: bool = False,
+        sampling_rate: int,
         transform: Optional[Callable[[np.ndarray], torch.Tensor]] = None,
+        backend: Optional[str] = None,
+        target_fps: Optional[float] = SLOWFAST_TARGET_FPS,
 ) -> Union[np.ndarray, torch.Tensor]:
-    """Decode a video and return one clip: `(T, H, W, 3)` uint8, or `transform` of it."""
-    frames = read_video(path)
-    clip = frames[sample_clip_indices(len(frames), num_frames, stride, random_start=random_start)]
+    """The centre clip of a video, decoding only its frames: `(T, H, W, 3)` uint8, or `transform` of it.
+
+    The clip spans `num_frames * sampling_rate` frames at `target_fps` (SlowFast's one-view test clip).
+    """
+    info = probe(path, backend)
+    indices = stride_clip_indices(info.num_frames, num_frames, sampling_rate, fps=info.fps, target_fps=target_fps)
+    frames, rows = read_frames(path, indices, backend=backend, info=info)
+    clip = frames[rows]
     return transform(clip) if transform is not None else clip
 
 
-class VideoFolder(Dataset):
-    """Video classification dataset: a list of `(path, class_index)` samples.
+def shrink_frames(frames: np.ndarray, short_side: Optional[int]) -> np.ndarray:
+    """`(T, H, W, 3)` uint8 frames with the short side brought down to `short_side` (antialiased), if larger.
 
-    Build it from a `root/<class>/<video>` tree with :meth:`from_root`, or from an explicit
-    sample list (e.g. a held-out split). Each item is `(clip, target)` with `clip` as
-    returned by `transform` (`(C, T, H, W)` for :class:`ClipTransform`).
+    SlowFast's decoder hands its training augmentation frames of short side `TRAIN_JITTER_SCALES[0]`
+    (its `max_spatial_scale`); doing the same keeps RandAugment's cost independent of the file's resolution.
+    """
+    height, width = frames.shape[1:3]
+    if not short_side or min(height, width) <= short_side:
+        return frames
+    scale = short_side / min(height, width)
+    size = (short_side, round(width * scale)) if height <= width else (round(height * scale), short_side)
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    clip = F.interpolate(clip.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return clip.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class VideoClips(Dataset):
+    """Training clips of a list of `(path, class index)` videos, as SlowFast trains.
+
+    Each video is probed and only the frames of one random clip are decoded (`frame_sampling`
+    `'stride'`: :func:`~mvit_zoo.data.sampling.train_clip_indices`, at `target_fps`; `'segment'`:
+    one random frame per segment, SSv2). The clip is then augmented `clips_per_video` times with
+    independent parameters (SlowFast's `AUG.NUM_SAMPLE`, repeated augmentation): an item is
+    `(clips, target)` with `clips` `(clips_per_video, C, T, H, W)`, or `(C, T, H, W)` for one clip.
+    `transform(frames, rng)` maps `(T, H, W, 3)` uint8 to `(C, T, H, W)`
+    (:class:`~mvit_zoo.data.augment.TrainClipTransform`). Randomness is drawn from Python's global
+    generator, which :class:`~mvit_zoo.data.folders.EpochSeeded` seeds per (seed, epoch, sample), and
+    split into one generator for the frames and one per clip.
     """
 
     def __init__(
             self,
             samples: Sequence[Tuple[str, int]],
             num_frames: int,
-            stride: int,
-            random_start: bool = False,
-            transform: Optional[Callable[[np.ndarray], torch.Tensor]] = None,
-            classes: Optional[Sequence[str]] = None,
+            sampling_rate: int,
+            transform: Callable[[np.ndarray, random.Random], torch.Tensor],
+            frame_sampling: str = "stride",
+            target_fps: Optional[float] = SLOWFAST_TARGET_FPS,
+            clips_per_video: int = 1,
+            backend: Optional[str] = None,
+            short_side: Optional[int] = None,
     ) -> None:
+        if frame_sampling not in ("stride", "segment"):
+            raise ValueError(f"frame_sampling must be 'stride' or 'segment', got {frame_sampling!r}")
+        if clips_per_video < 1:
+            raise ValueError(f"clips_per_video must be at least 1, got {clips_per_video}")
         self.samples = list(samples)
         self.targets = [target for _, target in self.samples]
-        self.num_frames = num_frames
-        self.stride = stride
-        self.random_start = random_start
+        self.num_frames, self.sampling_rate = num_frames, sampling_rate
         self.transform = transform
-        self.classes = list(classes) if classes is not None else None
-
-    @classmethod
-    def from_root(cls, root: PathLike, num_frames: int, stride: int, **kwargs) -> VideoFolder:
-        """Scan `root/<class>/*` for video files; classes are the sorted folder names."""
-        from torchvision.datasets.folder import find_classes, make_dataset
-        classes, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=VIDEO_EXTENSIONS)
-        return cls(samples, num_frames, stride, classes=classes, **kwargs)
+        self.frame_sampling, self.target_fps = frame_sampling, target_fps
+        self.clips_per_video = clips_per_video
+        self.backend = backend
+        self.short_side = short_side
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[Union[np.ndarray, torch.Tensor], int]:
-        path, target = self.samples[index]
-        clip = load_clip(path, self.num_frames, self.stride, random_start=self.random_start, transform=self.transform)
-        return clip, target
+    def frame_indices(self, num_available: int, fps: Optional[float], rng: random.Random) -> List[int]:
+        """The frames of one training clip of a video of `num_available` frames at `fps`."""
+        if self.frame_sampling == "segment":
+            return train_segment_indices(num_available, self.num_frames, rng)
+        return train_clip_indices(num_available, self.num_frames, self.sampling_rate, fps, self.target_fps, rng)
 
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        rng = random.Random(random.getrandbits(64))
+        info = probe(path, self.backend)
+        frames, rows = read_frames(path, self.frame_indices(info.num_frames, info.fps, rng), backend=self.backend,
+                                   info=info)
+        frames = shrink_frames(frames, self.short_side)[rows]
+        clips = [self.transform(frames, random.Random(rng.getrandbits(64))) for _ in range(self.clips_per_video)]
+        return (clips[0] if self.clips_per_video == 1 else torch.stack(clips)), target
+
+
+class ViewClips(Dataset):
+    """The one test view of each of a list of `(path, class index)` videos: `((C, T, H, W), target)`.
+
+    The frames, resize and crop are those of `sampling` (:class:`~mvit_zoo.data.views.ViewSampling`
+    with one view), so fine-tuning's validation scores exactly what `mvit-zoo validate --views 1x1` does.
+    """
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], sampling: ViewSampling,
+                 backend: Optional[str] = None) -> None:
+        if len(sampling.views) != 1:
+            raise ValueError(f"ViewClips gives one view per video, got views {sampling.views}")
+        self.samples = list(samples)
+        self.targets = [target for _, target in self.samples]
+        self.sampling, self.backend = sampling, backend
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        info = probe(path, self.backend)
+        (indices,) = self.sampling.clip_indices(info.num_frames, info.fps)
+        frames, rows = read_frames(path, indices, backend=self.backend, info=info)
+        (view,) = self.sampling.iter_views(frames, [rows])
+        return view, target

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .video import PathLike, _import_av
+from .reader import PathLike, _import_av
 
 __all__ = [
     "MAX_TEMPORAL_VIEWS",
