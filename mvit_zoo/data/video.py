@@ -192,9 +192,12 @@ def shrink_frames(frames: np.ndarray, short_side: Optional[int]) -> np.ndarray:
         return frames
     scale = short_side / min(height, width)
     size = (short_side, round(width * scale)) if height <= width else (round(height * scale), short_side)
-    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    clip = F.interpolate(clip.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return clip.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty((len(frames), *size, 3), np.uint8)
+    for t, frame in enumerate(frames):  # one frame at a time: a float copy of a 720p clip would be 177 MB
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out[t] = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out
 
 
 class VideoClips(Dataset):
