@@ -99,19 +99,24 @@ def test_results_section_replaces_only_its_own_host_s_section(db: Any, tmp_path:
     assert second.replace("9.00", "6.00").replace("6.00x", "4.00x").replace("3.00x", "2.00x") == first
 
 
+def _worktrees() -> list[str]:
+    listing = subprocess.run(["git", "-C", str(ROOT), "worktree", "list", "--porcelain"], capture_output=True,
+                             text=True).stdout
+    return [line for line in listing.splitlines() if line.startswith("worktree ")]
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
     results_md = ROOT / "benchmarks" / "RESULTS.md"
     before = results_md.read_text()
-    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    worktrees = _worktrees()
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--results",
                            str(tmp_path / "R.md")], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert results_md.read_text() == before
-    assert subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True,
-                          text=True).stdout == worktrees, "the reference worktree was not removed"
+    assert _worktrees() == worktrees, "the reference worktree was not removed"
     rows = {(r["task"], r["loader"], r["kind"]): r for r in result["rows"]}
     kinds = ("kinetics", "ssv2", "long")
     expected = [("train", lo, k) for lo in ("ours-pyav", "ours-torchcodec", "today", "pytorchvideo") for k in kinds]
@@ -121,7 +126,9 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         if key[1] == "ours-torchcodec" and row["error"]:
             continue  # TorchCodec installed without a working FFmpeg: an error row, not a failed run
         assert row["error"] is None, (key, row["error"])
-        assert row["per_s"] > 0 and row["rss_growth_mb"] >= 0
+        # NOTE: the kernel syncs VmHWM from per-thread RSS counters lazily: on tiny files it can read a few MB under
+        # the RSS read just after the reset
+        assert row["per_s"] > 0 and row["rss_growth_mb"] > -16
         assert row["output_shape"] == ([3, 16, 224, 224] if key[0] == "train" else [5, 3, 16, 224, 224])
     assert rows[("train", "today", "long")]["items"] == 1
     assert set(rows[("train", "ours-pyav", "kinetics")]["stages_ms"]) == {"probe", "sample", "read", "augment"}
