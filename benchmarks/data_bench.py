@@ -61,6 +61,7 @@ CROP = (224, 224)
 MEAN = (0.45, 0.45, 0.45)  # Kinetics MViTv2 statistics
 STD = (0.225, 0.225, 0.225)
 VIEWS = (5, 1)  # the Kinetics test views of mvit_v2_s_16x4.fb_k400
+SHORT_SIDE = 256  # finetune's frames before augmentation: TRAIN_JITTER_SCALES[0], SlowFast's max_spatial_scale
 TEST_SHORT_SIDE = 256  # its one-crop test resize: 224 / crop_pct 0.875
 
 TRAIN_LOADERS = ("ours-pyav", "ours-torchcodec", "today", "pytorchvideo")
@@ -246,24 +247,29 @@ def _augmentation() -> Callable[[Any, random.Random], Any]:
 
 def ours_train_clip(path: str, rng: random.Random, backend: Optional[str] = None,
                     stages: Optional[Dict[str, float]] = None, transform: Optional[Callable] = None) -> Any:
-    """One training clip as the working tree's pipeline makes it: probe -> SlowFast's clip sampling ->
-    seeking read of those frames -> augmentation. Returns `(3, 16, 224, 224)` float; `stages` accumulates the
-    seconds of each step."""
-    from mvit_zoo.data.reader import probe, read_frames
-    from mvit_zoo.data.sampling import train_clip_indices
+    """One training clip as finetune makes it (`mvit_zoo.data.video.VideoClips`): probe -> SlowFast's clip
+    sampling -> seeking read of those frames -> short side down to the jitter minimum (256) -> augmentation.
+    Returns `(3, 16, 224, 224)` float; `stages` accumulates the seconds of reading and augmenting."""
+    from mvit_zoo.data.video import VideoClips
 
     stages = stages if stages is not None else {}
+    augment = transform or _augmentation()
+    spent = [0.0]
+
+    def timed(frames: Any, clip_rng: random.Random) -> Any:
+        t0 = _now()
+        out = augment(frames, clip_rng)
+        spent[0] += _now() - t0
+        return out
+
+    dataset = VideoClips([(path, 0)], NUM_FRAMES, SAMPLING_RATE, timed, target_fps=TARGET_FPS, backend=backend,
+                         short_side=SHORT_SIDE)
+    random.seed(rng.getrandbits(64))  # VideoClips draws from the generator EpochSeeded seeds per sample
     t0 = _now()
-    info = probe(path, backend=backend)
-    t1 = _now()
-    indices = train_clip_indices(info.num_frames, NUM_FRAMES, SAMPLING_RATE, info.fps, TARGET_FPS, rng)
-    t2 = _now()
-    frames, rows = read_frames(path, indices, backend=backend, info=info)
-    t3 = _now()
-    clip = (transform or _augmentation())(frames[rows], rng)
-    t4 = _now()
-    for name, seconds in (("probe", t1 - t0), ("sample", t2 - t1), ("read", t3 - t2), ("augment", t4 - t3)):
-        stages[name] = stages.get(name, 0.0) + seconds
+    clip, _ = dataset[0]
+    total = _now() - t0
+    stages["read"] = stages.get("read", 0.0) + total - spent[0]
+    stages["augment"] = stages.get("augment", 0.0) + spent[0]
     return clip
 
 
