@@ -1,11 +1,16 @@
-"""Evaluate a classifier on a class-folder tree or a data loader: top-1/top-k, loss, per-class counts.
+"""Evaluate a classifier on a dataset or a data loader: top-1/top-k, loss, per-class counts.
 
-`evaluate(model, 'DIR')` reads `DIR/<class>/<file>` (or `DIR/val/<class>/<file>`), images for
-image models and videos for video models. Video models are scored over `views` (temporal clips x
-spatial crops, :mod:`mvit_zoo.data.views`; default: the `test_views` of the model's pretrained cfg)
-with their softmax scores averaged. Views of several videos share a batch; a worker holds only the
-frames of one video's views. Folder names are matched to the model's classes by
-:func:`match_classes`. Files that cannot be read are counted and listed, not fatal.
+`evaluate(model, DATA)` reads a class-folder tree (`DATA/<class>/<file>`, or `DATA/val/<class>/<file>`), a
+dataset's annotation file (a `path label` list as SlowFast and mmaction2 write them, a Kinetics CSV, a
+Something-Something v2 JSON) or a folder holding a dataset's annotation files, whose val split is used
+(:func:`mvit_zoo.data.sources.find_eval_split`): images for image models, videos for video models. Video
+models are scored over `views` (temporal clips x spatial crops, :mod:`mvit_zoo.data.views`; default: the
+`test_views` of the model's pretrained cfg) with their softmax scores averaged; only the frames of the views
+are decoded. Views of several videos share a batch; a worker holds only the frames of one video's views.
+Class names (folder names, or an annotation file's labels) are matched to the model's classes by
+:func:`match_classes`; an integer-labelled list gives class indices directly. Files that cannot be read are
+counted and listed (`skipped`), as are files an annotation file lists but that are not there (`missing`);
+neither is fatal.
 
 `evaluate(model, loader)` scores `(input, target)` batches as they come (one view each); it is the
 validation of `mvit-zoo finetune`.
@@ -31,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data.video import VIDEO_EXTENSIONS
-from .data.views import Views, ViewSampling, probe_video, read_frames
+from .data.reader import resolve_backend
+from .data.sources import DatasetSplit, find_eval_split
+from .data.views import Views, ViewSampling, decode_views
 
 __all__ = ["IMAGE_EXTENSIONS", "ClassMatchError", "Evaluation", "decode_views", "evaluate", "label_set_names",
            "match_classes", "video_scores", "view_sampling"]
@@ -59,7 +66,8 @@ class Evaluation:
 
     `per_class[c] = (samples, top-1 hits, top-k hits)` of model class `c` (k = :attr:`k`); `confusion` counts
     `(target, prediction)` pairs (when asked for); `skipped` lists `(file, reason)` of
-    unreadable files; `short` counts videos with fewer frames than one clip spans (their last
+    unreadable files, `info['missing']` counts the files an annotation file lists that are not there
+    (`info['missing_files']` names them); `short` counts videos with fewer frames than one clip spans (their last
     frame is repeated, as in SlowFast).
     """
 
@@ -218,21 +226,25 @@ def match_classes(
         class_names: Sequence[str] | None = None,
         label_set: str | None = None,
         label_set_classes: Sequence[str] | None = None,
+        noun: str = "class folder",
 ) -> tuple[list[int], str]:
-    """Model class index of each folder, and how they were matched.
+    """Model class index of each folder (or class name), and how they were matched.
 
     In order: the checkpoint's own `class_names` (exact folder names, as `finetune` writes them),
     then the label set's names (Kinetics names with `_` or spaces, any case; ImageNet synsets,
-    names or unambiguous lemmas), then folders named by class index (`0`, `17`, ...).
+    names or unambiguous lemmas), then folders named by class index (`0`, `17`, ...). `noun` names
+    what `folders` are in messages (an annotation file's labels are matched as folder names are).
     """
+    folders_named = noun == "class folder"
+    fix, rename = ("rename the folder", "name the folders") if folders_named else ("fix the label", "write the labels")
     if class_names:
         lookup = {name: i for i, name in enumerate(class_names)}
         unknown = [f for f in folders if f not in lookup]
         if not unknown:
             return [lookup[f] for f in folders], "checkpoint class list"
-        raise ClassMatchError(f'class folder {unknown[0]!r} is not one of the model\'s {len(class_names)} classes '
+        raise ClassMatchError(f'{noun} {unknown[0]!r} is not one of the model\'s {len(class_names)} classes '
                               f'({", ".join(map(repr, class_names[:5]))}, ...)',
-                              "rename the folder, or evaluate the model that was fine-tuned for these folders")
+                              f"{fix}, or evaluate the model that was fine-tuned for these classes")
     by_index = all(f.isdigit() and int(f) < num_classes for f in folders)
     if label_set_classes:
         table = _aliases(label_set, label_set_classes)
@@ -241,39 +253,18 @@ def match_classes(
             return [table.get(f.lower(), table.get(_norm(f))) for f in folders], f"label set {label_set}"
         if by_index:
             return [int(f) for f in folders], "class index"
-        raise ClassMatchError(f"class folder {unknown[0]!r} is not a class of the model's label set {label_set} "
-                              f"({len(label_set_classes)} classes)", f"name the folders after its classes (see "
+        raise ClassMatchError(f"{noun} {unknown[0]!r} is not a class of the model's label set {label_set} "
+                              f"({len(label_set_classes)} classes)", f"{rename} after its classes (see "
                               f"mvit_zoo/data/{label_set}.txt), or pass class_names= (one per class, in head order)")
     if by_index:
         return [int(f) for f in folders], "class index"
     bad = next(f for f in folders if not (f.isdigit() and int(f) < num_classes))
-    raise ClassMatchError(f"class folder {bad!r}: the model has no class names (no label set ships for its "
-                          f"{num_classes} classes and no class list was given), so folders must be class indices "
-                          f"0..{num_classes - 1}", "rename them, or pass class_names= (one per class, in head order)")
+    raise ClassMatchError(f"{noun} {bad!r}: the model has no class names (no label set ships for its "
+                          f"{num_classes} classes and no class list was given), so classes must be class indices "
+                          f"0..{num_classes - 1}", f"{fix}, or pass class_names= (one per class, in head order)")
 
 
-# -- folders ---------------------------------------------------------------------------------------
-
-def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class folders of `root` (or `root/val`) and their `(file, folder index)` samples."""
-    for name in ("val", "validation"):
-        if (root / name).is_dir():
-            root = root / name
-            break
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such data folder: {root}")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not folders:
-        raise ValueError(f"{root} has no class folders; expected DIR/<class>/<file> (or DIR/val/<class>/<file>)")
-    samples = []
-    for i, folder in enumerate(folders):
-        for dirpath, _, files in sorted(os.walk(root / folder, followlinks=True)):
-            samples += [(os.path.join(dirpath, f), i) for f in sorted(files) if f.lower().endswith(extensions)]
-    if not samples:
-        kind = "video" if extensions == VIDEO_EXTENSIONS else "image"
-        raise ValueError(f'no {kind} files ({", ".join(extensions)}) in the class folders of {root}')
-    return folders, samples
-
+# -- data ------------------------------------------------------------------------------------------
 
 class _ImageItems(Dataset):
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
@@ -297,8 +288,8 @@ class _ImageItems(Dataset):
 class _VideoItems(Dataset):
     """Per video: the frames its views need (uint8), the rows of each clip, and whether it was short."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], sampling: ViewSampling) -> None:
-        self.samples, self.sampling = samples, sampling
+    def __init__(self, samples: Sequence[tuple[str, int]], sampling: ViewSampling, backend: str | None) -> None:
+        self.samples, self.sampling, self.backend = samples, sampling, backend
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -306,21 +297,9 @@ class _VideoItems(Dataset):
     def __getitem__(self, index: int) -> tuple[str, int, Any]:
         path, target = self.samples[index]
         try:
-            return path, target, decode_views(path, self.sampling)
+            return path, target, decode_views(path, self.sampling, self.backend)
         except Exception as e:  # noqa: BLE001 - any undecodable file is reported, not fatal
             return path, target, f"{type(e).__name__}: {e}"
-
-
-def decode_views(path: str | os.PathLike, sampling: ViewSampling) -> tuple[Any, list[list[int]], bool]:
-    """The frames a video's views need (`(K, H, W, 3)` uint8), the rows of each temporal clip, and
-    whether the video is shorter than a clip; input of :meth:`ViewSampling.iter_views`."""
-    count, fps = probe_video(path)
-    if count < 1:
-        raise ValueError(f"no video frames in {path}")
-    clips = sampling.clip_indices(count, fps)
-    frames, rows = read_frames(path, [i for clip in clips for i in clip])
-    n = sampling.num_frames
-    return frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))], sampling.is_short(count, fps)
 
 
 def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = None,
@@ -344,12 +323,14 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
 
 @torch.no_grad()
 def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
-                 data_cfg: Any = None, batch_size: int = 8, amp: bool = False) -> torch.Tensor:
-    """Softmax scores of one video file averaged over its `views`: `(num_classes,)`."""
+                 data_cfg: Any = None, batch_size: int = 8, amp: bool = False,
+                 decoder: str | None = None) -> torch.Tensor:
+    """Softmax scores of one video file averaged over its `views`: `(num_classes,)`. `decoder`: the video
+    backend, 'pyav' or 'torchcodec' (None: the first that works here)."""
     _check_batch_size(batch_size)
     device = next(model.parameters()).device
     sampling = view_sampling(model, views, data_cfg)
-    frames, clips, _ = decode_views(path, sampling)
+    frames, clips, _ = decode_views(path, sampling, decoder)
     all_views = sampling.iter_views(frames, clips)
     total = None
     model.eval()
@@ -381,12 +362,19 @@ def evaluate(
         progress: bool = False,
         desc: str = "val",
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        data_root: str | os.PathLike | None = None,
+        data_format: str | None = None,
+        decoder: str | None = None,
 ) -> Evaluation:
-    """Top-1/top-k and loss of `model` on a class-folder tree or an iterable of `(input, target)`.
+    """Top-1/top-k and loss of `model` on a dataset or an iterable of `(input, target)`.
 
-    `views` (`'TxS'`) applies to video folders; `class_names` is a fine-tuned model's class list
-    (folder names; default: the `label_names` of its pretrained cfg, which a model loaded with
-    `timm.create_model('local-dir:RUN', pretrained=True)` carries); `data_cfg` the preprocessing
+    `data` is a class-folder tree, an annotation file or a folder of a dataset's annotation files (the module
+    docstring); `data_root` holds the videos an annotation file lists (default: its folder), `data_format`
+    forces 'folders', 'list', 'kinetics' or 'ssv2' (default: detected), `decoder` picks the video backend
+    ('pyav', 'torchcodec'; None: the first that works here). `views` (`'TxS'`) applies to video data;
+    `class_names` is a fine-tuned model's class list (folder names or labels; default: the `label_names` of its
+    pretrained cfg, which a model loaded with `timm.create_model('local-dir:RUN', pretrained=True)` carries);
+    `data_cfg` the preprocessing
     (:func:`mvit_zoo.data.transforms.resolve_data_config` of the model by default). `batch_size` is
     the views per forward pass (at least 1). `all_reduce` sums a float64 tensor over processes (distributed
     validation of a sharded loader).
@@ -397,7 +385,8 @@ def evaluate(
     num_classes = int(model.num_classes)
     if not isinstance(data, (str, os.PathLike)):
         if views is not None and len(Views.parse(views)) != 1:
-            raise ValueError("views apply to a data folder; a loader gives one view per sample")
+            raise ValueError("views apply to a dataset (a folder or an annotation file); a loader gives one view "
+                             "per sample")
         scorer = _Scorer(num_classes, confusion)
         bar = tqdm(data, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
         for x, y in bar:
@@ -411,28 +400,46 @@ def evaluate(
             stats = all_reduce(stats.to(device)).cpu()
         return Evaluation(num_classes, stats[:-1].view(num_classes, 3), float(stats[-1]), confusion=scorer.confusion,
                           class_names=list(class_names) if class_names else _own_label_names(model))
-    return _evaluate_folder(model, Path(data), views, batch_size, device, amp, workers, class_names, data_cfg,
-                            confusion, progress, desc)
+    return _evaluate_dataset(model, data, views, batch_size, device, amp, workers, class_names, data_cfg,
+                             confusion, progress, desc, data_root, data_format, decoder)
 
 
-def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, device: torch.device, amp: bool,
-                     workers: int, class_names: Sequence[str] | None, data_cfg: Any, confusion: bool,
-                     progress: bool, desc: str) -> Evaluation:
+def _split_targets(split: DatasetSplit, num_classes: int, class_names: Sequence[str] | None,
+                   label_set: str | None, set_names: Sequence[str] | None) -> tuple[list[int], str]:
+    """Model class index of each class of `split`, and how they were matched."""
+    integer_list = split.format == "list" and split.classes == [str(i) for i in range(len(split.classes))]
+    if split.format != "folders" and (integer_list or not (class_names or set_names)):
+        # NOTE: an annotation file's own class order is its dataset's official one: an integer-labelled list
+        # (SlowFast, mmaction2) gives the model's class indices, and names the model cannot match keep it
+        if len(split.classes) > num_classes:
+            raise ClassMatchError(f"{split.source} has {len(split.classes)} classes, more than the model's "
+                                  f"{num_classes}", "evaluate a model with a head for these classes")
+        return list(range(len(split.classes))), "annotation file order"
+    noun = "class folder" if split.format == "folders" else f"label (of {split.source})"
+    return match_classes(split.classes, num_classes, class_names, label_set, set_names, noun=noun)
+
+
+def _evaluate_dataset(model: nn.Module, data: str | os.PathLike, views: Any, batch_size: int, device: torch.device,
+                      amp: bool, workers: int, class_names: Sequence[str] | None, data_cfg: Any, confusion: bool,
+                      progress: bool, desc: str, data_root: str | os.PathLike | None, data_format: str | None,
+                      decoder: str | None) -> Evaluation:
     from .data.transforms import build_transform, is_video_model, resolve_data_config
 
     data_cfg = data_cfg or resolve_data_config(model)
     num_classes = int(model.num_classes)
     video = is_video_model(model)
-    folders, samples = _scan(root, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)
+    if video and decoder is not None:
+        resolve_backend(decoder)  # a backend that is not installed is one error, not one per video
+    split = find_eval_split(data, data_root, data_format, VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS)
     label_set, set_names = _label_set_of(model)
     if not class_names and set_names is None:
         class_names = _own_label_names(model)
-    targets, matched_by = match_classes(folders, num_classes, class_names, label_set, set_names)
-    samples = [(path, targets[folder]) for path, folder in samples]
+    targets, matched_by = _split_targets(split, num_classes, class_names, label_set, set_names)
+    samples = [(path, targets[index]) for path, index in split.samples]
     names = list(class_names) if class_names else set_names
     if video:
         sampling = view_sampling(model, views, data_cfg)
-        dataset: Dataset = _VideoItems(samples, sampling)
+        dataset: Dataset = _VideoItems(samples, sampling, decoder)
         chosen, preprocessing = sampling.views, sampling.to_dict()
     else:
         chosen = Views.parse(views) if views is not None else Views()
@@ -443,8 +450,10 @@ def _evaluate_folder(model: nn.Module, root: Path, views: Any, batch_size: int, 
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
     scorer = _Scorer(num_classes, confusion)
     result = Evaluation(num_classes, scorer.per_class, views=chosen, class_names=names, confusion=scorer.confusion,
-                        info={"matched_by": matched_by, "label_set": label_set, "folders": len(folders),
-                              "files": len(samples), "preprocessing": preprocessing})
+                        info={"format": split.format, "source": split.source, "matched_by": matched_by,
+                              "label_set": label_set, "classes": len(split.classes), "files": len(samples),
+                              "missing": len(split.missing), "missing_files": list(split.missing),
+                              "preprocessing": preprocessing})
     bar = tqdm(total=len(samples), desc=desc, disable=not progress, dynamic_ncols=True)
     pending: dict[int, list] = {}  # sample -> [summed log-probs (logsumexp), views left, target]
     batch: list[tuple[int, torch.Tensor]] = []

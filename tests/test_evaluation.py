@@ -11,7 +11,7 @@ from PIL import Image
 
 import mvit_zoo
 from mvit_zoo.data.video import write_video
-from mvit_zoo.data.views import read_frames
+from mvit_zoo.data.reader import read_frames
 from mvit_zoo.evaluation import (
     label_set_names,
     match_classes,
@@ -146,16 +146,15 @@ def test_unreadable_files_are_counted_and_empty_class_folders_allowed(tmp_path: 
     (tmp_path / "val" / "1" / "broken.png").write_bytes(b"not a png")
     model = timm.create_model("resnet18", pretrained=False, num_classes=3)
     result = mvit_zoo.evaluate(model, tmp_path)  # DIR/val/ is used
-    assert result.count == 2 and result.info["folders"] == 3 and result.info["matched_by"] == "class index"
+    assert result.count == 2 and result.info["classes"] == 3 and result.info["format"] == "folders" and result.info["matched_by"] == "class index"
     assert [Path(p).name for p, _ in result.skipped] == ["broken.png"]
 
 
 def test_empty_tree_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
-    with pytest.raises(ValueError, match="no image files"):
-        mvit_zoo.evaluate(timm.create_model("resnet18", pretrained=False), tmp_path)
-    with pytest.raises(ValueError, match="no class folders"):
-        mvit_zoo.evaluate(timm.create_model("resnet18", pretrained=False), tmp_path / "a")
+    for data in (tmp_path, tmp_path / "a"):  # an empty class folder; no class folder at all
+        with pytest.raises(ValueError, match=r"no files with the extensions \.jpg, .* in the class folders of"):
+            mvit_zoo.evaluate(timm.create_model("resnet18", pretrained=False), data)
 
 
 def test_video_shorter_than_a_clip_is_scored_and_counted(tmp_path: Path) -> None:

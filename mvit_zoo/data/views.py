@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .reader import PathLike, _import_av
+from .reader import PathLike, probe, read_frames
 
 __all__ = [
     "MAX_TEMPORAL_VIEWS",
@@ -39,8 +39,7 @@ __all__ = [
     "ViewSampling",
     "Views",
     "crop_offset",
-    "probe_video",
-    "read_frames",
+    "decode_views",
     "segment_indices",
     "stride_clip_indices",
 ]
@@ -251,43 +250,18 @@ class ViewSampling:
         }
 
 
-def probe_video(path: PathLike) -> tuple[int, float | None]:
-    """`(frame count, frames per second)` of the first video stream, from its packets (no decoding)."""
-    av = _import_av()
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"No video stream in {path}")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate) if stream.average_rate else None
-        count = sum(1 for packet in container.demux(stream) if packet.size)
-    return count, fps
+def decode_views(path: PathLike, sampling: ViewSampling,
+                 backend: str | None = None) -> tuple[np.ndarray, list[list[int]], bool]:
+    """The frames a video's views need, the rows of each temporal clip, and whether the video is shorter than
+    a clip: `((K, H, W, 3) uint8 unique frames, views.temporal lists of num_frames rows, bool)`, the input of
+    :meth:`ViewSampling.iter_views`.
 
-
-def read_frames(path: PathLike, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
-    """Decode only the frames at `indices`: `(unique frames (K, H, W, 3) uint8, row of each index)`.
-
-    Indices past the last decodable frame (a frame count that overstated the stream) read the
-    last frame, as the clamping of the sampling rules does.
+    Only the clips' frames are decoded (:func:`mvit_zoo.data.reader.read_frames` seeks to the keyframe before
+    each run of them), so `5x1` views of a long video cost five short decodes, not the file. `backend`:
+    'pyav', 'torchcodec' or None (the first that works here).
     """
-    av = _import_av()
-    wanted = {int(i) for i in indices}
-    kept: dict[int, np.ndarray] = {}
-    last = None
-    n = -1
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for n, frame in enumerate(container.decode(stream)):
-            last = frame
-            if n in wanted:
-                kept[n] = frame.to_ndarray(format="rgb24")
-            if n >= max(wanted):
-                break
-        if last is None:
-            raise ValueError(f"No frames could be decoded from {path}")
-        if len(kept) < len(wanted):  # the stream ended before the last index: it reads the last frame
-            kept.setdefault(n, last.to_ndarray(format="rgb24"))
-    order = sorted(kept)
-    row = {index: r for r, index in enumerate(order)}
-    rows = [row.get(int(i), len(order) - 1) for i in indices]
-    return np.stack([kept[i] for i in order]), rows
+    info = probe(path, backend)
+    clips = sampling.clip_indices(info.num_frames, info.fps)
+    frames, rows = read_frames(path, [i for clip in clips for i in clip], backend=backend, info=info)
+    n = sampling.num_frames
+    return frames, [rows[t * n:(t + 1) * n] for t in range(len(clips))], sampling.is_short(info.num_frames, info.fps)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
+from video_factory import frame_index, make_video
 
-from mvit_zoo.data.video import write_video
+from mvit_zoo.data import reader
 from mvit_zoo.data.views import (
     MAX_TEMPORAL_VIEWS,
     Views,
     ViewSampling,
     crop_offset,
-    probe_video,
-    read_frames,
+    decode_views,
     segment_indices,
     stride_clip_indices,
 )
@@ -168,14 +169,50 @@ def test_mean_std_applied_in_model_order() -> None:
 
 # -- decoding only the frames the views need ------------------------------------------------------------
 
-def test_probe_and_read_frames(tmp_path: Path) -> None:
-    path = tmp_path / "ramp.mp4"
-    write_video(path, np.stack([np.full((16, 16, 3), 20 * t, np.uint8) for t in range(12)]), fps=30)
-    assert probe_video(path) == (12, 30.0)
-    frames, rows = read_frames(path, [1, 5, 5, 11, 40])  # 40 is past the end: the last frame
-    assert frames.shape == (3, 16, 16, 3)
-    levels = [round(float(frames[r].mean()) / 20) for r in rows]
-    assert levels == [1, 5, 5, 11, 11]
+def count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pts of every frame the reader decodes from now on (as tests/data/test_reader.py counts them)."""
+    decoded: list[int] = []
+    decode = reader._decode
+
+    def counting_decode(container, stream):
+        for frame in decode(container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(reader, "_decode", counting_decode)
+    return decoded
+
+
+def test_views_of_a_long_video_decode_only_their_clips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5x1 views of a 900-frame file (30 s at 30 fps, a keyframe every 15 frames) decode five clips' GOPs."""
+    path = make_video(tmp_path / "long.mp4", 900, gop=15, bframes=2)
+    decoded = count_decoded(monkeypatch)
+    s = sampling("5x1", num_frames=8, sampling_rate=4, crop_size=(32, 32))
+    frames, clips, short = decode_views(path, s, "pyav")
+    expected = s.clip_indices(900, 30.0)
+    assert expected[-1][-1] == 899 and not short  # the last clip ends on the last frame
+    assert [[frame_index(frames[r]) for r in rows] for rows in clips] == expected
+    span = 8 * 4  # frames a clip covers
+    assert len(decoded) <= 5 * (15 + span + 4) < 900 / 3  # each clip from the keyframe before it, + reorder delay
+    decoded.clear()
+    frames, rows = reader.read_frames(path, expected[-1], backend="pyav")  # the clip at the end alone
+    assert [frame_index(frames[r]) for r in rows] == expected[-1] and len(decoded) <= 15 + span + 4
+
+
+@pytest.mark.parametrize("views", ["3x1", "2x3"])
+def test_views_equal_a_full_decode(tmp_path: Path, views: str) -> None:
+    """On a short file, the views of the seeking reader are those of decoding every frame with PyAV."""
+    path = make_video(tmp_path / "short.mp4", 40, gop=8, bframes=2, size=(80, 48))
+    s = sampling(views, num_frames=4, sampling_rate=3, crop_size=(32, 32))
+    with av.open(str(path)) as container:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    clips = s.clip_indices(len(every), 30.0)
+    full = list(s.iter_views(every, clips))
+    frames, rows, _ = decode_views(path, s, "pyav")
+    ours = list(s.iter_views(frames, rows))
+    assert len(ours) == len(full) == len(s.views)
+    for a, b in zip(ours, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_views_in_the_papers_order_suggest_the_swap() -> None:
