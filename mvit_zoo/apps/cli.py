@@ -123,7 +123,7 @@ def _describe(command: str, e: BaseException) -> str:
     fix = f"pass a weight file with {flag}, or --no-pretrained for random weights"
     if e.reason == "offline":
         fix += ", or unset HF_HUB_OFFLINE to download them"
-    elif e.reason == "unreachable":
+    elif e.reason == "unreachable" and "Hub" in e.summary:
         fix += ", or set HF_ENDPOINT to a mirror you can reach"
     head = f"{e.tag} {e.summary}" if e.summary.startswith("has ") else f"{e.tag}: {e.summary}"
     return f"{head}; {fix}" + (f" ({e.details})" if e.details else "")

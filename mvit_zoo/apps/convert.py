@@ -51,7 +51,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "its position tables) unless --model-arg says otherwise. The folder is built beside "
                           "DIR and moved into place whole; an existing DIR is replaced only with --overwrite, "
                           "and only if convert wrote it.")
-    parser.add_argument("src", help="checkpoint file, folder with model.safetensors (+ config.json), or http(s) URL")
+    parser.add_argument("src", help="checkpoint file, folder with model.safetensors (+ config.json), or http(s) URL; "
+                                    "a finetune run folder gives its last epoch's weights (model.safetensors); pass "
+                                    "RUN/model_best.safetensors for the best epoch's")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="mvit-zoo architecture or pretrained tag (arch.tag): mvit_v2_s_16x4.fb_k400 (default: "
                              "the architecture named by the config.json beside SRC, as in a `mvit-zoo finetune` "

@@ -10,9 +10,10 @@ Usage::
 
 Label names come from a fine-tuned folder's `config.json` (`label_names`), or from the
 label set of the model's pretrained config (ImageNet-1k and Kinetics-400 lists ship with the
-package). A video is read with PyAV and one centred clip of `T` frames every `tau` frames
-is classified; an image given to a video model is repeated over time, and a video given to
-an image model is reduced to its middle frame.
+package). Of a video only the frames used are decoded (:mod:`mvit_zoo.data.reader`, `--decoder`): a video
+model classifies its centre clip of `T` frames every `tau` frames at 30 fps, and an image model its
+middle frame; an image given to a video model is repeated over time. A video whose header declares
+frames or a frame count beyond the reader's limits is refused before anything is decoded.
 
 A bad input (a missing or unreadable file, a checkpoint that does not fit the model, a device that is
 not there) raises `CliError`, which `mvit-zoo` prints as one line; of several inputs, one that cannot
@@ -36,16 +37,16 @@ import timm
 from ..data.config import CONFIG_FILE, find_config
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.transforms import DataConfig, build_transform, resolve_data_config
-from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip, read_video
-from ..data.views import probe_video
+from ..data.reader import BACKENDS, probe, read_frames, resolve_backend
+from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip
 from ..evaluation import video_scores, view_sampling
-from ..weights.convert import unwrap_checkpoint
-from ..weights.hub import CorruptCheckpointError, read_checkpoint
+from ..weights.hub import CorruptCheckpointError, check_build_size, read_weights
 from .cli import CliError
 from .finetune import check_model_name, parse_model_kwargs
+from .threads import add_threads_argument, apply_threads
 
 __all__ = ["DATA_DIR", "DEFAULT_MODEL", "SAMPLE_IMAGE", "NonFiniteOutputError", "find_inputs", "label_names_for",
-           "load_label_set", "load_input", "load_model", "predict", "printable", "short_video_note",
+           "load_label_set", "load_input", "load_model", "predict", "printable", "resolve_decoder", "short_video_note",
            "configure_parser", "run", "main"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -110,7 +111,7 @@ def _read_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
         raise CliError(f"--checkpoint {weights} is an image or video, not a checkpoint: give it as an input "
                        f"(mvit-zoo predict {weights} ...), and to --checkpoint {_CHECKPOINT_HINT}")
     try:
-        return unwrap_checkpoint(read_checkpoint(weights, forget_if_corrupt=False))
+        return read_weights(weights, forget_if_corrupt=False)
     except CorruptCheckpointError as e:  # its message quotes the reader's error, which can be a page long
         raise CliError(f"--checkpoint {weights} is not a checkpoint (neither safetensors nor a weights-only torch "
                        f"pickle), or a truncated one; {_CHECKPOINT_HINT}") from e
@@ -170,6 +171,8 @@ def load_model(
             source = f"--model-kwargs or {CONFIG_FILE}'s model_args" if config else "--model-kwargs"
             raise CliError(f"cannot build {name} with {source} {json.dumps(model_kwargs)} ({e}); pass only fields "
                            f"of its config, with values it accepts") from e
+    if state_dict is not None:
+        check_build_size(name, model_kwargs, state_dict, source=f"--model-kwargs / {CONFIG_FILE}'s model_args")
     model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     if not getattr(model, "num_classes", 0):
         raise CliError(f"{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes "
@@ -225,21 +228,33 @@ def find_inputs(paths: Sequence[str]) -> List[Path]:
     return found
 
 
-def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
-    """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects."""
+def resolve_decoder(name: str) -> Optional[str]:
+    """The video backend of `--decoder`: None for 'auto' (the first that works here), else the one named,
+    which must be installed (CliError naming its install command if not)."""
+    if name == "auto":
+        return None
+    try:
+        return resolve_backend(name)
+    except ImportError as e:
+        raise CliError(f"--decoder {name}: {e}; or pass --decoder auto") from e
+
+
+def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None) -> torch.Tensor:
+    """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects. Of a video only the
+    frames used are decoded, with the backend `decoder` ('pyav', 'torchcodec'; None: the first available)."""
     from PIL import Image, UnidentifiedImageError
 
     transform = build_transform(data_cfg, is_training=False)
     if is_video_file(path):
         try:
             if data_cfg.is_video:
-                return load_clip(path, data_cfg.num_frames, data_cfg.sampling_rate, random_start=False,
-                                 transform=transform)
-            frames = read_video(path)
-        except ValueError as e:  # no video stream, no frames, or data PyAV cannot decode (InvalidDataError)
-            raise CliError(f"cannot read the video {path}: {e}; pass a video with at least one decodable "
-                           f"frame") from e
-        return transform(Image.fromarray(frames[len(frames) // 2]))
+                return load_clip(path, data_cfg.num_frames, data_cfg.sampling_rate, transform=transform,
+                                 backend=decoder)
+            info = probe(path, decoder)
+            frames, _ = read_frames(path, [info.num_frames // 2], backend=decoder, info=info)
+        except ValueError as e:  # the reader's VideoError: not a video, no frames, refused by its limits
+            raise CliError(_video_error(path, e)) from e
+        return transform(Image.fromarray(frames[0]))
     try:
         with open(path, "rb") as f:
             img = Image.open(f).convert("RGB")
@@ -255,6 +270,13 @@ def load_input(path: Path, data_cfg: DataConfig) -> torch.Tensor:
         frame = np.asarray(img)
         return transform(np.repeat(frame[None], data_cfg.num_frames, axis=0))
     return transform(img)
+
+
+def _video_error(path: Path, e: ValueError) -> str:
+    reason = str(e).removeprefix(f"{path}: ")
+    # NOTE: the reader's refusals (sizes, frame counts, durations over its limits) end with their own fix
+    fix = "" if "; " in reason else "; pass a video with at least one decodable frame"
+    return f"cannot read the video {path}: {reason}{fix}"
 
 
 @torch.no_grad()
@@ -309,6 +331,12 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", default=None, metavar="JSON", help="architecture overrides (JSON object)")
 
 
+def add_decoder_argument(parser: argparse.ArgumentParser) -> None:
+    """--decoder auto|pyav|torchcodec: the video backend of :mod:`mvit_zoo.data.reader`."""
+    parser.add_argument("--decoder", choices=("auto", *BACKENDS), default="auto",
+                        help="video decoding backend (default: auto, torchcodec where it works here, else pyav)")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the `predict` options to `parser`."""
     parser.description = __doc__.split("\n\n")[0]
@@ -322,12 +350,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="video: average the scores of T clips x S crops (S = 1 or 3), as `validate` does")
     parser.add_argument("--top-k", type=_positive_int, default=5, help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... (auto: CUDA if available)")
+    add_threads_argument(parser)
+    add_decoder_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per input")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of each input; returns the exit status."""
+    apply_threads(args.threads)
     inputs = find_inputs(args.inputs) if args.inputs else [SAMPLE_IMAGE]
+    decoder = resolve_decoder(args.decoder)
     device = _device(args.device)
     name = args.model or (None if args.checkpoint else DEFAULT_MODEL)
     model, labels, data_cfg = load_model(name, args.checkpoint, args.pretrained, parse_model_kwargs(args.model_kwargs))
@@ -339,9 +371,13 @@ def run(args: argparse.Namespace) -> int:
     for path in inputs:
         try:
             if args.views and data_cfg.is_video and is_video_file(path):
-                top = ranked(video_scores(model, path, args.views, data_cfg=data_cfg), args.top_k)
+                try:
+                    scores = video_scores(model, path, args.views, data_cfg=data_cfg, decoder=decoder)
+                except ValueError as e:
+                    raise CliError(_video_error(path, e)) from e
+                top = ranked(scores, args.top_k)
             else:
-                top = predict(model, load_input(path, data_cfg), args.top_k)
+                top = predict(model, load_input(path, data_cfg, decoder), args.top_k)
         except NonFiniteOutputError as e:  # the model's fault: every input would give the same
             raise CliError(f"{printable(path)}: {e}") from e
         except (CliError, ValueError, OSError) as e:  # this input cannot be read
@@ -351,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
             skipped.append((path, reason))
             print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
             continue
-        note = short_video_note(path, sampling) if sampling is not None and is_video_file(path) else None
+        note = short_video_note(path, sampling, decoder) if sampling is not None and is_video_file(path) else None
         if note:
             print(f"note: {note}", file=sys.stderr)
         if args.json:
@@ -368,12 +404,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def short_video_note(path: Path, sampling: Any) -> Optional[str]:
+def short_video_note(path: Path, sampling: Any, decoder: Optional[str] = None) -> Optional[str]:
     """A note for a video with fewer frames than one clip spans (the clip repeats its last frame), as
     `validate` counts them; None for a long enough one. `sampling` is the model's
     :class:`~mvit_zoo.data.views.ViewSampling`."""
-    count, fps = probe_video(path)
-    if count < 1 or not sampling.is_short(count, fps):
+    info = probe(path, decoder)
+    count = info.num_frames
+    if not sampling.is_short(count, info.fps):
         return None
     return (f"{printable(path)} has {count} frames, fewer than one clip of {sampling.num_frames} frames spans; "
             "its last frame is repeated")

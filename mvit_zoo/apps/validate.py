@@ -1,17 +1,24 @@
-"""Top-1/top-5 of a model on a class-folder tree of images or videos, multi-view for video.
+"""Top-1/top-5 of a model on a dataset of images or videos (class folders or annotation files), multi-view for video.
 
 Usage::
 
     mvit-zoo validate --model mvit_base.fb_in1k --data imagenet/            # DIR/val/<synset>/*.JPEG
     mvit-zoo validate --model mvit_v2_s_16x4.fb_k400 --data kinetics400/ --views 5x1
+    mvit-zoo validate --model mvit_v2_s_16x4.fb_k400 --data k400/annotations/val.csv --data-root k400/videos/
+    mvit-zoo validate --model mvit_v2_s_16x4.fb_ssv2 --data ssv2/labels/validation.json --data-root ssv2/videos/
     mvit-zoo validate --checkpoint runs/flowers --data flowers/ --results-file flowers.json
     mvit-zoo validate --model resnet18 --data imagenet/                     # any timm classifier
 
-Folders are matched to the model's classes by name (the checkpoint's `label_names`, else the
-label set of the model's pretrained cfg: Kinetics names, ImageNet synsets or names), else by class
-index. Video models are scored over `--views TxS` (temporal clips x spatial crops; default: the
-tag's `test_views`) with the softmax scores averaged, as SlowFast's test. A head of fewer than 5
-classes reports top-k with k = its class count (`top-2`, ...), not a top-5 that is 100% by construction.
+`--data` is a class-folder tree, an annotation file (a `path label` list as SlowFast and mmaction2 write
+them, a Kinetics CSV, a Something-Something v2 JSON beside its labels.json) or a folder holding a dataset's
+annotation files, whose val file is used; the videos a file lists are looked for under `--data-root`
+(default: the file's folder), and those not found are counted and listed as missing. Folder names and
+labels are matched to the model's classes by name (the checkpoint's `label_names`, else the label set of
+the model's pretrained cfg: Kinetics names, ImageNet synsets or names), else by class index; an
+integer-labelled list gives class indices. Video models are scored over `--views TxS` (temporal clips x
+spatial crops; default: the tag's `test_views`) with the softmax scores averaged, as SlowFast's test, decoding
+only the frames of the views (`--decoder`). A head of fewer than 5 classes reports top-k with k = its class
+count (`top-2`, ...), not a top-5 that is 100% by construction.
 """
 from __future__ import annotations
 
@@ -24,26 +31,38 @@ from pathlib import Path
 import torch
 
 from ..data.config import find_config
+from ..data.sources import FORMATS
 from ..data.views import Views
 from ..evaluation import ClassMatchError, Evaluation, evaluate
 from .cli import CliError
 from .finetune import parse_model_kwargs
-from .predict import _positive_int, add_weight_arguments, load_model, printable
+from .predict import _positive_int, add_decoder_argument, add_weight_arguments, load_model, printable, resolve_decoder
+from .threads import add_threads_argument, apply_threads
 
 __all__ = ["configure_parser", "run"]
+
+MISSING_SHOWN = 20  # missing files named on stderr; a results file lists them all
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the `validate` options to `parser`."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--model", default=None, help="NAME[.tag] (default: from --checkpoint's config.json)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="DIR/<class>/<file> or DIR/val/<class>/<file>")
+    parser.add_argument("--data", required=True, metavar="DIR|FILE",
+                        help="DIR/<class>/<file> or DIR/val/<class>/<file>; an annotation file (path-label list, "
+                             "Kinetics CSV, SSv2 JSON); or a dataset folder holding its val file")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="the folder the videos of an annotation file are under (default: the file's folder)")
+    parser.add_argument("--data-format", choices=FORMATS, default=None,
+                        help="how to read --data (default: detected from it)")
     add_weight_arguments(parser)
     parser.add_argument("--views", default=None, metavar="TxS",
                         help="video: temporal clips x spatial crops, S = 1 or 3 (default: the tag's test_views)")
     parser.add_argument("--batch-size", type=_positive_int, default=8,
                         help="views per forward pass, at least 1 (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    add_threads_argument(parser)
+    add_decoder_argument(parser)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... (auto: CUDA if available)")
     parser.add_argument("--results-file", default=None, metavar="FILE.json|FILE.csv",
@@ -92,7 +111,7 @@ def _write_confusion(path: Path, result: Evaluation, folder_classes: list[int]) 
 def _summary(row: dict, result: Evaluation, per_class: bool) -> str:
     topk, name = f"top-{result.k}", result.topk_name
     lines = [f"{'model':<14}{printable(row['model'])}"]
-    for key in ("views", "matched_by", "count", "skipped", "short_videos"):
+    for key in ("views", "matched_by", "count", "skipped", "missing", "short_videos"):
         if row.get(key) is not None:
             lines.append(f"{key:<14}{row[key]}")
     lines += [f"{'top-1':<14}{row['top1']:.3f}", f"{topk:<14}{row[name]:.3f}", f"{'loss':<14}{row['loss']:.4f}"]
@@ -105,12 +124,17 @@ def _summary(row: dict, result: Evaluation, per_class: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the summary, write the files asked for; returns the exit status."""
+    apply_threads(args.threads, args.workers)
     if not args.model and not args.checkpoint:
         raise CliError("--model NAME[.tag] or --checkpoint DIR is needed")
     if args.results_file and Path(args.results_file).suffix.lower() not in (".json", ".csv"):
         raise CliError(f"--results-file {args.results_file}: the name must end in .json or .csv")
-    if not Path(args.data).is_dir():
-        raise CliError(f"--data {args.data}: no such folder; give a DIR/<class>/<file> tree (or DIR/val/...)")
+    if not Path(args.data).exists():
+        raise CliError(f"--data {args.data}: no such file or folder; give a DIR/<class>/<file> tree (or DIR/val/...), "
+                       "an annotation file, or a dataset folder")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise CliError(f"--data-root {args.data_root}: no such folder; give the folder that holds the videos")
+    decoder = resolve_decoder(args.decoder)
     if args.views is not None:
         Views.parse(args.views)  # a malformed TxS is reported before the model loads
     model, _, data_cfg = load_model(args.model, args.checkpoint, args.pretrained,
@@ -121,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(model, args.data, args.views, batch_size=args.batch_size, device=device, amp=args.amp,
                           workers=args.workers, class_names=class_names, data_cfg=data_cfg,
-                          confusion=bool(args.confusion), progress=args.progress)
+                          confusion=bool(args.confusion), progress=args.progress, data_root=args.data_root,
+                          data_format=args.data_format, decoder=decoder)
     except ClassMatchError as e:
-        raise CliError(f"{printable(e.problem)}; rename the folders, or pass the --checkpoint whose config.json "
+        what = "rename the folders" if e.problem.startswith("class folder") else "fix the labels"
+        raise CliError(f"{printable(e.problem)}; {what}, or pass the --checkpoint whose config.json "
                        "lists their names (label_names)") from e
     name = args.model or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     arch, _, tag = name.partition(".")
@@ -134,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
               "classes are given by index", file=sys.stderr)
     for path, reason in result.skipped:
         print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
+    missing = result.info.get("missing_files", [])
+    for path in missing[:MISSING_SHOWN]:
+        print(f"missing {printable(path)}: listed in {printable(result.info['source'])}, not found under the data "
+              "root", file=sys.stderr)
+    if len(missing) > MISSING_SHOWN:
+        print(f"missing: {len(missing) - MISSING_SHOWN} more (all are in --results-file's missing_files)",
+              file=sys.stderr)
     if result.short:
         print(f"note: {result.short} video(s) have fewer frames than one clip spans; their last frame is repeated",
               file=sys.stderr)

@@ -511,7 +511,8 @@ def convert_checkpoint(
 
     official = bool(tag) and is_official_file(pcfg, src, digest)
     timm_cfg = {**pcfg, **(base.pretrained_cfg if base else {})}
-    data = {k: pcfg[k] for k in DATA_FIELDS if k in pcfg and (official or k not in _OFFICIAL_ONLY)}
+    data = {k: pcfg[k] for k in DATA_FIELDS
+            if k in pcfg and (official or k not in _OFFICIAL_ONLY) and (k != "label_set" or base is None)}
     if base is not None:
         data.update(base.data_config)
     labels = (base.label_names if base and base.label_names and len(base.label_names) == num_classes
