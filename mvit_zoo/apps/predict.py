@@ -273,6 +273,7 @@ def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None) 
 
 
 def _video_error(path: Path, e: ValueError) -> str:
+    """The one-line message for a video the reader could not or would not read: the problem and its fix."""
     reason = str(e).removeprefix(f"{path}: ")
     # NOTE: the reader's refusals (sizes, frame counts, durations over its limits) end with their own fix
     fix = "" if "; " in reason else "; pass a video with at least one decodable frame"

@@ -356,3 +356,151 @@ def test_model_kwargs_sizes_out_of_range(capsys: pytest.CaptureFixture[str]) -> 
     for kwargs, key in (({"embed_dim": 0}, "embed_dim"), ({"depths": [1, -1, 1, 1]}, "depths")):
         assert predict.main(tiny()[:-2] + ["--model-kwargs", json.dumps({**json.loads(SMALL_2D), **kwargs})]) == 2
         assert error_line(capsys).startswith(f"--model-kwargs: {key} must be a number or list of numbers >= 1")
+
+
+def count_decoded(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """The pts of every frame the PyAV reader decodes from now on (as tests/data/test_reader.py counts them)."""
+    from mvit_zoo.data import reader
+
+    decoded: List[int] = []
+    decode = reader._decode
+
+    def counting_decode(container, stream):
+        for frame in decode(container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(reader, "_decode", counting_decode)
+    return decoded
+
+
+def check_predict_decodes_few_frames(path: Path, num_frames: int, gop: int, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """predict on `path` decodes at most two GOPs and the clip (video model) or one GOP (image model, middle frame)."""
+    decoded = count_decoded(monkeypatch)
+    clip_span = 4 * 4  # SMALL_3D: 4 frames every 4 at 30 fps
+    assert predict.main(tiny(str(path), "--decoder", "pyav", video=True)) == 0
+    assert 0 < len(decoded) <= 2 * gop + clip_span and len(decoded) < num_frames / 10
+    decoded.clear()
+    assert predict.main(tiny(str(path), "--decoder", "pyav")) == 0
+    assert 0 < len(decoded) <= gop + 4
+    capsys.readouterr()
+
+
+def test_predict_decodes_only_the_frames_it_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from video_factory import make_video
+
+    path = make_video(tmp_path / "long.mp4", 1800, gop=60)  # 60 s at 30 fps, small frames
+    check_predict_decodes_few_frames(path, 1800, 60, monkeypatch, capsys)
+
+
+@pytest.fixture(scope="module")
+def video_720p(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 s of 1280x720 H.264 at 30 fps, a keyframe every 2 s."""
+    from video_factory import make_video
+
+    return make_video(tmp_path_factory.mktemp("hd") / "hd.mp4", 1800, size=(1280, 720), gop=60)
+
+
+@pytest.mark.slow
+def test_predict_720p_decodes_a_few_gops(video_720p: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    check_predict_decodes_few_frames(video_720p, 1800, 60, monkeypatch, capsys)
+
+
+PEAK_RSS = """
+import resource, sys
+from mvit_zoo.apps import predict
+import timm, torch
+from mvit_zoo.data import reader
+reader.probe  # imported
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = predict.main(sys.argv[1:])
+print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", ["pyav", "auto"])
+def test_predict_720p_peak_memory_is_bounded(video_720p: Path, decoder: str) -> None:
+    """Decoding the whole 60 s 720p file would hold 1800 x 2.8 MB = 5 GB of RGB frames; a clip holds a few MB."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for model in (tiny(video=True), tiny()):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(video_720p), "--decoder", decoder, *model],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        growth_kb, status = proc.stdout.split("GROWTH_KB")[1].split()
+        assert status == "0" and int(growth_kb) < 600 * 1024, growth_kb
+
+
+def test_absurd_and_empty_videos_are_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from video_factory import make_huge_gif
+
+    decoded = count_decoded(monkeypatch)
+    huge = make_huge_gif(tmp_path / "huge.gif")
+    empty_gif = tmp_path / "empty.gif"
+    empty_gif.write_bytes(b"")
+    for video_model in (False, True):
+        assert predict.main(tiny(str(huge), "--decoder", "pyav", video=video_model)) == 2
+        line = error_line(capsys)
+        assert line.startswith(f"cannot read the video {huge}: frames of 65535x65535 pixels exceed the reader's "
+                               "limit") and line.endswith("downscale the video first, e.g. ffmpeg -i IN "
+                                                          "-vf scale=-2:1080 OUT")
+        assert predict.main(tiny(str(empty_gif), video=video_model)) == 2
+        assert error_line(capsys) == (f"cannot read the video {empty_gif}: the file is empty (0 bytes): not a video; "
+                                      "pass a video with at least one decodable frame")
+    assert decoded == []
+    assert predict.main(tiny(str(huge), "--views", "2x1", video=True)) == 2
+    assert "exceed the reader's limit" in error_line(capsys)
+
+
+def test_weights_that_cannot_be_the_models_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Integer / bool tensors are refused by the weight reader; a config.json asking for a far larger model than
+    its weights is refused before the model is built, by predict and validate alike."""
+    from mvit_zoo.apps import cli
+
+    data = tmp_path / "data"
+    for name in ("0", "1", "2"):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(data / name / "a.png")
+    run = _folder_with_labels(tmp_path / "run", ["a", "b", "c"])
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(run / "model.safetensors"))
+    for dtype in (torch.int64, torch.bool):
+        bad = tmp_path / f"{dtype}.safetensors".replace("torch.", "")
+        save_file({**sd, "norm.weight": sd["norm.weight"].to(dtype)}, str(bad))
+        for command in (["predict"], ["validate", "--no-progress", "--data", str(data)]):
+            assert cli.main([*command, "--checkpoint", str(bad), "--model", "mvit_tiny", "--model-kwargs",
+                             json.dumps({**json.loads(SMALL_2D), "num_classes": 3})]) == 2
+            err = capsys.readouterr().err
+            assert "not floating point: norm.weight" in err, err
+    config = json.loads((run / "config.json").read_text())
+    config["model_args"].update(depths=[1, 1, 40, 1], embed_dim=96)  # 78 M values for weights of 0.25 M
+    (run / "config.json").write_text(json.dumps(config))
+    for command in (["predict"], ["validate", "--no-progress", "--data", str(data)]):
+        assert cli.main([*command, "--checkpoint", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "would hold" in err and "so the model was not built" in err and "model_args" in err, err
+
+
+def test_converted_finetuned_folder_keeps_no_label_set_of_its_tag(tmp_path: Path, hub_cache: Path) -> None:
+    """A fine-tuned 1000-class folder without class names, converted: its classes are not given ImageNet's names
+    (the tag it started from), so predict prints class indices rather than wrong names."""
+    import mvit_zoo
+    from mvit_zoo.data.config import config_for_model, read_config, write_config
+    from mvit_zoo.weights import publish
+
+    kwargs = {**json.loads(SMALL_2D), "num_classes": 1000}
+    model = mvit_zoo.create_model("mvit_tiny", **kwargs)
+    run = tmp_path / "run"
+    run.mkdir()
+    mvit_zoo.save_safetensors(model.state_dict(), run / "model.safetensors")
+    write_config(run, config_for_model(model, model_args=kwargs, pretrained_cfg=dict(model.pretrained_cfg),
+                                       data_config={}))
+    folder, _ = publish.convert_checkpoint(str(run / "model.safetensors"), "mvit_tiny", tmp_path / "out",
+                                           model_args=json.loads(SMALL_2D))
+    assert read_config(folder).label_names is None
+    assert "- **Classes:** 1000 (unknown label set)" in (folder / "README.md").read_text()

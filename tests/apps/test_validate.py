@@ -158,3 +158,66 @@ def test_batch_size_must_be_positive(batch_size: str, tmp_path: Path, capsys: py
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"mvit-zoo validate: error: argument --batch-size: must be at least 1, got {batch_size}")
+
+
+def validate_row(tmp_path: Path, *args: str) -> dict:
+    """`validate` of a small random-init video model (the same weights every call) on 1x1 views: the results row."""
+    import torch
+
+    out = tmp_path / "row.json"
+    torch.manual_seed(0)
+    assert validate("--model", "mvit_v2_s_16x4", "--no-pretrained", "--model-kwargs", json.dumps(SMALL_3D),
+                    "--views", "1x1", "--decoder", "pyav", "--results-file", str(out), *args) == 0
+    return json.loads(out.read_text())
+
+
+def test_annotation_files_score_as_the_class_folders(tmp_path: Path) -> None:
+    """A path-label CSV (names, and SlowFast's integer labels) and an SSv2-style JSON layout of the same videos
+    give the class-folder tree's counts, top-1 and loss."""
+    data = tmp_path / "clips"
+    write_two_class_videos(data)
+    folders = validate_row(tmp_path, "--data", str(data))
+    videos = sorted(data.glob("*/*.mp4"))
+    named, indexed = tmp_path / "val.csv", tmp_path / "val_idx.csv"
+    named.write_text("".join(f"{p.relative_to(data)},{p.parent.name}\n" for p in videos))
+    kinetics_index = {"abseiling": 0, "air_drumming": 1}  # their indices in kinetics-400.txt
+    indexed.write_text("".join(f"{p.relative_to(data)} {kinetics_index[p.parent.name]}\n" for p in videos))
+    ssv2 = tmp_path / "ssv2"
+    (ssv2 / "labels").mkdir(parents=True)
+    (ssv2 / "videos").mkdir()
+    (ssv2 / "labels" / "labels.json").write_text(json.dumps({"abseiling": "0", "air drumming": "1"}))
+    entries = []
+    for i, p in enumerate(videos):
+        (ssv2 / "videos" / f"{100 + i}.mp4").write_bytes(p.read_bytes())
+        entries.append({"id": str(100 + i), "label": p.parent.name, "template": p.parent.name.replace("_", " "),
+                        "placeholders": []})
+    (ssv2 / "labels" / "validation.json").write_text(json.dumps(entries))
+    rows = {"list": validate_row(tmp_path, "--data", str(named), "--data-root", str(data)),
+            "integer list": validate_row(tmp_path, "--data", str(indexed), "--data-root", str(data)),
+            "ssv2": validate_row(tmp_path, "--data", str(ssv2), "--data-root", str(ssv2 / "videos"))}
+    for name, row in rows.items():
+        assert (row["count"], row["top1"], row["missing"]) == (4, folders["top1"], 0), name
+        assert row["loss"] == pytest.approx(folders["loss"], rel=1e-5), name
+    assert rows["list"]["matched_by"] == rows["ssv2"]["matched_by"] == "label set kinetics-400"
+    assert rows["integer list"]["matched_by"] == "annotation file order" and rows["ssv2"]["format"] == "ssv2"
+
+
+def test_kinetics_csv_reports_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "clips"
+    write_two_class_videos(data)
+    flat = tmp_path / "videos"  # as the CVDF archives extract: <youtube_id>_<start>_<end>.mp4, no class folders
+    flat.mkdir()
+    lines = ["label,youtube_id,time_start,time_end,split"]
+    for i, p in enumerate(sorted(data.glob("*/*.mp4"))):
+        (flat / f"yt{i:09d}_000010_000020.mp4").write_bytes(p.read_bytes())
+        lines.append(f"{p.parent.name.replace('_', ' ')},yt{i:09d},10,20,val")
+    lines.append("abseiling,gone0000000,0,10,val")  # listed, never downloaded
+    csv_file = tmp_path / "validate.csv"
+    csv_file.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    row = validate_row(tmp_path, "--data", str(csv_file), "--data-root", str(flat))
+    assert row["count"] == 4 and row["missing"] == 1 and row["missing_files"] == ["gone0000000_000000_000010.mp4"]
+    assert row["format"] == "kinetics" and row["matched_by"] == "label set kinetics-400"
+    captured = capsys.readouterr()
+    assert f"missing gone0000000_000000_000010.mp4: listed in {csv_file}" in captured.err
+    assert "missing       1" in captured.out
