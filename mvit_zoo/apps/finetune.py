@@ -51,7 +51,7 @@ import time
 import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -71,16 +71,21 @@ from timm.utils import ModelEmaV3
 
 from ..data.config import ModelConfig, check_model_args, config_for_model, write_config
 from ..data.folders import (
-    IMAGE_EXTENSIONS, EpochSeeded, ImageSamples, SampleError, Samples, ShardSampler, derive_seed, scan_data,
-    seed_everything,
+    IMAGE_EXTENSIONS, EpochSeeded, SampleError, Samples, ShardSampler, derive_seed, seed_everything,
 )
-from ..data.transforms import DataConfig, build_transform, is_video_model, resolve_data_config
-from ..data.augment import TrainClipTransform
-from ..data.video import VIDEO_EXTENSIONS, VideoClips, ViewClips
+from ..data.pipeline import Augmentation, build_datasets, flatten_clips
+from ..data.reader import BACKENDS, resolve_backend
+from ..data.recipes import RECIPES, apply_recipe, get_recipe
+from ..data.sources import FORMATS, DatasetSplit, find_splits
+from ..data.transforms import DataConfig, is_video_model, resolve_data_config
+from ..data.video import VIDEO_EXTENSIONS
+from ..data.views import SLOWFAST_TARGET_FPS
 from ..evaluation import evaluate as evaluate_model, view_sampling
 from ..files import atomic_write
 from ..weights.convert import CheckpointMismatchError
+from ..weights.hub import UnsafeCheckpointError, check_build_size, read_training_state, read_weights
 from .cli import CliError
+from .threads import add_threads_argument, apply_threads
 
 __all__ = [
     "check_model_name",
@@ -103,12 +108,16 @@ WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"
 BEST_WEIGHTS_FILE = "model_best.safetensors"
 # Arguments that describe the run rather than the result; they may change on --resume
-_RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data",
-                           "keep_checkpoints"})
+_RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data", "data_root",
+                           "val_data", "keep_checkpoints", "threads"})
+# Where the data is: may change on --resume (the data moved), taken from the run when not given
+_DATA_ARGS = ("data", "data_root", "val_data")
 # Held by the run writing to an output folder (its pid in LOCK_FILE + ".pid"): a second run there is refused
 LOCK_FILE = ".mvit-zoo.lock"
 # Arguments a run cannot start without; `--resume DIR` alone takes them from the run
 _RUN_ARGS = ("model", "data", "output")
+# Set in the parsed arguments by prepare_parser when it made a --recipe the options' defaults (not saved)
+_RECIPE_APPLIED = "_recipe_applied"
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -283,6 +292,8 @@ def create_finetune_model(
         # an unknown class count: the loader keeps a fitting classifier and leaves out another
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file), num_classes=None)
         try:
+            check_build_size(name, {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}, pretrained_file,
+                             source="--model-kwargs")
             return timm.create_model(name, pretrained=True, **kwargs)
         except CheckpointMismatchError as e:
             detail = str(e).split(": ", 1)[-1]  # after the loader's title, which names the tag, not the file
@@ -414,6 +425,8 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) ->
     """`load(path)`, with an error naming the file and the fix if it is missing, damaged or does not fit."""
     try:
         return load(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to read or apply the file means the same to the user
         detail = " ".join(f"{type(e).__name__}: {e}".split())
         raise CliError(
@@ -423,8 +436,7 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any], run: Path) ->
 
 
 def _load_weights(path: Path, model: nn.Module) -> None:
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_weights(path))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -465,18 +477,19 @@ def model_config(
         label_names: Sequence[str],
         model_kwargs: Dict[str, Any],
         data_cfg: DataConfig,
+        frame_sampling: Optional[str] = None,
 ) -> ModelConfig:
     """The `config.json` of the fine-tuned weights (schema: :mod:`mvit_zoo.data.config`).
 
     `timm.create_model('local-dir:<folder>', pretrained=True)` rebuilds the model from it;
-    `label_names` are the class folder names. The preprocessing is the run's; the frame sampling
-    (an SSv2 model's 'segment') is the pretrained config's.
+    `label_names` are the dataset's class names. The preprocessing and the frame sampling (`frame_sampling`,
+    default the pretrained config's: an SSv2 model's 'segment') are the run's.
     """
     source = dict(getattr(model, "pretrained_cfg", None) or {})
     data = data_cfg.to_dict()
     video = {k: data[k] for k in ("num_frames", "sampling_rate", "channel_order") if k in data}
     if data_cfg.is_video:
-        video["frame_sampling"] = source.get("frame_sampling")
+        video["frame_sampling"] = frame_sampling or source.get("frame_sampling")
     model_args = {k: v for k, v in model_kwargs.items() if k not in ("drop_path_rate", "drop_rate")}
     model_args["num_classes"] = len(label_names)
     return config_for_model(
@@ -546,7 +559,34 @@ def _check_resume_args(saved: Dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _args_dict(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: _normalised(v) for k, v in vars(args).items() if not callable(v)}
+    return {k: _normalised(v) for k, v in vars(args).items() if not callable(v) and not k.startswith("_")}
+
+
+def _read_splits(args: argparse.Namespace, extensions: Tuple[str, ...]) -> Tuple[DatasetSplit, DatasetSplit]:
+    """The (train, val) splits of `--data` (`--data-root`, `--data-format`, `--val-data`, `--val-split`), with a
+    one-line note (main process) on the listed files that are not found."""
+    try:
+        train, val = find_splits(args.data, args.data_root, args.data_format, args.val_data, args.val_split,
+                                 args.seed, extensions)
+    except UnicodeDecodeError as e:  # an image or a video given as the annotation file
+        raise CliError(f"--data: {args.data} is a file but not a text annotation file ({e}); give a folder of "
+                       "class folders, an annotation file (path-label list, Kinetics CSV, SSv2 JSON) or a dataset "
+                       "folder") from e
+    except (OSError, ValueError) as e:
+        raise CliError(f"--data: {e}") from e
+    missing = train.missing + val.missing
+    if missing and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {len(missing)} listed file(s) not found, left out (first: {missing[0]}); check --data-root",
+              file=sys.stderr)
+    return train, val
+
+
+def _decoder(name: str) -> str:
+    """The video backend of `--decoder` (auto: torchcodec if it works here, else PyAV)."""
+    try:
+        return resolve_backend(None if name == "auto" else name)
+    except (ImportError, ValueError) as e:
+        raise CliError(f"--decoder {name}: {e}") from e
 
 
 class Trainer:
@@ -584,12 +624,11 @@ class Trainer:
         # The data type depends on the model and the head on the data: the overrides are checked and
         # the model's input kind read on a weightless copy first.
         self.model_kwargs, is_video = resolve_model_kwargs(args)
-        extensions = VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS
-        try:
-            self.classes, train_samples, val_samples = scan_data(Path(args.data), extensions, args.val_split,
-                                                                 args.seed)
-        except (OSError, ValueError) as e:
-            raise CliError(f"--data: {e}") from e
+        train, val = _read_splits(args, VIDEO_EXTENSIONS if is_video else IMAGE_EXTENSIONS)
+        self.classes = train.classes
+        if args.clips_per_video > 1 and not is_video:
+            raise CliError(f"--clips-per-video {args.clips_per_video} is for video models and {args.model} is an "
+                           "image model; drop it")
 
         seed_everything(args.seed)
         self.model = create_finetune_model(
@@ -600,7 +639,10 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         self.model.to(self.device)
         self.data_cfg = resolve_data_config(self.model, args.sampling_rate)
-        self._build_data(train_samples, val_samples)
+        if args.channel_order is not None:
+            self.data_cfg = replace(self.data_cfg, channel_order=args.channel_order)
+        self.frame_sampling = args.frame_sampling or self.model.pretrained_cfg.get("frame_sampling") or "stride"
+        self._build_data(train.samples, val.samples)
         self._build_optimisation()
         if args.resume is not None:
             self._resume(Path(args.resume) if args.resume else self.output)
@@ -615,16 +657,20 @@ class Trainer:
 
     def _build_data(self, train_samples: Samples, val_samples: Samples) -> None:
         args, info, cfg = self.args, self.info, self.data_cfg
-        train_tf = build_transform(cfg, True, scale=tuple(args.scale), hflip=args.hflip,
-                                   color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob)
-        val_tf = build_transform(cfg, False)
-        if cfg.is_video:
-            train_tf = TrainClipTransform(cfg.input_size, cfg.mean, cfg.std, scale=tuple(args.scale), hflip=args.hflip,
-                                          auto_augment=args.aa, re_prob=args.reprob, channel_order=cfg.channel_order)
-            train_ds: Dataset = VideoClips(train_samples, cfg.num_frames, cfg.sampling_rate, train_tf)
-            val_ds: Dataset = ViewClips(val_samples, view_sampling(self.model, "1x1", cfg))
-        else:
-            train_ds, val_ds = ImageSamples(train_samples, train_tf), ImageSamples(val_samples, val_tf)
+        aug = Augmentation(
+            scale=tuple(args.scale), hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+            re_prob=args.reprob, clips_per_video=args.clips_per_video, frame_sampling=self.frame_sampling,
+            target_fps=args.target_fps, crop_mode=args.crop_mode, jitter_scales=tuple(args.jitter_scales),
+            inverse_uniform=args.inverse_uniform, aa_interpolation=args.aa_interpolation, re_mode=args.re_mode,
+            backend=_decoder(args.decoder) if cfg.is_video else None,
+        )
+        # the run's frame sampling, which config.json records: `mvit-zoo validate` of the weights scores the same
+        val_sampling = (replace(view_sampling(self.model, "1x1", cfg), frame_sampling=self.frame_sampling)
+                        if cfg.is_video else None)
+        try:
+            train_ds, val_ds = build_datasets(train_samples, val_samples, cfg, aug, val_sampling)
+        except ValueError as e:  # the one option the parser cannot check: a video clip's --aa policy
+            raise CliError(f"--aa {args.aa}: {e}") from e
         self.num_train, self.num_val = len(train_samples), len(val_samples)
         self.train_ds = EpochSeeded(train_ds, args.seed)
         self.train_sampler = ShardSampler(self.num_train, info.world_size, info.rank, shuffle=True, seed=args.seed,
@@ -641,10 +687,11 @@ class Trainer:
 
     def _build_optimisation(self) -> None:
         args = self.args
-        # AdamW; timm groups the parameters by layer (group_matcher) for layer decay, and exempts
-        # 1-D parameters and model.no_weight_decay() from weight decay
-        self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
-                                             layer_decay=self._layer_decay())
+        # timm groups the parameters by layer (group_matcher) for layer decay, and exempts 1-D parameters and
+        # model.no_weight_decay() from weight decay; SGD is SlowFast's: momentum, Nesterov
+        extra = {"momentum": args.momentum, "nesterov": True} if args.opt == "sgd" else {}
+        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                             layer_decay=self._layer_decay(), **extra)
         total_steps = self.steps_per_epoch * args.epochs
         warmup = min(int(round(args.warmup_epochs * self.steps_per_epoch)), max(total_steps - 1, 0))
         self.scheduler = CosineLRScheduler(
@@ -653,9 +700,9 @@ class Trainer:
         )
         self.mixup: Optional[Mixup] = None
         if args.mixup > 0 or args.cutmix > 0:
-            if args.batch_size % 2:
-                raise CliError(f"mixup/cutmix pairs the samples of a batch; use an even --batch-size "
-                               f"(not {args.batch_size})")
+            if args.batch_size * args.clips_per_video % 2:
+                raise CliError(f"mixup/cutmix pairs the clips of a batch (--batch-size x --clips-per-video); use an "
+                               f"even --batch-size (not {args.batch_size})")
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                                label_smoothing=args.smoothing, num_classes=len(self.classes))
             self.criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = SoftTargetCrossEntropy()
@@ -698,7 +745,7 @@ class Trainer:
             _load_checkpoint_file(checkpoint / EMA_WEIGHTS_FILE, lambda p: _load_weights(p, self.ema.module), folder)
 
         def load_extra(path: Path) -> None:
-            extra = torch.load(path, map_location="cpu", weights_only=True)
+            extra = read_training_state(path)
             self.optimizer.load_state_dict(extra["optimizer"])
             self.scheduler.load_state_dict(extra["scheduler"])
             _set_rng_state(extra["rng"])
@@ -761,7 +808,8 @@ class Trainer:
                 _link(checkpoint / file, self.output / file)
 
     def config(self) -> ModelConfig:
-        return model_config(self.model, self.args.model, self.classes, self.model_kwargs, self.data_cfg)
+        return model_config(self.model, self.args.model, self.classes, self.model_kwargs, self.data_cfg,
+                            self.frame_sampling if self.data_cfg.is_video else None)
 
     # -- loop -----------------------------------------------------------------------------------
 
@@ -853,7 +901,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer update; returns the batch loss."""
         seed_everything(derive_seed(self.args.seed, 3, self.global_step, self.info.rank))
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = flatten_clips(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
         if self.mixup is not None:
             x, y = _apply_mixup(self.mixup, x, y)
         self.scheduler.step_update(self.global_step)
@@ -966,35 +1014,80 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="video models: frames per clip for model and data (default: the model's)")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="SlowFast's MViTv2-S training recipe (k400: Kinetics, ssv2: Something-Something v2) as "
+                             "the defaults of the options below, learning rates scaled to the global batch; options "
+                             "given explicitly override it; what it sets is printed (not applied with --resume)")
     d = parser.add_argument_group("data")
-    d.add_argument("--data", default=None, metavar="DIR",
-                   help="class folders DIR/<class>/<file>, or DIR/train/ and DIR/val/ trees of them "
-                        "(required but with --resume)")
+    d.add_argument("--data", default=None, metavar="FILE|DIR",
+                   help="class folders DIR/<class>/<file> (or DIR/train/ and DIR/val/ trees of them), one annotation "
+                        "file (path-label list, Kinetics CSV, SSv2 JSON), or a dataset folder with its train and val "
+                        "annotation files as distributed (required but with --resume)")
+    d.add_argument("--data-root", default=None, metavar="DIR",
+                   help="the folder the listed video paths are relative to (default: the annotation file's folder)")
+    d.add_argument("--data-format", choices=FORMATS, default=None,
+                   help="the layout of --data (default: detected from the files)")
+    d.add_argument("--val-data", default=None, metavar="FILE|DIR",
+                   help="validation data: an annotation file or class folders (default: the dataset's own val split)")
     d.add_argument("--val-split", type=float, default=0.1,
-                   help="fraction of each class held out for validation when DIR has no val/ (default: %(default)s)")
+                   help="fraction of each class held out for validation when the data has no val split "
+                        "(default: %(default)s)")
     d.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
     d.add_argument("--sampling-rate", type=int, default=None, metavar="TAU",
                    help="video: stride between the T sampled frames (default: the model's pretrained config)")
+    d.add_argument("--frame-sampling", choices=("stride", "segment"), default=None,
+                   help="video: T frames TAU apart at a random start (stride, Kinetics) or one random frame in each "
+                        "of T segments (segment, SSv2) (default: the model's pretrained config, else stride)")
+    d.add_argument("--target-fps", type=float, default=SLOWFAST_TARGET_FPS, metavar="FPS",
+                   help="video: TAU counts frames at this rate, whatever the file's (default: %(default)g)")
+    d.add_argument("--clips-per-video", type=int, default=1, metavar="N",
+                   help="video: SlowFast's repeated augmentation: each video is decoded once and augmented N times; "
+                        "--batch-size counts videos, so each step trains on batch x N clips (default: %(default)s)")
+    d.add_argument("--decoder", choices=("auto", *BACKENDS), default="auto",
+                   help="video decoding library (default: auto, torchcodec if it works here, else pyav)")
+    d.add_argument("--crop-mode", choices=("resized", "jitter"), default="resized",
+                   help="video: random resized crop (--scale) or short-side jitter (--jitter-scales) + random crop "
+                        "(default: %(default)s)")
+    d.add_argument("--jitter-scales", type=int, nargs=2, default=(256, 320), metavar=("MIN", "MAX"),
+                   help="video: short-side range of --crop-mode jitter; frames are decoded at short side MIN "
+                        "(default: 256 320)")
+    d.add_argument("--inverse-uniform", action=argparse.BooleanOptionalAction, default=False,
+                   help="video: draw the jitter short side uniformly in 1/size (default: no)")
+    d.add_argument("--channel-order", choices=("RGB", "BGR"), default=None,
+                   help="video: channel order of the model's input (default: the model's pretrained config)")
     d.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="random-resized-crop area range (default: 0.08 1.0)")
-    d.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: %(default)s)")
+    d.add_argument("--hflip", type=float, default=0.5,
+                   help="horizontal flip probability (the whole clip for video) (default: %(default)s)")
     d.add_argument("--color-jitter", type=float, default=0.4, help="images: colour jitter (default: %(default)s)")
-    d.add_argument("--aa", default=None, help="images: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'")
-    d.add_argument("--reprob", type=float, default=0.0, help="images: random erasing probability (default: 0)")
+    d.add_argument("--aa", default=None,
+                   help="auto-augment policy, e.g. 'rand-m7-n4-mstd0.5-inc1'; images: any of timm's, video: "
+                        "RandAugment, the same ops on every frame (default: none)")
+    d.add_argument("--aa-interpolation", choices=("bilinear", "bicubic"), default="bicubic",
+                   help="video: interpolation of RandAugment's geometric ops (default: %(default)s)")
+    d.add_argument("--reprob", type=float, default=0.0,
+                   help="random erasing probability (video: one box for the whole clip) (default: 0)")
+    d.add_argument("--re-mode", choices=("pixel", "rand", "const"), default="pixel",
+                   help="video: random erasing fill, per-pixel noise, a random colour or the mean "
+                        "(default: %(default)s)")
     d.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (default: 0, off)")
     d.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (default: 0, off)")
     d.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch (default: 1)")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    o.add_argument("--batch-size", type=int, default=32, help="per process (default: %(default)s)")
+    o.add_argument("--batch-size", type=int, default=32,
+                   help="images or videos per process and step (default: %(default)s)")
     o.add_argument("--eval-batch-size", type=int, default=None, help="per process (default: --batch-size)")
-    o.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default: %(default)s)")
+    o.add_argument("--opt", choices=("adamw", "sgd"), default="adamw",
+                   help="optimizer; sgd is SlowFast's, with --momentum and Nesterov (default: %(default)s)")
+    o.add_argument("--momentum", type=float, default=0.9, help="--opt sgd: momentum (default: %(default)s)")
+    o.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
     o.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end (default: %(default)s)")
     o.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warm-up, may be fractional (default: %(default)s)")
     o.add_argument("--warmup-lr", type=float, default=1e-6, help="warm-up start (default: %(default)s)")
     o.add_argument("--weight-decay", type=float, default=0.05,
-                   help="AdamW weight decay, not applied to norms, biases and position tables (default: %(default)s)")
+                   help="weight decay, not applied to norms, biases and position tables (default: %(default)s)")
     o.add_argument("--layer-decay", type=float, default=None,
                    help="layer-wise learning-rate decay; 1 turns it off (default: 0.75 from pretrained weights, "
                         "else 1)")
@@ -1020,6 +1113,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars (default: yes)")
+    add_threads_argument(r)
 
 
 def _defaults() -> Dict[str, Any]:
@@ -1047,6 +1141,8 @@ _RANGES: Dict[str, Tuple[float, Optional[float], Tuple[bool, bool]]] = {
     "clip_grad": (0.0, None, (False, False)),
     "ema_decay": (0.0, 1.0, (True, False)),
     "drop_path": (0.0, 1.0, (True, False)),
+    "target_fps": (0.0, None, (False, False)),
+    "momentum": (0.0, 1.0, (True, False)),
 }
 _RANGE_NOTES = {
     "val_split": "the fraction of each class held out; 0 for none",
@@ -1058,6 +1154,7 @@ _RANGE_NOTES = {
     "clip_grad": "a gradient norm; leave it out for no clipping",
     "ema_decay": "the weight of the old average per step, e.g. 0.9998",
     "drop_path": "the stochastic depth rate of the last block",
+    "target_fps": "frames per second", "momentum": "the SGD momentum, e.g. 0.9",
 }
 
 
@@ -1066,7 +1163,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if missing:
         raise CliError(f'{", ".join(missing)} required (or --resume DIR to continue a run)')
     for name in ("epochs", "batch_size", "eval_batch_size", "img_size", "num_frames", "save_every",
-                 "keep_checkpoints", "sampling_rate"):
+                 "keep_checkpoints", "sampling_rate", "clips_per_video"):
         value = getattr(args, name)
         if value is not None and (value < 1 if name != "save_every" else value < 0):
             flag = "--" + name.replace("_", "-")
@@ -1085,6 +1182,12 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0 < scale_min <= scale_max <= 1:
         raise CliError(f"--scale {scale_min:g} {scale_max:g}: give MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
                        "image area)")
+    low, high = args.jitter_scales
+    if not 1 <= low <= high:
+        raise CliError(f"--jitter-scales {low} {high}: give MIN MAX with 1 <= MIN <= MAX (short sides in pixels)")
+    if args.recipe is not None and args.resume is None and not getattr(args, _RECIPE_APPLIED, False):
+        raise CliError(f"--recipe {args.recipe} was not applied: it is read before the other options, so give it in "
+                       f"full (--recipe {args.recipe}) to `mvit-zoo finetune`")
 
 
 def _restore_run_args(args: argparse.Namespace) -> None:
@@ -1099,7 +1202,7 @@ def _restore_run_args(args: argparse.Namespace) -> None:
         if key not in defaults or key in ("resume", "output"):
             continue
         current = getattr(args, key, None)
-        if (key in _RUN_ARGS and current is None) or (
+        if ((key in _RUN_ARGS or key in _DATA_ARGS) and current is None) or (
                 key not in _RUNTIME_ARGS and _normalised(current) == _normalised(defaults[key])):
             setattr(args, key, value)
     if args.output is None:
@@ -1112,7 +1215,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         _restore_run_args(args)
     _check_args(args)
-    args.data = str(Path(args.data).absolute())  # saved with the run, for `--resume DIR` from anywhere
+    apply_threads(args.threads, args.workers)
+    for name in _DATA_ARGS:  # saved with the run, for `--resume DIR` from anywhere
+        if getattr(args, name) is not None:
+            setattr(args, name, str(Path(getattr(args, name)).absolute()))
     trainer = Trainer(args)
     try:
         with _output_lock(trainer.output, trainer.info):
@@ -1172,9 +1278,49 @@ def _output_lock(output: Path, info: DistInfo) -> Iterator[None]:
             output.rmdir()
 
 
+def _flag_text(dest: str, value: Any) -> str:
+    """`--option value` as it would be typed (`--scale 0.08 1`, `--inverse-uniform`, `--no-inverse-uniform`)."""
+    flag = "--" + dest.replace("_", "-")
+    if value is None:
+        return f"{flag} off"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    values = value if isinstance(value, tuple) else (value,)
+    return " ".join([flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)])
+
+
+def prepare_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
+    """Before `parser` (configured by :func:`configure_parser`) reads `argv`: make the options of its `--recipe`
+    their defaults, so that options given explicitly override them, and print (stderr, main process) what it
+    set. Learning rates are scaled to the global batch (`--batch-size` x the torchrun processes). Nothing is
+    applied with `--resume`: a resumed run keeps its own arguments. Returns `{dest: value}` of what was set."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe", default=None)
+    pre.add_argument("--batch-size", default=None)
+    pre.add_argument("--resume", nargs="?", const="", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.recipe not in RECIPES or known.resume is not None:
+        return {}  # an unknown name is refused by the parser itself
+    try:
+        batch = int(known.batch_size) if known.batch_size is not None else parser.get_default("batch_size")
+    except ValueError:
+        return {}  # the parser refuses the value
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    chosen = apply_recipe(parser, known.recipe, batch * world_size)
+    parser.set_defaults(**{_RECIPE_APPLIED: True})
+    if int(os.environ.get("RANK", "0")) == 0:
+        recipe = get_recipe(known.recipe)
+        flags = " ".join(_flag_text(dest, value) for dest, value in chosen.items())
+        print(f"--recipe {recipe.name} (SlowFast {recipe.config}; learning rates for a global batch of "
+              f"{batch * world_size} videos) sets, unless given explicitly:\n  {flags}", file=sys.stderr)
+    return chosen
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="mvit-zoo finetune")
     configure_parser(parser)
+    prepare_parser(parser, argv)
     return run(parser.parse_args(argv))
 
 

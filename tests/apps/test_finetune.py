@@ -601,7 +601,8 @@ def _error_case(case: str, tiny: Path, tmp: Path) -> List[str]:
 @pytest.mark.parametrize("case, message", [
     ("unknown model", "--model mvit_smal: unknown model; did you mean mvit_small"),
     ("unknown tag", "--model mvit_small.nope: mvit_small has no pretrained tag 'nope'; available: fb_in1k"),
-    ("data is a file", r"--data: .*a/0\.png is a file; give a folder of class folders"),
+    ("data is a file", r"--data: .*a/0\.png is a file but not a text annotation file .*; give a folder of class "
+                       r"folders, an annotation file"),
     ("data missing", r"--data: .*missing does not exist; give a folder of class folders"),
     ("data empty", r"--data: .*empty has no class folders; a classifier needs at least two"),
     ("no images", r"--data: no files with the extensions \.jpg, .* in the class folder\(s\) a, b of "),
@@ -741,3 +742,51 @@ def test_second_run_into_the_same_folder_is_refused(tiny: Path, tmp_path: Path) 
         with pytest.raises(CliError, match=f"^another run is writing to {re.escape(str(output))} \\(pid 4242\\)"):
             finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY))
     assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0  # free again
+
+
+# -- checkpoint files are read without running code ------------------------------------------------------
+
+def test_resume_refuses_integer_weights(tiny: Path, tmp_path: Path) -> None:
+    """model.safetensors with an int or bool tensor is not weights: --resume names the file."""
+    from safetensors.torch import save_file
+
+    output = tmp_path / "o"
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    path = output / json.loads((output / "train_state.json").read_text())["checkpoint"] / "model.safetensors"
+    for dtype in (torch.int64, torch.bool):
+        state = load_file(path)
+        key = next(k for k in state if k.endswith("weight"))
+        state[key] = state[key].to(dtype)
+        save_file(state, str(path))
+        with pytest.raises(CliError, match=f"cannot resume from {re.escape(str(path))} "):
+            finetune.main(["--resume", str(output), "--epochs", "2"])
+
+
+class _RunsCode:
+    """Unpickling this touches a marker file: the code a malicious optimizer.pt would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_training_state_that_runs_code(tiny: Path, tmp_path: Path) -> None:
+    output, marker = tmp_path / "o", tmp_path / "pwned"
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    path = output / json.loads((output / "train_state.json").read_text())["checkpoint"] / "optimizer.pt"
+    torch.save({"optimizer": _RunsCode(marker)}, path)
+    with pytest.raises(mvit_zoo.UnsafeCheckpointError, match=f"refused to load {re.escape(str(path))}"):
+        finetune.main(["--resume", str(output), "--epochs", "2"])
+    assert not marker.exists()
+
+
+def test_pretrained_file_too_small_for_the_model_kwargs(tiny: Path, tmp_path: Path) -> None:
+    """--model-kwargs that would build a model far larger than the --pretrained-file are refused before building."""
+    output = tmp_path / "o"
+    assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0
+    big = {**SMALL_2D, "embed_dim": 512, "depths": [2, 2, 8, 2]}
+    with pytest.raises(CliError, match="does not fit mvit_tiny with these --model-kwargs .* would hold"):
+        finetune.main(finetune_args(tiny, tmp_path / "big", "--epochs", "1", *TINY, "--pretrained-file",
+                                    str(output / "model.safetensors"), kwargs=big))
