@@ -504,3 +504,18 @@ def test_converted_finetuned_folder_keeps_no_label_set_of_its_tag(tmp_path: Path
                                            model_args=json.loads(SMALL_2D))
     assert read_config(folder).label_names is None
     assert "- **Classes:** 1000 (unknown label set)" in (folder / "README.md").read_text()
+
+
+def test_mirror_advice_only_when_the_hub_was_unreachable() -> None:
+    """HF_ENDPOINT points at a Hub mirror: it is advice for a Hub that did not answer, not for a URL download."""
+    from mvit_zoo.apps.cli import _describe
+    from mvit_zoo.weights.hub import WeightsUnavailableError
+
+    def message(summary: str) -> str:
+        return _describe("predict", WeightsUnavailableError("x", tag="mvit_small.fb_in1k", summary=summary,
+                                                            reason="unreachable"))
+
+    hub = message("the Hub at https://huggingface.co did not answer (timed out)")
+    url = message("cannot download https://dl.fbaipublicfiles.com/mvit/x.pyth (connection refused)")
+    assert "set HF_ENDPOINT to a mirror" in hub and "HF_ENDPOINT" not in url
+    assert url.endswith("pass a weight file with --checkpoint PATH, or --no-pretrained for random weights")
