@@ -603,7 +603,7 @@ def _error_case(case: str, tiny: Path, tmp: Path) -> List[str]:
     ("unknown tag", "--model mvit_small.nope: mvit_small has no pretrained tag 'nope'; available: fb_in1k"),
     ("data is a file", r"--data: .*a/0\.png is a file but not a text annotation file .*; give a folder of class "
                        r"folders, an annotation file"),
-    ("data missing", r"--data: .*missing does not exist; give a folder of class folders"),
+    ("data missing", r"--data: .*missing does not exist; give a class-folder tree, an annotation file or a folder"),
     ("data empty", r"--data: .*empty has no class folders; a classifier needs at least two"),
     ("no images", r"--data: no files with the extensions \.jpg, .* in the class folder\(s\) a, b of "),
     ("img_size too small", r"input size \(16, 16\) is too small for mvit_tiny: H=16 \(min 32\), W=16 \(min 32\), "
