@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Optional
 
 import timm
@@ -156,6 +157,25 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _saved_data_config(pcfg: PretrainedCfg) -> dict[str, Any]:
+    """The `data_config` (frames, sampling rate, frame sampling, channel order, ...) of the config.json that a
+    'local-dir:' or 'hf-hub:' cfg was read from: timm keeps only its own PretrainedCfg fields of that file."""
+    from ..data.config import CONFIG_FILE, DATA_FIELDS, read_config
+
+    path = None
+    if pcfg.source == "local-dir" and pcfg.file:
+        path = Path(pcfg.file) / CONFIG_FILE
+    elif pcfg.source == "hf-hub" and pcfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = pcfg.hf_hub_id.partition("@")
+        cached = try_to_load_from_cache(repo, CONFIG_FILE, revision=revision or None)
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return {}
+    return {k: v for k, v in read_config(path).data_config.items() if k in DATA_FIELDS and v is not None}
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
     """Build `variant`: architecture overrides come from kwargs (and from the tag, where its weights
     need them); weights from `mvit_zoo.hub`; `features_only=True` wraps the model for its pyramid."""
@@ -168,7 +188,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Any:
         if pcfg.num_classes is not None and pcfg.num_classes != base.num_classes:
             # another head (a fine-tuned folder's): the tag's label set and accuracy are not these weights'
             base = dataclasses.replace(base, label_set=None, top1=None, top5=None, file_sha256=None)
-        pcfg = dataclasses.replace(base, **{k: v for k, v in dataclasses.asdict(pcfg).items() if k in known})
+        values = {k: v for k, v in dataclasses.asdict(pcfg).items() if k in known}
+        pcfg = dataclasses.replace(base, **values, **_saved_data_config(pcfg))
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     feature_cls = kwargs.pop("feature_cls", "getter")

@@ -1,6 +1,8 @@
 """Registration, published sizes and the timm model contract."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -164,3 +166,23 @@ def test_fused_and_explicit_attention_agree_at_other_sizes() -> None:
             m.set_fused_attn(False)
             b = m(x)
         assert (a - b).abs().max() < 1e-5
+
+
+def test_local_dir_keeps_the_saved_data_config(tmp_path: Path) -> None:
+    """timm's 'local-dir:' keeps only PretrainedCfg's own fields of config.json; the video data settings a
+    fine-tuned folder saved (sampling rate, frame sampling, channel order) must reach the model's cfg too."""
+    from safetensors.torch import save_file
+
+    from mvit_zoo.data.config import config_for_model, write_config
+
+    kwargs = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [8, 32, 32], "num_classes": 3}
+    model = timm.create_model("mvit_v2_s_16x4", **kwargs)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    data = {"sampling_rate": 2, "frame_sampling": "segment", "channel_order": "BGR", "test_views": [1, 3]}
+    write_config(tmp_path, config_for_model(model, model_args=kwargs, pretrained_cfg=model.pretrained_cfg,
+                                            data_config=data, label_names=["a", "b", "c"]))
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    cfg = loaded.pretrained_cfg
+    assert (cfg["num_frames"], cfg["sampling_rate"], cfg["frame_sampling"], cfg["channel_order"]) == (
+        8, 2, "segment", "BGR")
+    assert tuple(cfg["test_views"]) == (1, 3) and cfg.get("label_set") is None and cfg["label_names"] == ["a", "b", "c"]
