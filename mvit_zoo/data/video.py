@@ -1,9 +1,12 @@
-"""Video input for MViT models: decoding (PyAV), temporal sampling and clip transforms.
+"""Video clips for MViT models: training clips, the one validation view, the centre clip of `predict`.
 
-A video model takes clips of `T` frames taken every `tau` frames (the model's
-`pretrained_cfg['num_frames']` and `['sampling_rate']`), laid out as
-float tensors of shape `(C, T, H, W)`. This module is shared by
-`mvit-zoo finetune` (class folders of video files) and `mvit-zoo predict`.
+A video model takes clips of `T` frames taken every `tau` frames at 30 fps (the model's
+`pretrained_cfg['num_frames']` and `['sampling_rate']`), laid out as float tensors `(C, T, H, W)`.
+Every clip is read through :mod:`mvit_zoo.data.reader`, which decodes only the frames a clip needs:
+:class:`VideoClips` (finetune's training clips, SlowFast's sampling, several augmented clips per
+decode), :class:`ViewClips` (finetune's validation: the view `validate --views 1x1` scores),
+:func:`load_clip` (the centre clip) and :class:`ClipTransform` (resize + centre crop of a clip).
+:func:`write_video` encodes frames, for tests and examples.
 
 Decoding needs the optional `av` package (`pip install mvit-zoo[video]`).
 """
@@ -20,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from .reader import probe, read_frames
+from .reader import _import_av, probe, read_frames
 from .sampling import train_clip_indices, train_segment_indices
 from .views import SLOWFAST_TARGET_FPS, ViewSampling, stride_clip_indices
 
@@ -45,30 +48,6 @@ PathLike = Union[str, os.PathLike]
 def is_video_file(path: PathLike) -> bool:
     """True if the file name has a known video extension."""
     return str(path).lower().endswith(VIDEO_EXTENSIONS)
-
-
-def _import_av():
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'Video decoding needs PyAV: install it with `pip install "mvit-zoo[video]"` (or `pip install av`).'
-        ) from e
-    return av
-
-
-def read_video(path: PathLike) -> np.ndarray:
-    """Decode all frames of the first video stream as an RGB `uint8` array `(N, H, W, 3)`."""
-    av = _import_av()
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"No video stream in {path}")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
-        raise ValueError(f"No frames could be decoded from {path}")
-    return np.stack(frames)
 
 
 def write_video(
