@@ -100,13 +100,14 @@ def test_missing_attribute_is_an_attribute_error() -> None:
 
 def test_torchvision_built_for_another_torch_is_one_line(tmp_path: Path) -> None:
     """A torchvision whose compiled ops do not load (as when pip pairs a CPU torch with PyPI's CUDA
-    torchvision) fails `import mvit_zoo` with an ImportError naming both versions and the reinstall."""
+    torchvision) fails the import of timm after `import mvit_zoo` with an ImportError naming both versions and
+    the reinstall."""
     fake = tmp_path / "torchvision"
     fake.mkdir()
     (fake / "__init__.py").write_text(  # what torchvision/_meta_registrations.py raises then
         'raise RuntimeError("operator torchvision::nms does not exist")\n')
     code = ("import importlib.metadata, torch\n"
-            "try:\n    import mvit_zoo\nexcept ImportError as e:\n"
+            "import mvit_zoo\ntry:\n    import timm\nexcept ImportError as e:\n"
             "    print(torch.__version__, importlib.metadata.version('torchvision'), torch.version.cuda)\n"
             "    print(e)\n")
     done = _python(code, PYTHONPATH=str(tmp_path))
@@ -115,3 +116,30 @@ def test_torchvision_built_for_another_torch_is_one_line(tmp_path: Path) -> None
     assert f"torchvision {tv_version} was built for another torch than this torch {torch_version}" in message
     fix = f"pip install --force-reinstall torch=={torch_version.split('+')[0]} torchvision"
     assert message.endswith(fix if cuda != "None" else fix + " --index-url https://download.pytorch.org/whl/cpu")
+
+
+def _run(code: str) -> str:
+    done = _python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_import_leaves_torch_and_timm_out() -> None:
+    """`import mvit_zoo` imports neither torch nor timm (the command line answers without them)."""
+    out = _run("import sys, mvit_zoo; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    assert out.strip() == "[]"
+
+
+def test_models_are_registered_whatever_the_import_order() -> None:
+    """mvit_zoo's models are in timm's registry after `import mvit_zoo` then timm (a post-import hook), timm then
+    mvit_zoo, `from timm import ...`, and through a public name."""
+    for code in ("import mvit_zoo, timm; print(timm.list_models('mvit_tiny*'))",
+                 "import timm, mvit_zoo; print(timm.list_models('mvit_tiny*'))",
+                 "import mvit_zoo\nfrom timm import create_model, list_models\nprint(list_models('mvit_tiny*'))\n"
+                 "print(type(create_model('mvit_tiny', pretrained=False)).__name__)",
+                 "import mvit_zoo, sys; print(mvit_zoo.list_models('mvit_tiny*')); import timm\n"
+                 "print([f for f in sys.meta_path if 'mvit_zoo' in type(f).__module__])"):
+        out = _run(code)
+        assert "['mvit_tiny']" in out, (code, out)
+        assert "MViT" in out if "create_model" in code else True
+        assert "[]" in out.splitlines()[-1] if "meta_path" in code else True

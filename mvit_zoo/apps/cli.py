@@ -8,8 +8,11 @@ Commands (each in its own module, which exposes `configure_parser(parser)` and `
     predict   classify images or videos                                   (mvit_zoo.apps.predict)
     validate  top-1/top-5 on a folder of images or videos, multi-view       (mvit_zoo.apps.validate)
 
-A command's module is imported only when that command runs, so a command whose module cannot be
-imported (a missing optional dependency, say) reports why, and the other commands keep working.
+A command's module is imported only when that command is named, so a command whose module cannot be
+imported (a missing optional dependency, say) reports why, and the other commands keep working. The command
+modules import no torch, timm or numpy at the top (their `run` imports what it needs), so `--help`, `--version`
+and a usage error answer at once. A module's `prepare_parser(parser, argv)`, where it has one, sees the
+command's arguments before they are parsed (`finetune --recipe` sets the other options' defaults).
 
 A mistake in the input or the environment is printed as one line, `mvit-zoo CMD: error: ...`, with exit
 code 2 (argparse's code for a usage error) and no traceback; `--debug`, before or after the command,
@@ -25,7 +28,8 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable, NamedTuple, Optional, Sequence
+from types import ModuleType
+from typing import NamedTuple, Optional, Sequence
 
 __all__ = ["COMMANDS", "CliError", "EXIT_BROKEN_PIPE", "EXIT_USER_ERROR", "build_parser", "main"]
 
@@ -43,6 +47,9 @@ class Command(NamedTuple):
     configure: str  # name of the function that adds the command's arguments
     run: str  # name of the function that runs it
     help: str
+
+
+_PREPARE = "prepare_parser"  # a command module's optional hook: prepare_parser(parser, argv) before parsing
 
 
 COMMANDS: dict[str, Command] = {
@@ -67,14 +74,13 @@ def _version() -> str:
         return "unknown"
 
 
-def _load(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
-    command = COMMANDS[name]
-    module = importlib.import_module(command.module)
-    return getattr(module, command.configure), getattr(module, command.run)
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name].module)
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The `mvit-zoo` parser; only `command`'s module is imported to add its arguments."""
+def build_parser(command: Optional[str] = None, command_argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `mvit-zoo` parser; only `command`'s module is imported to add its arguments, and its
+    `prepare_parser`, if it has one, is given `command_argv` (the arguments after the command's name)."""
     parser = argparse.ArgumentParser(
         prog="mvit-zoo", description="Multiscale Vision Transformers (MViT v1, MViTv2) for images and video.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -86,9 +92,11 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="on an error, print its traceback too")
         if name == command:
-            configure, run = _load(name)
-            configure(p)
-            p.set_defaults(_run=run)
+            module = _load(name)
+            getattr(module, spec.configure)(p)
+            p.set_defaults(_run=getattr(module, spec.run))
+            if hasattr(module, _PREPARE):
+                getattr(module, _PREPARE)(p, command_argv)
     return parser
 
 
@@ -154,7 +162,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             print(f"mvit-zoo {command}: unavailable: cannot import {COMMANDS[command].module} "
                   f"({type(e).__name__}: {e})", file=sys.stderr)
             return 1
-    parser = build_parser(command if command in COMMANDS else None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command, argv[argv.index(command) + 1:] if command else ())
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

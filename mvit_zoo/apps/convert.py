@@ -12,10 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..data.config import CONFIG_FILE
-from ..weights import hub
-from ..weights.convert import ArchitectureMismatchWarning
-from ..weights.publish import convert_checkpoint
 from .cli import CliError
 
 __all__ = ["add_model_arg", "configure_parser", "parse_model_args", "run"]
@@ -68,6 +64,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.config import CONFIG_FILE
+    from ..weights import hub
+    from ..weights.convert import ArchitectureMismatchWarning
+    from ..weights.publish import convert_checkpoint
+
     model_args = parse_model_args(args.model_arg)
     if not re.match(r"^https?://", args.src) and not Path(args.src).expanduser().exists():
         raise CliError(f"checkpoint not found: {args.src}; pass a checkpoint file, a folder or an http(s) URL")

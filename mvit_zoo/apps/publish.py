@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..weights import hub
-from ..weights.publish import tag_config, official_tags, publish
 from .convert import add_model_arg, parse_model_args
+from .options import DEFAULT_HUB_ORG, HUB_ORG_ENV
 
 __all__ = ["configure_parser", "run"]
 
@@ -16,7 +15,7 @@ __all__ = ["configure_parser", "run"]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """`mvit-zoo publish`."""
     parser.description = ("Convert every official MViT checkpoint whose tag points at this project's Hub "
-                          f"organisation (${hub.HUB_ORG_ENV}, default {hub.DEFAULT_HUB_ORG!r}) into Hub-ready "
+                          f"organisation (${HUB_ORG_ENV}, default {DEFAULT_HUB_ORG!r}) into Hub-ready "
                           "folders OUTPUT/<arch.tag>/ (replacing folders it wrote there before, never other files), "
                           "and with --push upload them. A file from --source-dir is published as the official "
                           "weights (the paper's provenance and accuracy in its card) only if its SHA-256 matches "
@@ -38,6 +37,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..weights import hub
+    from ..weights.publish import official_tags, publish, tag_config
+
     if args.list:
         for tag in official_tags(args.only):
             cfg = tag_config(tag)

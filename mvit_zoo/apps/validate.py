@@ -27,17 +27,15 @@ import csv
 import json
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..data.config import find_config
-from ..data.sources import FORMATS
-from ..data.views import Views
-from ..evaluation import ClassMatchError, Evaluation, evaluate
 from .cli import CliError
-from .finetune import parse_model_kwargs
-from .predict import _positive_int, add_decoder_argument, add_weight_arguments, load_model, printable, resolve_decoder
+from .options import DATA_FORMATS, add_decoder_argument, add_weight_arguments, positive_int, printable
 from .threads import add_threads_argument, apply_threads
+
+if TYPE_CHECKING:
+    from ..evaluation import Evaluation
 
 __all__ = ["configure_parser", "run"]
 
@@ -53,12 +51,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "Kinetics CSV, SSv2 JSON); or a dataset folder holding its val file")
     parser.add_argument("--data-root", default=None, metavar="DIR",
                         help="the folder the videos of an annotation file are under (default: the file's folder)")
-    parser.add_argument("--data-format", choices=FORMATS, default=None,
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default=None,
                         help="how to read --data (default: detected from it)")
     add_weight_arguments(parser)
     parser.add_argument("--views", default=None, metavar="TxS",
                         help="video: temporal clips x spatial crops, S = 1 or 3 (default: the tag's test_views)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="views per forward pass, at least 1 (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
     add_threads_argument(parser)
@@ -124,6 +122,13 @@ def _summary(row: dict, result: Evaluation, per_class: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the summary, write the files asked for; returns the exit status."""
+    import torch
+
+    from ..data.views import Views
+    from ..evaluation import ClassMatchError, evaluate
+    from .classify import load_model, resolve_decoder
+    from .models import parse_model_kwargs
+
     apply_threads(args.threads, args.workers)
     if not args.model and not args.checkpoint:
         raise CliError("--model NAME[.tag] or --checkpoint DIR is needed")

@@ -1,14 +1,18 @@
 """`mvit-zoo` command line: dispatch, `convert`, `publish`, one-line errors, lazily imported commands."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from hub_server import HubServer, run_py
+from hub_server import REPO_ROOT as REPO, HubServer, run_py
 from mvit_zoo.apps import cli
 from references import max_diff, tv_reference, video_input
 
@@ -230,3 +234,64 @@ def test_closed_stdout_exits_quietly(argv: list[str], unbuffered: bool, hf_env: 
     proc.stdout.close()  # the reader is gone before the command writes a byte (it takes seconds to import)
     _, err = proc.communicate(timeout=300)
     assert (proc.returncode, err) == (cli.EXIT_BROKEN_PIPE, "")
+
+
+_TORCH_FREE = ("import sys\nfrom mvit_zoo.apps.cli import main\ntry:\n    code = main({argv!r})\n"
+               "except SystemExit as e:\n    code = e.code\n"
+               "print('exit', code, 'torch imported:', 'torch' in sys.modules, file=sys.stderr)")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["finetune", "--help"], ["predict", "--help"], ["validate", "--help"],
+                                  ["convert", "--help"], ["publish", "--help"], ["finetune", "--epochs", "x"]])
+def test_help_version_and_usage_errors_do_not_import_torch(argv: list[str]) -> None:
+    """The parsers are built from modules that import no torch: `--help`, `--version` and a usage error answer
+    without it (importing torch and timm takes seconds)."""
+    result = run_py(_TORCH_FREE.format(argv=argv), dict(os.environ), timeout=60)
+    code = 2 if argv[-1] == "x" else 0
+    assert result.stderr.splitlines()[-1] == f"exit {code} torch imported: False", result.stderr
+    if argv[-1] == "x":
+        assert "mvit-zoo finetune: error: argument --epochs: invalid int value: 'x'" in result.stderr
+
+
+def test_python_m_help_does_not_import_torch() -> None:
+    code = ("import runpy, sys\nsys.argv = ['mvit_zoo', '--help']\ntry:\n"
+            "    runpy.run_module('mvit_zoo', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch imported:', 'torch' in sys.modules)")
+    result = run_py(code, dict(os.environ), timeout=60)
+    assert "usage: mvit-zoo" in result.stdout and result.stdout.splitlines()[-1] == "exit 0 torch imported: False"
+
+
+def test_option_vocabularies_match_their_owners() -> None:
+    """`apps.options` copies a few names of torch-importing modules so that parsers need no torch; they agree."""
+    from mvit_zoo.apps import options
+    from mvit_zoo.data.reader import BACKENDS
+    from mvit_zoo.data.recipes import RECIPES
+    from mvit_zoo.data.sources import FORMATS
+    from mvit_zoo.data.views import SLOWFAST_TARGET_FPS
+    from mvit_zoo.weights import hub
+
+    assert options.DATA_FORMATS == FORMATS and options.VIDEO_BACKENDS == BACKENDS
+    assert options.RECIPE_NAMES == tuple(sorted(RECIPES)) and options.SLOWFAST_TARGET_FPS == SLOWFAST_TARGET_FPS
+    assert (options.HUB_ORG_ENV, options.DEFAULT_HUB_ORG) == (hub.HUB_ORG_ENV, hub.DEFAULT_HUB_ORG)
+
+
+def test_finetune_recipe_through_the_command_line(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`mvit-zoo finetune --recipe k400` makes the recipe the defaults (the front calls prepare_parser), and an
+    explicit option still overrides it."""
+    from mvit_zoo.apps import finetune
+
+    seen = {}
+    monkeypatch.setattr(finetune, "run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["finetune", "--recipe", "k400", "--epochs", "3", "--model", "m", "--data", "d",
+                     "--output", "o"]) == 0
+    assert "--recipe k400 (SlowFast" in capsys.readouterr().err
+    assert seen["clips_per_video"] == 2 and seen["mixup"] == 0.8 and seen["epochs"] == 3
+    finetune._check_args(argparse.Namespace(**seen))  # applied: not refused as a recipe given too late
+
+
+def test_installed_command_accepts_recipe() -> None:
+    done = subprocess.run([sys.executable, "-m", "mvit_zoo", "finetune", "--recipe", "ssv2", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--recipe ssv2 (SlowFast" in done.stderr and "usage: mvit-zoo finetune" in done.stdout

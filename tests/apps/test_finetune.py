@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 import timm
 import mvit_zoo
-from mvit_zoo.apps import finetune
+from mvit_zoo.apps import finetune, models, run_folder
 from mvit_zoo.apps.cli import CliError
-from mvit_zoo.apps.finetune import Trainer
+from mvit_zoo.apps.trainer import Trainer
 from mvit_zoo.data.transforms import resolve_data_config
 from mvit_zoo.files import part_file
 from mvit_zoo.data.video import write_video
@@ -408,14 +408,14 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
     after writing the file's temporary copy: the run resumes, from the last whole checkpoint, to the
     numbers of an uninterrupted run; the published weights stay loadable throughout."""
     extra = ["--epochs", "2", "--save-every", "1", *TINY]
-    atomic_write = finetune.atomic_write
+    atomic_write = run_folder.atomic_write
     writes: List[str] = []
 
     def recording(path: Path, write) -> None:
         writes.append(path.parent.name)
         atomic_write(path, write)
 
-    monkeypatch.setattr(finetune, "atomic_write", recording)
+    monkeypatch.setattr(run_folder, "atomic_write", recording)
     straight = tmp_path / "straight"
     assert finetune.main(finetune_args(tiny, straight, *extra)) == 0
     # the save of step N writes its checkpoint folder step-N-<id>/ ... (config.json is written on its own,
@@ -435,13 +435,13 @@ def test_killed_during_any_checkpoint_write_resumes_exactly(tiny: Path, tmp_path
             atomic_write(path, write)
 
         output = tmp_path / f"killed{k}"
-        monkeypatch.setattr(finetune, "atomic_write", dying)
+        monkeypatch.setattr(run_folder, "atomic_write", dying)
         with pytest.raises(Killed):
             finetune.main(finetune_args(tiny, output, *extra))
         state = json.loads((output / "train_state.json").read_text())
         assert state["global_step"] in (2, 3, 4), k
         assert load_file(output / "model.safetensors").keys() == load_file(straight / "model.safetensors").keys()
-        monkeypatch.setattr(finetune, "atomic_write", atomic_write)
+        monkeypatch.setattr(run_folder, "atomic_write", atomic_write)
         assert finetune.main(["--resume", str(output), "--no-progress"]) == 0, k
         assert metrics(output) == metrics(straight), k
         assert_same_weights(output / "model.safetensors", straight / "model.safetensors")
@@ -553,7 +553,7 @@ def test_img_size_and_num_frames_for_video_models(tmp_path: Path) -> None:
 
     def resolve(*extra: str) -> Dict:
         args = _args(*finetune_args(tmp_path, tmp_path / "o", *extra, model="mvit_v2_s_16x4", kwargs=kwargs))
-        model_kwargs, is_video = finetune.resolve_model_kwargs(args)
+        model_kwargs, is_video = models.resolve_model_kwargs(args)
         assert is_video
         return model_kwargs
 
@@ -563,9 +563,9 @@ def test_img_size_and_num_frames_for_video_models(tmp_path: Path) -> None:
     model = mvit_zoo.create_model("mvit_v2_s_16x4", **resolve("--img-size", "32", "--num-frames", "4"))
     assert resolve_data_config(model).input_size == (3, 4, 32, 32)
     with pytest.raises(CliError, match="input size is given twice"):
-        finetune.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--img-size", "48")))
+        models.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--img-size", "48")))
     with pytest.raises(CliError, match="--num-frames is for video models and mvit_tiny is an image model"):
-        finetune.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--num-frames", "4",
+        models.resolve_model_kwargs(_args(*finetune_args(tmp_path, tmp_path / "o", "--num-frames", "4",
                                                            kwargs={"depths": [1, 1, 1, 1]})))
 
 
@@ -737,8 +737,8 @@ def test_second_run_into_the_same_folder_is_refused(tiny: Path, tmp_path: Path) 
 
     output = tmp_path / "o"
     output.mkdir()
-    with FileLock(str(output / finetune.LOCK_FILE)):  # another run holds the folder
-        (output / f"{finetune.LOCK_FILE}.pid").write_text("4242\n")
+    with FileLock(str(output / run_folder.LOCK_FILE)):  # another run holds the folder
+        (output / f"{run_folder.LOCK_FILE}.pid").write_text("4242\n")
         with pytest.raises(CliError, match=f"^another run is writing to {re.escape(str(output))} \\(pid 4242\\)"):
             finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY))
     assert finetune.main(finetune_args(tiny, output, "--epochs", "1", *TINY)) == 0  # free again

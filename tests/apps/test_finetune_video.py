@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 import mvit_zoo
 from mvit_zoo.apps import finetune
+from mvit_zoo.apps.trainer import Trainer
 from mvit_zoo.apps.cli import CliError
-from mvit_zoo.apps.predict import load_model
+from mvit_zoo.apps.classify import load_model
 from mvit_zoo.data import video as video_module
+from mvit_zoo.data.pipeline import flatten_clips
 from mvit_zoo.data.recipes import RECIPES, finetune_options
 
 SMALL_3D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [8, 32, 32]}
@@ -137,7 +139,7 @@ def test_ssv2_layout_learns_direction(ssv2_dataset: Path, tmp_path: Path) -> Non
 def test_missing_listed_videos_are_noted(csv_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     listing = tmp_path / "train.csv"
     listing.write_text((csv_dataset / "annotations" / "train.csv").read_text() + "train/gone.mp4,left to right\n")
-    trainer = finetune.Trainer(_parse(*TRAIN, "--data", str(listing), "--data-root", str(csv_dataset / "clips"),
+    trainer = Trainer(_parse(*TRAIN, "--data", str(listing), "--data-root", str(csv_dataset / "clips"),
                                       "--val-split", "0", "--output", str(tmp_path / "run")))
     trainer.setup()
     gone = csv_dataset / "clips" / "train" / "gone.mp4"
@@ -167,23 +169,23 @@ def test_clips_per_video_decodes_each_video_once(csv_dataset: Path, tmp_path: Pa
 
     monkeypatch.setattr(video_module, "read_frames", counting)
     seen: List[tuple] = []
-    forward = finetune.Trainer.train_step
+    forward = Trainer.train_step
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         seen.append((tuple(x.shape), y.tolist()))
         return forward(self, x, y)
 
-    monkeypatch.setattr(finetune.Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     annotations = csv_dataset / "annotations"
     args = _parse(*TRAIN, "--data", str(annotations / "train.csv"), "--data-root", str(csv_dataset / "clips"),
                   "--val-split", "0", "--epochs", "1", "--batch-size", "16", "--clips-per-video", "2",
                   "--output", str(tmp_path / "run"))
-    trainer = finetune.Trainer(args)
+    trainer = Trainer(args)
     trainer.setup()
     trainer.train()
     assert sorted(reads) == sorted(f"{i}.mp4" for i in range(48))
     assert [shape for shape, _ in seen] == [(16, 2, 3, 8, 32, 32)] * 3
-    x, y = finetune.flatten_clips(torch.arange(6.0).view(3, 2, 1, 1, 1, 1), torch.tensor([4, 5, 6]))
+    x, y = flatten_clips(torch.arange(6.0).view(3, 2, 1, 1, 1, 1), torch.tensor([4, 5, 6]))
     assert x.flatten().tolist() == list(range(6)) and y.tolist() == [4, 4, 5, 5, 6, 6]
 
 
@@ -198,17 +200,17 @@ def test_video_runs_equal_whatever_the_workers_and_when_resumed(csv_dataset: Pat
     runs = {name: tmp_path / name for name in ("w0", "w2", "resumed")}
     assert finetune.main([*common, "--workers", "0", "--output", str(runs["w0"])]) == 0
     assert finetune.main([*common, "--workers", "2", "--output", str(runs["w2"])]) == 0
-    train_step = finetune.Trainer.train_step
+    train_step = Trainer.train_step
 
-    def crash_at_step_4(self: finetune.Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+    def crash_at_step_4(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.global_step == 4:
             raise KeyboardInterrupt
         return train_step(self, x, y)
 
-    monkeypatch.setattr(finetune.Trainer, "train_step", crash_at_step_4)
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         finetune.main([*common, "--output", str(runs["resumed"])])
-    monkeypatch.setattr(finetune.Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     assert finetune.main(["--resume", str(runs["resumed"]), "--no-progress"]) == 0
     for name in ("w2", "resumed"):
         assert metrics(runs[name]) == metrics(runs["w0"]), name
@@ -243,7 +245,7 @@ def test_recipe_not_applied_on_resume_nor_when_abbreviated(capsys: pytest.Captur
 
 
 def test_sgd_and_frame_sampling_options(csv_dataset: Path, tmp_path: Path) -> None:
-    trainer = finetune.Trainer(_parse(*TRAIN, "--data", str(csv_dataset / "annotations" / "train.csv"),
+    trainer = Trainer(_parse(*TRAIN, "--data", str(csv_dataset / "annotations" / "train.csv"),
                                       "--data-root", str(csv_dataset / "clips"), "--opt", "sgd", "--momentum", "0.8",
                                       "--frame-sampling", "segment", "--output", str(tmp_path / "run")))
     trainer.setup()

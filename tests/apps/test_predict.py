@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mvit_zoo.apps import finetune, predict
+from mvit_zoo.apps import classify, finetune, predict
+from mvit_zoo.data.transforms import DataConfig
 from mvit_zoo.data.video import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +36,8 @@ def top_lines(out: str) -> List[re.Match]:
 def test_label_files_and_sample_image() -> None:
     assert len(IMAGENET) == 1000 and IMAGENET[0] == "tench, Tinca tinca" and IMAGENET[281] == "tabby, tabby cat"
     assert len(KINETICS) == 400 and len(set(KINETICS)) == 400 and KINETICS[0] == "abseiling"
-    assert predict.load_label_set("imagenet-1k") == IMAGENET and predict.load_label_set("kinetics-600") is None
-    assert len(predict.load_label_set("ssv2")) == 174
+    assert classify.load_label_set("imagenet-1k") == IMAGENET and classify.load_label_set("kinetics-600") is None
+    assert len(classify.load_label_set("ssv2")) == 174
     with Image.open(predict.SAMPLE_IMAGE) as img:
         assert img.format == "JPEG" and img.size == (451, 300) and img.mode == "RGB"
     assert (predict.DATA_DIR / "README.md").is_file()
@@ -69,12 +70,12 @@ def test_predict_video_random_init(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_load_input_shapes(tmp_path: Path) -> None:
     video = tmp_path / "clip.mp4"
     write_video(video, np.zeros((10, 40, 40, 3), np.uint8))
-    image_cfg = finetune.DataConfig(input_size=(3, 32, 32))
-    video_cfg = finetune.DataConfig(input_size=(3, 4, 32, 32), sampling_rate=2)
-    assert predict.load_input(predict.SAMPLE_IMAGE, image_cfg).shape == (3, 32, 32)
-    assert predict.load_input(predict.SAMPLE_IMAGE, video_cfg).shape == (3, 4, 32, 32)  # image repeated in time
-    assert predict.load_input(video, video_cfg).shape == (3, 4, 32, 32)
-    assert predict.load_input(video, image_cfg).shape == (3, 32, 32)  # middle frame
+    image_cfg = DataConfig(input_size=(3, 32, 32))
+    video_cfg = DataConfig(input_size=(3, 4, 32, 32), sampling_rate=2)
+    assert classify.load_input(predict.SAMPLE_IMAGE, image_cfg).shape == (3, 32, 32)
+    assert classify.load_input(predict.SAMPLE_IMAGE, video_cfg).shape == (3, 4, 32, 32)  # image repeated in time
+    assert classify.load_input(video, video_cfg).shape == (3, 4, 32, 32)
+    assert classify.load_input(video, image_cfg).shape == (3, 32, 32)  # middle frame
 
 
 def test_predict_with_finetuned_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,13 +256,13 @@ class NaNModel(torch.nn.Module):
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_non_finite_outputs_are_refused(as_json: bool, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    data_cfg = finetune.DataConfig(input_size=(3, 32, 32))
+    data_cfg = DataConfig(input_size=(3, 32, 32))
     monkeypatch.setattr(predict, "load_model", lambda *args: (NaNModel(), ["a", "b", "c", "d"], data_cfg))
     assert predict.main(["--model", "mvit_tiny"] + (["--json"] if as_json else [])) == 2
     line = error_line(capsys)  # nothing on stdout: no `nan%`, no JSON NaN
     assert line.startswith(f"{predict.SAMPLE_IMAGE}: the model gave non-finite outputs (4 of 4 are NaN or Inf)")
     with pytest.raises(ValueError, match="non-finite"):
-        predict.predict(NaNModel(), torch.zeros(3, 8, 8))
+        classify.predict(NaNModel(), torch.zeros(3, 8, 8))
 
 
 def test_python_m_predict() -> None:

@@ -100,7 +100,7 @@ def test_validate_unknown_folder_names_the_folder(tmp_path: Path, capsys: pytest
 def test_predict_views_prints_the_averaged_top5(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
 
-    from mvit_zoo.apps.predict import load_model
+    from mvit_zoo.apps.classify import load_model
     from mvit_zoo.evaluation import video_scores
 
     write_two_class_videos(tmp_path)
