@@ -337,7 +337,7 @@ class _Items(IterableDataset):
         if self.sampling is None:  # an image model: its timm test transform
             views = self.image_transform(image)[None]
         else:  # a video model: the image held for a clip's frames, then the clip's test view(s)
-            frames = np.asarray(image)[None]
+            frames = np.array(image)[None]  # (a writable copy: torch refuses to wrap a read-only array)
             views = torch.stack(list(self.sampling.iter_views(frames, [[0] * self.sampling.num_frames])))
         yield i, "meta", {}
         yield i, "views", views, True
