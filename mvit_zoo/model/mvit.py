@@ -75,6 +75,12 @@ class MViTCfg:
     norm_eps: float = 1e-6
     pool_norm_eps: Optional[float] = None  # eps of the Q/K/V pooling norms; None: norm_eps (pytorchvideo: 1e-5)
     drop_rate: float = 0.0  # dropout before the classifier
+    # Hybrid window attention (MViTv2 sec. 4.2, Hwin; detectron2's MViT backbone; 2D, no class token)
+    window_size: Optional[int] = None  # tokens per window side at stage 0, halved per stage; None: all global
+    global_stages: tuple[int, ...] = ()  # window models: stages whose last block attends globally
+    stride_kv_doubled: tuple[int, ...] = ()  # stages whose last block pools K/V by twice the stage's KV stride
+    stage_norms: bool = False  # a LayerNorm on each stage's output map (detectron2's scale2..scale5 norms for
+    #                            its FPN) instead of one final norm
 
     def __post_init__(self) -> None:
         nd = len(self.patch_kernel)
@@ -94,6 +100,19 @@ class MViTCfg:
         for d, h in zip(self.embed_dim, self.num_heads):
             if d % h:
                 raise ValueError(f"MViTCfg: embed_dim {d} is not divisible by num_heads {h}")
+        for name in ("global_stages", "stride_kv_doubled"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < len(self.depths)]
+            if bad:
+                raise ValueError(f"MViTCfg.{name} names stages {bad}; this config has stages 0..{len(self.depths) - 1}")
+        if self.window_size is not None:
+            if nd != 2:
+                raise ValueError("MViTCfg.window_size: window attention is for 2D (image) models; set window_size=None "
+                                 "for this video config")
+            if self.use_cls_token:
+                raise ValueError("MViTCfg.window_size: window attention has no place for a class token; set "
+                                 "use_cls_token=False (detectron2's backbones have none)")
+            if self.window_size < 1:
+                raise ValueError(f"MViTCfg.window_size must be a positive token count, got {self.window_size}")
 
     @property
     def ndim(self) -> int:
@@ -158,6 +177,10 @@ _V1 = dict(
     abs_pos="separable", use_cls_token=True,
 )
 _V2_VIDEO = dict(_VIDEO, rel_pos_temporal=True, residual_pool_cls=False)
+# detectron2's COCO backbones (projects/MViTv2/configs): windows of 56/28/14/7 tokens (the 224 grid, so the
+# relative-position tables keep their ImageNet sizes), global attention in the last block of stages 1-3,
+# K/V stride doubled there in stages 1 and 2, a norm per stage output for the FPN, no head
+_DET = dict(window_size=56, global_stages=(1, 2, 3), stride_kv_doubled=(1, 2), stage_norms=True)
 
 
 def _video(depths: tuple[int, ...], dim: int, heads: int, size: Grid, **kw: Any) -> MViTCfg:
@@ -174,6 +197,12 @@ MODEL_CFGS: dict[str, MViTCfg] = {
     "mvit_base_cls": _v2_image((2, 3, 16, 3), 96, 1, use_cls_token=True),
     "mvit_large_cls": _v2_image((2, 6, 36, 4), 144, 2, use_cls_token=True),
     "mvit_huge_cls": _v2_image((4, 8, 60, 8), 192, 3, use_cls_token=True),
+    # 2D MViTv2 with hybrid window attention, detection backbones (detectron2)
+    "mvit_tiny_det": _v2_image((1, 2, 5, 2), 96, 1, **_DET),
+    "mvit_small_det": _v2_image((1, 2, 11, 2), 96, 1, **_DET),
+    "mvit_base_det": _v2_image((2, 3, 16, 3), 96, 1, **_DET),
+    "mvit_large_det": _v2_image((2, 6, 36, 4), 144, 2, **_DET),
+    "mvit_huge_det": _v2_image((4, 8, 60, 8), 192, 3, **_DET),
     # 2D MViT v1, ImageNet (SlowFast ImageNet/MVIT_B_16_CONV, pytorchvideo mvit_base_16)
     "mvit_v1_b_16": MViTCfg(depths=(1, 2, 11, 2), **_V1),
     # 3D MViT v1, Kinetics
@@ -203,10 +232,14 @@ class BlockSpec:
     stride_q: Grid
     kernel_kv: Optional[Grid]  # None: no K/V pooling
     stride_kv: Grid
+    window: Optional[Grid] = None  # window attention: window size on the input grid; None: global attention
 
 
 def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
-    """The blocks of each stage: channels, heads, pooling kernels and strides (MViT tables 1-3)."""
+    """The blocks of each stage: channels, heads, pooling kernels and strides (MViT tables 1-3), and the
+    windows of hybrid window attention (MViTv2 sec. 4.2): a block attends within windows of `window` input
+    tokens, except the last block of each `global_stages` stage, which attends globally; the last block of each
+    `stride_kv_doubled` stage pools K/V by twice the stage's stride (detectron2's `MViT` builds the same)."""
     nd, n_stages = cfg.ndim, len(cfg.depths)
     ones = (1,) * nd
 
@@ -215,6 +248,7 @@ def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
         return None if math.prod(kernel) == 1 and math.prod(stride) == 1 else tuple(kernel)
 
     grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_stride))
+    window = None if cfg.window_size is None else (cfg.window_size,) * nd  # on the input grid of the block
     stride_kv = tuple(cfg.stride_kv_adaptive)
     dim = cfg.embed_dim[0]
     stages = []
@@ -227,13 +261,23 @@ def block_specs(cfg: MViTCfg) -> list[list[BlockSpec]]:
             dim_out = stage_dim if (cfg.expand_attn or j == depth - 1) else dim
             stride_q = stage_stride_q if j == 0 else ones
             kernel_q = kernel_for(stride_q) if (cfg.pool_q_all_blocks or math.prod(stride_q) > 1) else None
+            last = j == depth - 1
+            block_stride_kv = tuple(2 * s for s in stride_kv) if last and i in cfg.stride_kv_doubled else stride_kv
+            block_window = None if last and i in cfg.global_stages else window
+            if block_window is not None and any(w % s for w, s in zip(block_window * 2, stride_q + block_stride_kv)):
+                raise ValueError(f"MViTCfg.window_size={cfg.window_size}: stage {i} block {j} has windows of "
+                                 f"{block_window} tokens, not divisible by its Q stride {stride_q} and K/V stride "
+                                 f"{block_stride_kv}; use a window_size whose stage windows divide by them "
+                                 "(detectron2: 56)")
             blocks.append(BlockSpec(
                 dim=dim, dim_out=dim_out, num_heads=cfg.num_heads[i], grid=grid,
-                kernel_q=kernel_q, stride_q=stride_q, kernel_kv=kernel_for(stride_kv), stride_kv=stride_kv,
+                kernel_q=kernel_q, stride_q=stride_q, kernel_kv=kernel_for(block_stride_kv), stride_kv=block_stride_kv,
+                window=block_window,
             ))
             dim = dim_out
             if j == 0:
                 grid = tuple(g // s for g, s in zip(grid, stride_q))
+                window = None if window is None else tuple(w // s for w, s in zip(window, stride_q))
         stages.append(blocks)
     return stages
 
@@ -335,6 +379,35 @@ def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Windows (MViTv2 sec. 4.2, hybrid window attention)
+# --------------------------------------------------------------------------------------------------
+
+def window_partition(x: Tensor, grid: List[int], window: List[int]) -> Tensor:
+    """Tokens (B, H * W, C) on `grid` (H, W) -> windows (B * nH * nW, wh * ww, C), nH = ceil(H / wh): the grid
+    zero-padded at its bottom and right to whole windows, windows in row-major order."""
+    B, C = x.shape[0], x.shape[2]
+    H, W = grid[0], grid[1]
+    wh, ww = window[0], window[1]
+    nh, nw = -(-H // wh), -(-W // ww)
+    x = x.reshape(B, H, W, C)
+    if nh * wh != H or nw * ww != W:
+        x = F.pad(x, (0, 0, 0, nw * ww - W, 0, nh * wh - H))
+    return x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(B * nh * nw, wh * ww, C)
+
+
+def window_unpartition(x: Tensor, grid: List[int], window: List[int]) -> Tensor:
+    """Windows (B * nH * nW, wh * ww, C) -> tokens (B, H * W, C) on `grid` (H, W), the padding cropped."""
+    C = x.shape[2]
+    H, W = grid[0], grid[1]
+    wh, ww = window[0], window[1]
+    nh, nw = -(-H // wh), -(-W // ww)
+    x = x.reshape(-1, nh, nw, wh, ww, C).transpose(2, 3).reshape(-1, nh * wh, nw * ww, C)
+    if nh * wh != H or nw * ww != W:
+        x = x[:, :H, :W]
+    return x.reshape(x.shape[0], H * W, C)
+
+
+# --------------------------------------------------------------------------------------------------
 # Pooling attention (MViT sec. 3.1, MViTv2 sec. 4.1-4.2)
 # --------------------------------------------------------------------------------------------------
 
@@ -343,6 +416,10 @@ class MultiScaleAttention(nn.Module):
     downsamples), K and V by a larger one (cheaper attention). MViTv2 adds decomposed relative
     positions and residual pooling. `mvit_zoo.ops.attention` computes the attention itself; `fused_attn`
     False (or MVIT_FUSED_ATTN=0 at construction) takes the explicit softmax(QK^T + bias) V path.
+
+    A window block (`spec.window`) pools Q, K and V on the whole grid, then attends within windows of
+    window / stride_q queries and window / stride_kv keys (relative positions at those sizes), each window
+    a batch entry of the same attention call; residual pooling adds the whole pooled Q afterwards.
     """
 
     def __init__(self, spec: BlockSpec, cfg: MViTCfg, dim_out: int, norm_layer: Callable[[int], nn.Module]) -> None:
@@ -356,6 +433,11 @@ class MultiScaleAttention(nn.Module):
         self.residual_pooling = cfg.residual_pooling
         self.residual_skip = 0 if cfg.residual_pool_cls else self.num_prefix  # rows without residual pooling
         self.fused_attn = use_fused_attn()
+        self.window_q = None  # window attention: Q and K/V windows (pooled tokens per side); None: global
+        self.window_kv = None
+        if spec.window is not None:
+            self.window_q = [w // s for w, s in zip(spec.window, spec.stride_q)]
+            self.window_kv = [w // s for w, s in zip(spec.window, spec.stride_kv)]
 
         self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim_out, dim_out)
@@ -409,14 +491,26 @@ class MultiScaleAttention(nn.Module):
             v, _ = self.pool_v(v, grid)
         if self.norm_v is not None:
             v = self.norm_v(v.view(B, -1, h, d)).view(B, -1, h * d)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        q_attn, q_attn_grid, k_attn_grid = q, q_grid, k_grid
+        window_q, window_kv = self.window_q, self.window_kv
+        if window_q is not None and window_kv is not None:
+            # NOTE as detectron2: the pooled maps are zero-padded to whole windows and the padded keys are
+            # attended to, unmasked (logit: the relative-position bias alone; value: zero)
+            q_attn, q_attn_grid = window_partition(q, q_grid, window_q), window_q
+            k, v = window_partition(k, k_grid, window_kv), window_partition(v, k_grid, window_kv)
+            k_attn_grid = window_kv
         tables: List[Optional[Tensor]] = [self.rel_pos_t, self.rel_pos_h, self.rel_pos_w]
         tables = tables[3 - len(grid):]
         rel: List[Optional[Tensor]] = []
         for axis, table in enumerate(tables):
-            rel.append(None if table is None else rel_pos_lookup(table, q_grid[axis], k_grid[axis]))
-        out = attention(q, k, v, self.scale, q_grid, k_grid, rel, self.num_prefix, self.fused_attn)
-        return out, q, q_grid
+            rel.append(None if table is None else rel_pos_lookup(table, q_attn_grid[axis], k_attn_grid[axis]))
+        out = attention(self._heads(q_attn), self._heads(k), self._heads(v), self.scale, q_attn_grid, k_attn_grid,
+                        rel, self.num_prefix, self.fused_attn)
+        if window_q is not None:
+            # (B nW, h, wq_h * wq_w, d) -> (B, h, Nq, d), laid out (B, Nq, h, d) as SDPA's output is
+            windows = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h * d)
+            out = window_unpartition(windows, q_grid, window_q).view(B, -1, h, d).transpose(1, 2)
+        return out, self._heads(q), q_grid
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
         """x: (B, P + N, C_in) on `grid` -> (B, P + N_q, C_out) on the Q-pooled grid."""
@@ -522,7 +616,9 @@ class MultiScaleBlock(nn.Module):
 
 
 class MultiScaleStage(nn.Module):
-    """The blocks of one scale; the first block pools Q (halving H and W) except in stage 0."""
+    """The blocks of one scale; the first block pools Q (halving H and W) except in stage 0. `norm` is the
+    LayerNorm of the stage's output map with `MViTCfg.stage_norms` (applied by `MViT.forward_intermediates`
+    only: the next stage takes the un-normalised tokens), else an identity."""
 
     def __init__(self, specs: list[BlockSpec], cfg: MViTCfg, drop_path: list[float],
                  norm_layer: Callable[[int], nn.Module]) -> None:
@@ -530,6 +626,7 @@ class MultiScaleStage(nn.Module):
         self.blocks = nn.ModuleList(
             [MultiScaleBlock(spec, cfg, dp, norm_layer) for spec, dp in zip(specs, drop_path)]
         )
+        self.norm = norm_layer(specs[-1].dim_out) if cfg.stage_norms else nn.Identity()
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
@@ -658,7 +755,9 @@ class MViT(nn.Module):
                 info["stride"] = tuple(stride)
             self.feature_info.append(info)
         self.num_features = self.head_hidden_size = specs[-1][-1].dim_out
-        self.norm = norm_layer(self.num_features)
+        # NOTE with stage norms (detectron2's backbones) there is no final norm: the last stage's own norm
+        # (`stages.3.norm`, detectron2's scale5_norm) normalises its pyramid map only
+        self.norm = nn.Identity() if cfg.stage_norms else norm_layer(self.num_features)
         self.head = self._make_head(num_classes)
         self._init_weights()
         self.set_memory_efficient(True)
@@ -699,7 +798,8 @@ class MViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise learning-rate decay: the stem, then each block (or stage)."""
         blocks = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)"
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(blocks, None), (r"^norm", (99999,))])
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(blocks, None), (r"^stages\.(\d+)\.norm", (99999,)), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -821,7 +921,8 @@ class MViT(nn.Module):
 
         output_fmt 'NCHW' gives maps (B, C, H, W) for images and (B, C, T, H, W) for video ('NCTHW' is
         accepted too), class token dropped; 'NLC' gives the tokens (B, P + N, C) as they are.
-        `norm` applies the final norm to the last stage's output.
+        `norm` applies the final norm to the last stage's output. With `MViTCfg.stage_norms` every output
+        is normalised by its stage's norm (detectron2's scale2..scale5 maps), whatever `norm` says.
         """
         if output_fmt not in ("NCHW", "NCTHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' (maps) or 'NLC' (tokens), got {output_fmt!r}")
@@ -834,7 +935,9 @@ class MViT(nn.Module):
         for feat_idx, stage in enumerate(stages):
             x, grid = stage(x, grid)
             if feat_idx in take_indices:
-                x_inter = self.norm(x) if (norm and feat_idx == last) else x
+                x_inter = stage.norm(x)
+                if norm and feat_idx == last:
+                    x_inter = self.norm(x_inter)
                 x_out = x_inter if output_fmt == "NLC" else tokens_to_map(x_inter, grid, self.num_prefix_tokens)
                 intermediates.append(x_out)
         if intermediates_only:

@@ -75,6 +75,13 @@ def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretra
     })
 
 
+def _det_cfg(**kw: Any) -> MViTPretrainedCfg:
+    """A detection backbone (no head) for detectron2's 1024-pixel COCO inputs, pixels normalised as its
+    MViTv2 configs do (ImageNet mean and std, RGB)."""
+    return _image_cfg(**{"input_size": (3, 1024, 1024), "crop_pct": 1.0, "interpolation": "bilinear",
+                         "num_classes": 0, "label_set": None, **kw})
+
+
 def _ours(name: str) -> str:
     """This project's Hub repository for a converted checkpoint."""
     return f"{hub.hub_org()}/{name}"
@@ -114,6 +121,12 @@ default_cfgs = generate_default_cfgs({
     "mvit_huge_cls.fb_inw21k": _image_cfg(hf_hub_id="timm/mvitv2_huge_cls.fb_inw21k",
                                           url=_MVIT_REPO + "MViTv2_H_in21k.pyth", num_classes=19168,
                                           label_set="imagenet-21k-winter"),
+    # 2D MViTv2 detection backbones (hybrid window attention)
+    "mvit_tiny_det": _det_cfg(),
+    "mvit_small_det": _det_cfg(),
+    "mvit_base_det": _det_cfg(),
+    "mvit_large_det": _det_cfg(),
+    "mvit_huge_det": _det_cfg(),
     # 2D MViT v1
     "mvit_v1_b_16.pv_in1k": _image_cfg(hf_hub_id=_ours("mvit_v1_b_16.pv_in1k"),
                                        url=_PYTORCHVIDEO + "imagenet/MVIT_B_16_f292487636.pyth", top1=82.9, **_PV),
