@@ -122,7 +122,7 @@ def _fake_command(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None
     def run(args: object) -> int:
         raise error
 
-    monkeypatch.setattr(cli, "_load", lambda name: (lambda parser: None, run))
+    monkeypatch.setattr(cli, "_load", lambda name: argparse.Namespace(configure_parser=lambda parser: None, run=run))
 
 
 @pytest.mark.parametrize(("error", "message"), [

@@ -257,7 +257,7 @@ class NaNModel(torch.nn.Module):
 def test_non_finite_outputs_are_refused(as_json: bool, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     data_cfg = DataConfig(input_size=(3, 32, 32))
-    monkeypatch.setattr(predict, "load_model", lambda *args: (NaNModel(), ["a", "b", "c", "d"], data_cfg))
+    monkeypatch.setattr(classify, "load_model", lambda *args: (NaNModel(), ["a", "b", "c", "d"], data_cfg))
     assert predict.main(["--model", "mvit_tiny"] + (["--json"] if as_json else [])) == 2
     line = error_line(capsys)  # nothing on stdout: no `nan%`, no JSON NaN
     assert line.startswith(f"{predict.SAMPLE_IMAGE}: the model gave non-finite outputs (4 of 4 are NaN or Inf)")
