@@ -508,8 +508,7 @@ class MultiScaleAttention(nn.Module):
                         rel, self.num_prefix, self.fused_attn)
         if window_q is not None:
             # (B nW, h, wq_h * wq_w, d) -> (B, h, Nq, d), laid out (B, Nq, h, d) as SDPA's output is
-            windows = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h * d)
-            out = window_unpartition(windows, q_grid, window_q).view(B, -1, h, d).transpose(1, 2)
+            out = window_unpartition(merge_heads(out), q_grid, window_q).view(B, -1, h, d).transpose(1, 2)
         return out, self._heads(q), q_grid
 
     def forward(self, x: Tensor, grid: List[int]) -> Tuple[Tensor, List[int]]:
