@@ -23,7 +23,7 @@ _LAZY = {
     "MViT": ".model.mvit", "MViTCfg": ".model.mvit", "MODEL_CFGS": ".model.mvit", "make_cfg": ".model.mvit",
     "create_model": ".model.registry", "list_models": ".model.registry", "list_pretrained": ".model.registry",
     "MViTPretrainedCfg": ".model.registry",
-    "evaluate": ".evaluation", "Evaluation": ".evaluation",
+    "evaluate": ".evaluation", "Evaluation": ".evaluation", "extract_features": ".extraction",
     "CheckpointMismatchError": ".weights.convert", "convert_state_dict": ".weights.convert",
     "detect_layout": ".weights.convert",
     "CorruptCheckpointError": ".weights.hub", "HashMismatchError": ".weights.hub",
@@ -35,7 +35,7 @@ __all__ = [
     "MViT", "MViTCfg", "MODEL_CFGS", "make_cfg", "create_model", "list_models", "list_pretrained",
     "convert_state_dict", "detect_layout", "read_checkpoint", "save_safetensors", "MViTPretrainedCfg",
     "CheckpointMismatchError", "CorruptCheckpointError", "HashMismatchError", "UnsafeCheckpointError",
-    "WeightsUnavailableError", "evaluate", "Evaluation",
+    "WeightsUnavailableError", "evaluate", "Evaluation", "extract_features",
 ]
 
 _registration.install()

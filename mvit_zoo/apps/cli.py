@@ -7,6 +7,7 @@ Commands (each in its own module, which exposes `configure_parser(parser)` and `
     finetune  fine-tune a model on an image / video folder                (mvit_zoo.apps.finetune)
     predict   classify images or videos                                   (mvit_zoo.apps.predict)
     validate  top-1/top-5 on a folder of images or videos, multi-view       (mvit_zoo.apps.validate)
+    extract   per-clip features of whole videos and images                (mvit_zoo.apps.extract)
 
 A command's module is imported only when that command is named, so a command whose module cannot be
 imported (a missing optional dependency, say) reports why, and the other commands keep working. The command
@@ -62,6 +63,8 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("mvit_zoo.apps.predict", "configure_parser", "run", "classify images or videos"),
     "validate": Command("mvit_zoo.apps.validate", "configure_parser", "run",
                         "top-1/top-5 on a class-folder tree, multi-view for video"),
+    "extract": Command("mvit_zoo.apps.extract", "configure_parser", "run",
+                       "per-clip features of every video (and image) of a folder or an annotation file"),
 }
 
 

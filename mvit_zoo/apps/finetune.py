@@ -34,7 +34,6 @@ and a resumed run gives the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -49,9 +48,6 @@ from .threads import add_threads_argument, apply_threads
 
 __all__ = ["configure_parser", "prepare_parser", "run", "main"]
 
-# names of the training code that other modules reach as `finetune.NAME`, imported on first use: name -> module
-_LAZY = {"model_config": ".run_folder", "save_weights": ".run_folder", "resolve_data_config": "..data.transforms"}
-
 # Arguments that describe the run rather than the result; they may change on --resume
 _RUNTIME_ARGS = frozenset({"resume", "output", "workers", "progress", "device", "save_every", "data", "data_root",
                            "val_data", "keep_checkpoints", "threads"})
@@ -61,13 +57,6 @@ _DATA_ARGS = ("data", "data_root", "val_data")
 _RUN_ARGS = ("model", "data", "output")
 # Set in the parsed arguments by prepare_parser when it made a --recipe the options' defaults (not saved)
 _RECIPE_APPLIED = "_recipe_applied"
-
-
-def __getattr__(name: str) -> Any:
-    """The names in `_LAZY` (they import torch)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name], __package__), name)
 
 
 def _normalised(value: Any) -> Any:

@@ -24,11 +24,10 @@ characters escaped (`\x1b`), so a config.json cannot clear the terminal or fake 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .cli import CliError
 from .options import add_decoder_argument, add_weight_arguments, positive_int
@@ -41,15 +40,6 @@ SAMPLE_IMAGE = DATA_DIR / "chelsea.jpg"
 DEFAULT_MODEL = "mvit_small.fb_in1k"
 EXIT_SKIPPED = 1  # some inputs could not be read (the others were classified)
 
-# names of the classifying code that other modules reach as `predict.NAME`, imported on first use
-_LAZY = frozenset({"load_model"})
-
-
-def __getattr__(name: str) -> Any:
-    """The names in `_LAZY`, from :mod:`mvit_zoo.apps.classify` (it imports torch)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(".classify", __package__), name)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -21,12 +21,9 @@ from video_factory import make_video
 
 SMALL_3D = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": [8, 32, 32]}
 ROOT = Path(__file__).resolve().parents[2]
-HELP = "per-clip features of every video (and image) of a folder or an annotation file"
 # NOTE: runs the command in a subprocess as `mvit-zoo extract` would, each model forward slowed by DELAY seconds
-RUNNER = f"""
+RUNNER = """
 import os, sys, time
-from mvit_zoo.apps import cli
-cli.COMMANDS.setdefault("extract", cli.Command("mvit_zoo.apps.extract", "configure_parser", "run", {HELP!r}))
 import mvit_zoo.extraction as extraction
 features, delay = extraction.clip_features, float(os.environ.get("DELAY", "0"))
 def slow(*args, **kwargs):
@@ -37,12 +34,6 @@ from mvit_zoo.apps import extract
 sys.exit(extract.main())
 """
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True)
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command as `mvit-zoo` lists it."""
-    monkeypatch.setitem(cli.COMMANDS, "extract", cli.Command("mvit_zoo.apps.extract", "configure_parser", "run", HELP))
 
 
 @pytest.fixture(scope="module")

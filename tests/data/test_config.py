@@ -10,8 +10,10 @@ import safetensors.torch
 import torch
 
 import mvit_zoo
-from mvit_zoo.apps import finetune, predict
+from mvit_zoo.apps.classify import load_model
+from mvit_zoo.apps.run_folder import model_config, save_weights
 from mvit_zoo.data.config import ConfigError, ModelConfig, find_config, read_config, write_config
+from mvit_zoo.data.transforms import resolve_data_config
 from mvit_zoo.weights import publish
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,10 +24,10 @@ LABELS = ["pull", "push", "spin"]
 def _finetuned_ssv2(folder: Path) -> torch.nn.Module:
     """A folder as `mvit-zoo finetune` leaves it, fine-tuned from the SSv2 tag (segment sampling)."""
     model = mvit_zoo.create_model("mvit_v2_s_16x4.fb_ssv2", num_classes=3, **SMALL_3D).eval()
-    config = finetune.model_config(model, "mvit_v2_s_16x4.fb_ssv2", LABELS, {**SMALL_3D, "num_classes": 3},
-                                   finetune.resolve_data_config(model))
+    config = model_config(model, "mvit_v2_s_16x4.fb_ssv2", LABELS, {**SMALL_3D, "num_classes": 3},
+                                   resolve_data_config(model))
     write_config(folder, config)
-    finetune.save_weights(folder / "model.safetensors", model, 10)
+    save_weights(folder / "model.safetensors", model, 10)
     return model
 
 
@@ -46,7 +48,7 @@ def test_finetuned_ssv2_keeps_frame_sampling_through_convert_and_predict(tmp_pat
     # its own 3 classes, not the 174 of the SSv2 set it was fine-tuned from
     assert "label_set" not in converted.data_config and "Something-Something" not in card.split("Classes:**")[1]
 
-    loaded, labels, data_cfg = predict.load_model(None, str(folder))  # predict reads it through the same schema
+    loaded, labels, data_cfg = load_model(None, str(folder))  # predict reads it through the same schema
     assert labels == LABELS and data_cfg.input_size == (3, 4, 32, 32)
     x = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():

@@ -145,11 +145,13 @@ def test_apply_recipe_sets_finetune_defaults_and_flags_override() -> None:
 
 
 def test_apply_recipe_refuses_sgd_without_an_optimizer_option() -> None:
+    """A parser without --opt cannot take ssv2's SGD learning rate (AdamW would get it); finetune's can."""
+    bare = argparse.ArgumentParser()
+    for flag in ("--lr", "--weight-decay"):
+        bare.add_argument(flag, type=float)
     with pytest.raises(ValueError, match="--opt"):
-        apply_recipe(finetune_parser(), "ssv2")
+        apply_recipe(bare, "ssv2")
     parser = finetune_parser()
-    parser.add_argument("--opt", default="adamw")
-    parser.add_argument("--momentum", type=float, default=0.0)
     chosen = apply_recipe(parser, get_recipe("ssv2"))
     args = parser.parse_args([])
     assert (args.opt, args.momentum, args.lr, args.weight_decay) == ("sgd", 0.9, 0.0025, 1e-4)

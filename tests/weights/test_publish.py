@@ -16,8 +16,9 @@ import torch
 
 import mvit_zoo
 from hub_server import HubServer
-from mvit_zoo.apps import finetune
+from mvit_zoo.apps.run_folder import model_config, save_weights
 from mvit_zoo.data.config import read_config, write_config
+from mvit_zoo.data.transforms import resolve_data_config
 from mvit_zoo.weights import convert, publish
 from mvit_zoo.weights import hub as weights
 from mvit_zoo.weights.convert import convert_state_dict
@@ -201,10 +202,10 @@ def test_finetuned_checkpoint_keeps_its_size_and_labels(tmp_path: Path, hub_cach
     kw = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1}
     model = mvit_zoo.create_model("mvit_tiny.fb_in1k", img_size=64, num_classes=3, **kw).eval()
     run = tmp_path / "run"
-    write_config(run, finetune.model_config(model, "mvit_tiny.fb_in1k", ["cat", "dog", "owl"],
+    write_config(run, model_config(model, "mvit_tiny.fb_in1k", ["cat", "dog", "owl"],
                                             {**kw, "img_size": 64, "num_classes": 3},
-                                            finetune.resolve_data_config(model)))
-    finetune.save_weights(run / "model.safetensors", model, 1)
+                                            resolve_data_config(model)))
+    save_weights(run / "model.safetensors", model, 1)
     x = torch.randn(1, 3, 64, 64)
 
     folder, report = publish.convert_checkpoint(str(run / "model.safetensors"), "mvit_tiny", tmp_path / "out",
