@@ -12,6 +12,13 @@ Layouts recognised by `detect_layout`:
     'slowfast'     PySlowFast video and image models: `patch_embed.proj`, flat `blocks.N`, fused `attn.qkv`
                    (or separate `attn.{q,k,v}`), block-level `proj`, `head.projection`, `{'model_state': ...}`
     'mvit'         facebookresearch/mvit (ImageNet MViTv2): as 'slowfast', 2-D, with relative positions
+    'mmaction2'    open-mmlab/mmaction2 `MViT` + `MViTHead`: `backbone.patch_embed.projection`, flat
+                   `backbone.blocks.N` (fused `attn.qkv`), last-stage `backbone.norm3`, `cls_head.fc_cls`,
+                   wrapped in `{'state_dict': ...}`
+    'detectron2'   detectron2's MViT backbone (`backbone.bottom_up.patch_embed.proj`, flat `blocks.N`, per-stage
+                   `scale{2..5}_norm`), read out of a detector checkpoint (`{'model': ...}`; its `.pkl` model zoo
+                   files with `weights.detectron2.read_detectron2_pkl`). The FPN and heads map onto torchvision's
+                   detectors with `weights.detectron2.convert_detectron2_detector`; here they are left out
 
 Conversion runs in two steps:
 
@@ -45,10 +52,10 @@ __all__ = [
     "LAYOUTS", "ArchitectureMismatchWarning", "CheckpointMismatchError", "ConversionReport", "ConvertedStateDict",
     "architecture_mismatches", "architecture_overrides", "checkpoint_img_size",
     "convert_state_dict", "detect_layout", "describe_checkpoint", "fit_state_dict", "inflate_image_to_video",
-    "layout_architecture", "matching_architectures", "to_native", "unwrap_checkpoint",
+    "layout_architecture", "left_out_keys", "matching_architectures", "to_native", "unwrap_checkpoint",
 ]
 
-LAYOUTS = ("mvit-zoo", "timm", "torchvision", "pytorchvideo", "slowfast", "mvit")
+LAYOUTS = ("mvit-zoo", "timm", "torchvision", "pytorchvideo", "slowfast", "mvit", "mmaction2", "detectron2")
 HeadPolicy = Literal["auto", "strict", "drop"]
 InflateMode = Literal["mean", "center"]
 
@@ -104,6 +111,8 @@ def _names(keys: list[str], limit: int = 12) -> str:
 # --------------------------------------------------------------------------------------------------
 
 _WRAPPERS = ("model_state", "state_dict", "model", "module", "model_ema")
+# The prefix of the MViT's own tensors in a layout whose checkpoints hold a whole detector / recogniser
+_PREFIXES = {"mmaction2": "backbone.", "detectron2": "backbone.bottom_up."}
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -140,6 +149,10 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
 def detect_layout(sd: Mapping[str, Tensor]) -> str:
     """Name the layout of an (unwrapped) state dict: one of `LAYOUTS`."""
     keys = set(sd)
+    if "backbone.patch_embed.projection.weight" in keys:
+        return "mmaction2"
+    if any(k.startswith(_PREFIXES["detectron2"]) for k in keys):
+        return "detectron2"
     if any(k.startswith("stages.") for k in keys):
         video = (
             any(k.endswith("rel_pos_t") or k.startswith("pos_embed_") for k in keys)
@@ -157,7 +170,7 @@ def detect_layout(sd: Mapping[str, Tensor]) -> str:
     sample = ", ".join(sorted(keys)[:6])
     raise CheckpointMismatchError(
         f"unrecognised checkpoint layout (first keys: {sample}); expected an MViT checkpoint from mvit-zoo, "
-        f"timm, torchvision, pytorchvideo, PySlowFast or facebookresearch/mvit")
+        f"timm, torchvision, pytorchvideo, PySlowFast, facebookresearch/mvit, mmaction2 or detectron2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +190,8 @@ _BLOCK_RULES: dict[str, list[tuple[str, str]]] = {
     "pytorchvideo": [],
     "slowfast": [],
     "mvit": [],
+    "mmaction2": [],
+    "detectron2": [],
 }
 _TOP_RULES: dict[str, list[tuple[str, str]]] = {
     "torchvision": [
@@ -195,6 +210,10 @@ _TOP_RULES: dict[str, list[tuple[str, str]]] = {
     ],
     "slowfast": [(r"^head\.projection\.", "head.fc.")],
     "mvit": [(r"^head\.projection\.", "head.fc.")],
+    # NOTE: mmaction2 numbers its stage norms from 0 and keeps only `out_scales` (default: the last, norm3)
+    "mmaction2": [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^norm3\.", "norm."),
+                  (r"^cls_head\.fc_cls\.", "head.fc.")],
+    "detectron2": [],  # its stage norms are placed by `_strip_prefix`, which knows the target
 }
 _POS_KEYS = ("cls_token", "pos_embed", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class")
 
@@ -271,6 +290,37 @@ def _native_shapes(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     return sd
 
 
+def _strip_prefix(sd: Mapping[str, Tensor], layout: str, cfg: Any = None) -> dict[str, Tensor]:
+    """The backbone's tensors without their prefix; mmaction2's classifier (`cls_head.*`) kept as it is.
+    detectron2 names its stage norms by log2 of their stride: `scale{k}_norm` is stage k - 2's norm of a
+    target with `stage_norms` (`mvit_*_det`); for any other target `scale5_norm` is the final `norm` and the
+    norms of stages 0-2 are left out, as are the FPN and heads (`left_out_keys` names them)."""
+    prefix = _PREFIXES[layout]
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    out.update({k: v for k, v in sd.items() if k.startswith("cls_head.")} if layout == "mmaction2" else {})
+    if layout == "detectron2" and cfg is not None:
+        if getattr(cfg, "stage_norms", False):
+            out = {re.sub(r"^scale(\d)_norm\.", lambda m: f"stages.{int(m.group(1)) - 2}.norm.", k): v
+                   for k, v in out.items()}
+        else:
+            out = {re.sub(r"^scale5_norm\.", "norm.", k): v for k, v in out.items()
+                   if not re.match(r"^scale[234]_norm\.", k)}
+    return out
+
+
+def left_out_keys(checkpoint: Mapping[str, Any], target: Any) -> list[str]:
+    """Keys of a checkpoint that `to_native` does not carry into `target` (a model or MViTCfg): detectron2's
+    FPN, RPN and RoI heads, and its stage 0-2 norms unless the target has `stage_norms` (empty for the other
+    layouts, whose every key is placed)."""
+    sd = unwrap_checkpoint(checkpoint)
+    if detect_layout(sd) != "detectron2":
+        return []
+    prefix = _PREFIXES["detectron2"]
+    stage_norms = getattr(_target_cfg(target), "stage_norms", False)
+    return sorted(k for k in sd if not k.startswith(prefix)
+                  or not stage_norms and re.match(r"^scale[234]_norm\.", k[len(prefix):]))
+
+
 def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Tensor], str]:
     """Rename a checkpoint of any supported layout into mvit-zoo names, keeping its shapes.
 
@@ -280,6 +330,8 @@ def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Ten
     cfg = _target_cfg(target)
     sd = unwrap_checkpoint(checkpoint)
     layout = detect_layout(sd)
+    if layout in _PREFIXES:
+        sd = _strip_prefix(sd, layout, cfg)
     if layout not in ("mvit-zoo", "timm"):
         sd = _rename_flat(sd, layout, cfg)
     return _native_shapes(dict(sd), cfg), layout
@@ -291,9 +343,10 @@ def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Ten
 
 # Q/K/V pooling-norm eps of each upstream implementation. NOTE: PySlowFast changed its eps from 1e-5 to
 # 1e-6 in mid-2022, so its layout alone does not tell; its tags state the eps of their files.
-_POOL_NORM_EPS = {"pytorchvideo": 1e-5, "torchvision": 1e-6, "timm": 1e-6, "mvit": 1e-6}
+_POOL_NORM_EPS = {"pytorchvideo": 1e-5, "torchvision": 1e-6, "timm": 1e-6, "mvit": 1e-6, "mmaction2": 1e-6,
+                  "detectron2": 1e-6}
 # Whether residual pooling adds the pooled query to the class token too
-_RESIDUAL_POOL_CLS = {"slowfast": False, "torchvision": False, "timm": True, "mvit": True}
+_RESIDUAL_POOL_CLS = {"slowfast": False, "torchvision": False, "timm": True, "mvit": True, "mmaction2": False}
 
 
 def layout_architecture(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
@@ -309,6 +362,13 @@ def layout_architecture(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]
         out["pool_norm_eps"] = _POOL_NORM_EPS[layout]
     if "cls_token" in sd and layout in _RESIDUAL_POOL_CLS:
         out["residual_pool_cls"] = _RESIDUAL_POOL_CLS[layout]
+    if layout == "mmaction2":  # `dim_mul_in_attention` is a config switch there (False for its MaskFeat fine-tune)
+        for key, weight in sd.items():
+            m = re.match(r"^(stages\.\d+\.blocks\.\d+\.)shortcut_proj_(attn|mlp)\.weight$", key)
+            qkv = sd.get(f"{m.group(1)}attn.qkv.weight") if m else None
+            if qkv is not None:  # channels grow in the attention iff its width is the block's output width
+                out["expand_attn"] = qkv.shape[0] // 3 == weight.shape[0]
+                break
     return out
 
 
@@ -528,6 +588,11 @@ def fit_state_dict(
         if mismatched:
             msg.append(f"shape mismatch ({len(mismatched)}): {'; '.join(mismatched[:8])}"
                        f"{' ...' if len(mismatched) > 8 else ''}")
+            classes = sd.get("head.fc.weight")
+            if any(m.startswith("head.fc.weight:") for m in mismatched):
+                msg.append(f"the checkpoint's classifier has {classes.shape[0]} classes, the model's "
+                           f"{target['head.fc.weight'].shape[0]}: create the model with num_classes="
+                           f"{classes.shape[0]}, or pass head='auto' to start a new classifier")
             patch = sd.get("patch_embed.proj.weight")
             if patch is not None and patch.ndim == 5 and target["patch_embed.proj.weight"].ndim == 4:
                 msg.append("this is a video checkpoint and the model is an image model")
@@ -561,6 +626,14 @@ def convert_state_dict(
     """
     sd, layout = to_native(state_dict, model)
     image_to_video = getattr(sd.get("patch_embed.proj.weight"), "ndim", 0) == 4 and _target_cfg(model).ndim == 3
+    if layout == "detectron2" and image_to_video:
+        fits = matching_architectures(state_dict)
+        raise CheckpointMismatchError(
+            f"this is a detectron2 detector checkpoint (a 2-D MViT backbone with FPN and COCO heads) and "
+            f"{_model_name(model)} is a video model; load it into an image model"
+            f"{' (' + ' or '.join(fits) + ')' if fits else ''}, or into a torchvision detector with "
+            f"mvit_zoo.weights.detectron2.convert_detectron2_detector. To start a video model from image weights "
+            f"on purpose, use inflate_image_to_video")
     # image -> video: the video model's own architecture is what trains next
     mismatches = [] if image_to_video else architecture_mismatches(layout_architecture(sd, layout), model, layout)
     try:
@@ -570,6 +643,7 @@ def convert_state_dict(
             raise
         raise CheckpointMismatchError(f"{e}; also {'; '.join(mismatches)}") from None
     out.report.architecture = mismatches
+    out.report.dropped += left_out_keys(state_dict, model)
     for message in mismatches:
         warnings.warn(ArchitectureMismatchWarning(message), stacklevel=2)
     return out
@@ -607,6 +681,7 @@ class _Signature:
     cls_token: bool
     rel_pos: bool
     abs_pos: bool
+    stage_norms: bool  # a norm per stage output (detection backbones) instead of a final norm
 
 
 def _signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
@@ -631,13 +706,14 @@ def _signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
         ndim=patch.ndim - 2, depths=depths, embed_dim=patch.shape[0], num_heads=heads0,
         cls_token="cls_token" in sd, rel_pos=any(k.endswith("rel_pos_h") for k in sd),
         abs_pos=any(k.startswith("pos_embed") for k in sd),
+        stage_norms=any(re.match(r"^stages\.\d+\.norm\.weight$", k) for k in sd),
     )
 
 
 def _flat_signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
     """As `_signature`, for a flat upstream layout: stages are runs of blocks with one attention width."""
-    patch = next((sd[k] for k in ("patch_embed.proj.weight", "patch_embed.patch_model.weight", "conv_proj.weight")
-                  if k in sd), None)
+    patch = next((sd[k] for k in ("patch_embed.proj.weight", "patch_embed.patch_model.weight", "conv_proj.weight",
+                                  "patch_embed.projection.weight") if k in sd), None)
     widths: dict[int, int] = {}
     for key, value in sd.items():
         m = re.match(r"^blocks\.(\d+)\.attn\.(qkv|q)\.weight$", key)
@@ -660,6 +736,7 @@ def _flat_signature(sd: Mapping[str, Tensor]) -> Optional[_Signature]:
         cls_token=any(k.endswith("cls_token") or k.endswith("class_token") for k in sd),
         rel_pos=any(k.endswith("rel_pos_h") for k in sd),
         abs_pos=any("pos_embed" in k or k.startswith("pos_encoding.spatial") for k in sd),
+        stage_norms=any(re.match(r"^scale\d_norm\.weight$", k) for k in sd),
     )
 
 
@@ -670,8 +747,11 @@ def matching_architectures(state_dict: Mapping[str, Any]) -> list[str]:
 
     try:
         sd = unwrap_checkpoint(state_dict)
+        layout = detect_layout(sd)
     except CheckpointMismatchError:
         return []
+    if layout in _PREFIXES:
+        sd = _strip_prefix(sd, layout)
     sig = _signature(sd) or _flat_signature(sd)
     if sig is None:
         return []
@@ -680,6 +760,7 @@ def matching_architectures(state_dict: Mapping[str, Any]) -> list[str]:
         if cfg.ndim == sig.ndim and tuple(cfg.depths) == sig.depths and cfg.embed_dim[0] == sig.embed_dim
         and cfg.use_cls_token == sig.cls_token and cfg.rel_pos == sig.rel_pos
         and (cfg.abs_pos != "none") == sig.abs_pos and sig.num_heads in (None, cfg.num_heads[0])
+        and getattr(cfg, "stage_norms", False) == sig.stage_norms
     ]
 
 
@@ -687,8 +768,9 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> str:
     """One line on what a checkpoint is: layout, rank, depths, width, class count, matching architectures."""
     sd = unwrap_checkpoint(state_dict)
     layout = detect_layout(sd)
-    sig = _signature(sd) or _flat_signature(sd)
-    head = next((v for k, v in sd.items() if re.match(r"^head\.(fc|proj|projection|1)\.weight$", k)), None)
+    sig = _signature(sd) or _flat_signature(_strip_prefix(sd, layout) if layout in _PREFIXES else sd)
+    head = next((v for k, v in sd.items() if re.match(r"^(head\.(fc|proj|projection|1)|cls_head\.fc_cls)\.weight$",
+                                                      k)), None)
     parts = [f"{layout} layout"]
     if sig is not None:
         parts.append(f"{'video' if sig.ndim == 3 else 'image'}, depths {sig.depths}, width {sig.embed_dim}")

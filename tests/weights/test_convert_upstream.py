@@ -1,0 +1,321 @@
+"""mmaction2 and detectron2 checkpoints: laid out exactly as the upstream files (key names and shapes transcribed
+from the upstream module trees, random values), detected, converted and loaded strictly; detectron2 `.pkl`
+pickles are read without running anything but numpy's array constructor. Neither upstream library is
+installed, so the tests compare the converted key/shape set with a transcription of upstream's modules."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import timm  # noqa: F401 - registers the models before mvit_zoo.detection imports the model module
+import torch
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.detection import MaskRCNN
+
+import mvit_zoo
+from mvit_zoo.detection import MViTBackbone, MViTFPN
+from mvit_zoo.weights.convert import (CheckpointMismatchError, convert_state_dict, detect_layout, left_out_keys,
+                                      matching_architectures, unwrap_checkpoint)
+from mvit_zoo.weights.detectron2 import convert_detectron2_detector, read_detectron2_pkl
+from mvit_zoo.weights.hub import UnsafeCheckpointError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _random(shapes: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# mmaction2: mmaction/models/backbones/mvit.py (MViT, MultiScaleBlock, MultiScaleAttention), heads/mvit_head.py
+# --------------------------------------------------------------------------------------------------
+
+def mmaction2_shapes(num_classes: int = 400, dim_mul_in_attention: bool = True, temporal_size: int = 16,
+                     spatial_size: int = 224) -> Shapes:
+    """The state dict of mmaction2's `Recognizer3D(MViT(arch='small'), MViTHead)`, transcribed from MViT.__init__:
+    blocks 1, 3, 14 downscale (stride_q (1, 2, 2), kv stride halved, heads x2); channels double in those blocks'
+    attention (`dim_mul_in_attention`) or in the MLP of the block before; rel_dim = 2 * max(size // stride_q,
+    size // stride_kv) - 1 on the block's input size; out_scales=-1 keeps `norm3` only."""
+    embed, layers, downscale = 96, 16, (1, 3, 14)
+    s: Shapes = {"backbone.patch_embed.projection.weight": (embed, 3, 3, 7, 7),
+                 "backbone.patch_embed.projection.bias": (embed,), "backbone.cls_token": (1, 1, embed)}
+    dims, heads, kv, size, t = [embed], 1, 8, spatial_size // 4, temporal_size // 2
+    for i in range(layers):
+        if i in downscale:
+            heads *= 2
+            kv = max(kv // 2, 1)
+        stride_q = 2 if i in downscale else 1
+        if dim_mul_in_attention and i in downscale or not dim_mul_in_attention and i + 1 in downscale:
+            out = dims[-1] * 2
+        else:
+            out = dims[-1]
+        inp = dims[-1]
+        attn = out if dim_mul_in_attention else inp
+        pool, p = attn // heads, f"backbone.blocks.{i}."
+        rel = 2 * max(size // stride_q, size // kv) - 1
+        s.update({
+            p + "norm1.weight": (inp,), p + "norm1.bias": (inp,),
+            p + "attn.qkv.weight": (3 * attn, inp), p + "attn.qkv.bias": (3 * attn,),
+            p + "attn.proj.weight": (attn, attn), p + "attn.proj.bias": (attn,),
+            **{p + f"attn.pool_{n}.weight": (pool, 1, 3, 3, 3) for n in "qkv"},
+            **{p + f"attn.norm_{n}.{w}": (pool,) for n in "qkv" for w in ("weight", "bias")},
+            p + "attn.rel_pos_h": (rel, pool), p + "attn.rel_pos_w": (rel, pool),
+            p + "attn.rel_pos_t": (2 * t - 1, pool),
+            p + "norm2.weight": (attn,), p + "norm2.bias": (attn,),
+            p + "mlp.fc1.weight": (4 * attn, attn), p + "mlp.fc1.bias": (4 * attn,),
+            p + "mlp.fc2.weight": (out, 4 * attn), p + "mlp.fc2.bias": (out,),
+        })
+        if inp != out:
+            s.update({p + "proj.weight": (out, inp), p + "proj.bias": (out,)})
+        size //= stride_q
+        dims.append(out)
+    s.update({"backbone.norm3.weight": (dims[-1],), "backbone.norm3.bias": (dims[-1],),
+              "cls_head.fc_cls.weight": (num_classes, dims[-1]), "cls_head.fc_cls.bias": (num_classes,)})
+    return s
+
+
+def mmaction2_checkpoint(**kw: Any) -> dict[str, Any]:
+    """As mmengine saves it (tools/deployment/publish_model.py keeps `meta` and `state_dict`)."""
+    return {"meta": {"epoch": 100}, "state_dict": _random(mmaction2_shapes(**kw))}
+
+
+@pytest.mark.parametrize("dim_mul_in_attention", [True, False])
+def test_mmaction2_loads_strictly(dim_mul_in_attention: bool) -> None:
+    ckpt = mmaction2_checkpoint(dim_mul_in_attention=dim_mul_in_attention)
+    assert detect_layout(unwrap_checkpoint(ckpt)) == "mmaction2"
+    model = mvit_zoo.create_model("mvit_v2_s_16x4", expand_attn=dim_mul_in_attention)
+    sd = convert_state_dict(ckpt, model)
+    assert not (sd.report.missing or sd.report.unexpected or sd.report.dropped or sd.report.resized)
+    model.load_state_dict(sd, strict=True)
+    src = ckpt["state_dict"]
+    assert torch.equal(sd["patch_embed.proj.weight"], src["backbone.patch_embed.projection.weight"])
+    assert torch.equal(sd["head.fc.weight"], src["cls_head.fc_cls.weight"])
+    assert torch.equal(sd["norm.weight"], src["backbone.norm3.weight"])
+    assert torch.equal(sd["stages.3.blocks.1.attn.rel_pos_t"], src["backbone.blocks.15.attn.rel_pos_t"])
+    shortcut = "shortcut_proj_attn" if dim_mul_in_attention else "shortcut_proj_mlp"
+    block = "stages.1.blocks.0" if dim_mul_in_attention else "stages.0.blocks.0"  # mmaction2 blocks 1 / 0
+    assert torch.equal(sd[f"{block}.{shortcut}.weight"], src[f"backbone.blocks.{1 if dim_mul_in_attention else 0}"
+                                                               ".proj.weight"])
+    assert len(sd) == len(src)  # every tensor placed, none invented
+
+
+def test_mmaction2_mismatches_are_named() -> None:
+    model = mvit_zoo.create_model("mvit_v2_s_16x4")
+    with pytest.raises(CheckpointMismatchError, match=r"174 classes, the model's 400.*num_classes=174"):
+        convert_state_dict(mmaction2_checkpoint(num_classes=174), model, head="strict")
+    # the MaskFeat fine-tune (dim_mul_in_attention=False) into the plain architecture: the field is named
+    with pytest.raises(CheckpointMismatchError, match=r"expand_attn: the mmaction2 checkpoint implies False"):
+        convert_state_dict(mmaction2_checkpoint(dim_mul_in_attention=False), model)
+
+
+# --------------------------------------------------------------------------------------------------
+# detectron2: detectron2/modeling/backbone/mvit.py (MViT, MultiScaleBlock, MultiScaleAttention),
+# modeling/backbone/fpn.py, configs/common/models/mask_rcnn_fpn.py (StandardRPNHead, 2fc box head,
+# FastRCNNOutputLayers, MaskRCNNConvUpsampleHead)
+# --------------------------------------------------------------------------------------------------
+
+def d2_backbone_shapes(embed: int = 96, depth: int = 10, last_block_indexes: tuple[int, ...] = (0, 2, 7, 9),
+                       img_size: int = 224) -> Shapes:
+    """MViTv2-T as projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py builds it: stride_q 2 after a stage's last
+    block, rel_dim = 2 * max(size // stride_q, size // stride_kv) - 1 with `input_size` halved one block after
+    each stage start, `proj` where channels grow, `scale{2..5}_norm` after each stage."""
+    p0 = "backbone.bottom_up."
+    s: Shapes = {p0 + "patch_embed.proj.weight": (embed, 3, 7, 7), p0 + "patch_embed.proj.bias": (embed,)}
+    dim, dim_out, heads, kv, size, stage = embed, embed, 1, 4, img_size // 4, 2
+    for i in range(depth):
+        stride_q = 2 if i - 1 in last_block_indexes else 1
+        kv_i = kv * 2 if i in last_block_indexes[1:3] else kv
+        hd, p = dim_out // heads, f"{p0}blocks.{i}."
+        rel = 2 * max(size // stride_q, size // kv_i) - 1
+        s.update({
+            p + "norm1.weight": (dim,), p + "norm1.bias": (dim,),
+            p + "attn.qkv.weight": (3 * dim_out, dim), p + "attn.qkv.bias": (3 * dim_out,),
+            p + "attn.proj.weight": (dim_out, dim_out), p + "attn.proj.bias": (dim_out,),
+            **{p + f"attn.pool_{n}.weight": (hd, 1, 3, 3) for n in "qkv"},
+            **{p + f"attn.norm_{n}.{w}": (hd,) for n in "qkv" for w in ("weight", "bias")},
+            p + "attn.rel_pos_h": (rel, hd), p + "attn.rel_pos_w": (rel, hd),
+            p + "norm2.weight": (dim_out,), p + "norm2.bias": (dim_out,),
+            p + "mlp.fc1.weight": (4 * dim_out, dim_out), p + "mlp.fc1.bias": (4 * dim_out,),
+            p + "mlp.fc2.weight": (dim_out, 4 * dim_out), p + "mlp.fc2.bias": (dim_out,),
+        })
+        if dim != dim_out:
+            s.update({p + "proj.weight": (dim_out, dim), p + "proj.bias": (dim_out,)})
+        dim = dim_out
+        if i in last_block_indexes:
+            s.update({f"{p0}scale{stage}_norm.weight": (dim_out,), f"{p0}scale{stage}_norm.bias": (dim_out,)})
+            dim_out, heads, kv, stage = dim_out * 2, heads * 2, max(kv // 2, 1), stage + 1
+        if i - 1 in last_block_indexes:
+            size //= 2
+    return s
+
+
+def d2_fpn_shapes(channels: tuple[int, ...] = (96, 192, 384, 768), norm: bool = False) -> Shapes:
+    """detectron2's FPN: `fpn_lateral{k}` (1x1) and `fpn_output{k}` (3x3), `Conv2d(bias=norm == '')` + `norm`."""
+    s: Shapes = {}
+    for k, c in zip(range(2, 6), channels):
+        for name, shape in ((f"fpn_lateral{k}", (256, c, 1, 1)), (f"fpn_output{k}", (256, 256, 3, 3))):
+            s[f"backbone.{name}.weight"] = shape
+            s.update({f"backbone.{name}.norm.weight": (256,), f"backbone.{name}.norm.bias": (256,)} if norm
+                     else {f"backbone.{name}.bias": (256,)})
+    return s
+
+
+def d2_mask_rcnn_head_shapes(num_classes: int = 80) -> Shapes:
+    conv = lambda o, i, k: {".weight": (o, i, k, k), ".bias": (o,)}  # noqa: E731
+    parts = {
+        "proposal_generator.rpn_head.conv": conv(256, 256, 3),
+        "proposal_generator.rpn_head.objectness_logits": conv(3, 256, 1),
+        "proposal_generator.rpn_head.anchor_deltas": conv(12, 256, 1),
+        "roi_heads.box_head.fc1": {".weight": (1024, 256 * 7 * 7), ".bias": (1024,)},
+        "roi_heads.box_head.fc2": {".weight": (1024, 1024), ".bias": (1024,)},
+        "roi_heads.box_predictor.cls_score": {".weight": (num_classes + 1, 1024), ".bias": (num_classes + 1,)},
+        "roi_heads.box_predictor.bbox_pred": {".weight": (4 * num_classes, 1024), ".bias": (4 * num_classes,)},
+        **{f"roi_heads.mask_head.mask_fcn{i}": conv(256, 256, 3) for i in range(1, 5)},
+        "roi_heads.mask_head.deconv": {".weight": (256, 256, 2, 2), ".bias": (256,)},  # ConvTranspose2d: (in, out)
+        "roi_heads.mask_head.predictor": conv(num_classes, 256, 1),
+    }
+    return {name + suffix: shape for name, d in parts.items() for suffix, shape in d.items()}
+
+
+def d2_checkpoint(fpn_norm: bool = False, heads: bool = True) -> dict[str, Any]:
+    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=fpn_norm), **(d2_mask_rcnn_head_shapes() if heads else {})}
+    return {"model": _random(shapes), "__author__": "Detectron2 Model Zoo"}
+
+
+def test_detectron2_backbone_loads_into_the_image_model() -> None:
+    ckpt = d2_checkpoint()
+    assert detect_layout(unwrap_checkpoint(ckpt)) == "detectron2"
+    model = mvit_zoo.create_model("mvit_tiny", num_classes=0)
+    sd = convert_state_dict(ckpt, model)
+    model.load_state_dict(sd, strict=True)
+    src = ckpt["model"]
+    assert torch.equal(sd["norm.weight"], src["backbone.bottom_up.scale5_norm.weight"])
+    assert torch.equal(sd["stages.1.blocks.0.shortcut_proj_attn.weight"],
+                       src["backbone.bottom_up.blocks.1.proj.weight"])
+    assert torch.equal(sd["stages.2.blocks.4.attn.rel_pos_h"], src["backbone.bottom_up.blocks.7.attn.rel_pos_h"])
+    # the FPN, heads and stage 1-3 norms are named as left out, not lost silently
+    assert sd.report.dropped == left_out_keys(ckpt, model)
+    assert "backbone.fpn_lateral2.weight" in sd.report.dropped and "roi_heads.mask_head.predictor.weight" in \
+        sd.report.dropped and "backbone.bottom_up.scale2_norm.weight" in sd.report.dropped
+    assert len(sd) + len(sd.report.dropped) == len(src)
+
+
+def test_detectron2_loads_into_the_window_backbone() -> None:
+    """mvit_tiny_det (hybrid window attention, a norm per stage): every backbone tensor placed, stage norms too."""
+    ckpt = d2_checkpoint()
+    assert matching_architectures(ckpt) == ["mvit_tiny_det"]
+    model = mvit_zoo.create_model("mvit_tiny_det")
+    sd = convert_state_dict(ckpt, model)
+    model.load_state_dict(sd, strict=True)
+    for k in range(2, 6):
+        assert torch.equal(sd[f"stages.{k - 2}.norm.bias"], ckpt["model"][f"backbone.bottom_up.scale{k}_norm.bias"])
+    assert not sd.report.resized and all(not k.startswith("backbone.bottom_up.") for k in sd.report.dropped)
+    detector = MaskRCNN(MViTFPN(MViTBackbone("mvit_tiny_det")), num_classes=81)
+    detector.load_state_dict(convert_detectron2_detector(ckpt, detector), strict=True)
+
+
+def test_detectron2_file_refused_by_a_video_model() -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"detectron2 detector checkpoint.*video model.*mvit_tiny_det"):
+        convert_state_dict(d2_checkpoint(), mvit_zoo.create_model("mvit_v2_s_16x4"))
+
+
+def test_detectron2_mask_rcnn_maps_onto_torchvision() -> None:
+    ckpt = d2_checkpoint()
+    detector = MaskRCNN(MViTFPN(MViTBackbone("mvit_tiny", norm=True)), num_classes=81)
+    sd = convert_detectron2_detector(ckpt, detector)
+    detector.load_state_dict(sd, strict=True)
+    src = ckpt["model"]
+    assert torch.equal(sd["backbone.body.norms.2.weight"], src["backbone.bottom_up.scale4_norm.weight"])
+    assert torch.equal(sd["backbone.fpn.inner_blocks.3.0.weight"], src["backbone.fpn_lateral5.weight"])
+    assert torch.equal(sd["backbone.fpn.layer_blocks.0.0.bias"], src["backbone.fpn_output2.bias"])
+    assert torch.equal(sd["rpn.head.cls_logits.weight"], src["proposal_generator.rpn_head.objectness_logits.weight"])
+    assert torch.equal(sd["roi_heads.box_head.fc7.weight"], src["roi_heads.box_head.fc2.weight"])
+    # background: detectron2's last score row is torchvision's first; no box / mask is predicted for it
+    cls = src["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(sd["roi_heads.box_predictor.cls_score.weight"][0], cls[-1])
+    assert torch.equal(sd["roi_heads.box_predictor.cls_score.weight"][1:], cls[:-1])
+    assert torch.equal(sd["roi_heads.box_predictor.bbox_pred.weight"][4:],
+                       src["roi_heads.box_predictor.bbox_pred.weight"])
+    assert not sd["roi_heads.box_predictor.bbox_pred.weight"][:4].any()
+    assert torch.equal(sd["roi_heads.mask_predictor.mask_fcn_logits.weight"][1:],
+                       src["roi_heads.mask_head.predictor.weight"])
+    assert torch.equal(sd["roi_heads.mask_predictor.conv5_mask.weight"], src["roi_heads.mask_head.deconv.weight"])
+    assert torch.equal(sd["roi_heads.mask_head.3.0.weight"], src["roi_heads.mask_head.mask_fcn4.weight"])
+
+
+def test_detectron2_ln_fpn_onto_mvit_fpn() -> None:
+    """ViTDet's LN-in-FPN: conv without bias + `norm`; the heads are listed as left out."""
+    ckpt = d2_checkpoint(fpn_norm=True)
+    fpn = MViTFPN(MViTBackbone("mvit_tiny", norm=True), norm_layer=lambda c: LayerNorm2d(c, eps=1e-6))
+    sd = convert_detectron2_detector(ckpt, fpn)
+    fpn.load_state_dict(sd, strict=True)
+    assert torch.equal(sd["fpn.inner_blocks.1.1.weight"], ckpt["model"]["backbone.fpn_lateral3.norm.weight"])
+    assert "roi_heads.box_head.fc1.weight" in sd.report.dropped
+
+
+def test_detectron2_mismatches_are_named() -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"norm=True"):
+        convert_detectron2_detector(d2_checkpoint(heads=False), MViTFPN(MViTBackbone("mvit_tiny")))
+    cascade = d2_checkpoint(heads=False)
+    cascade["model"]["roi_heads.box_head.0.conv1.weight"] = torch.zeros(256, 256, 3, 3)
+    detector = MaskRCNN(MViTFPN(MViTBackbone("mvit_tiny", norm=True)), num_classes=81)
+    with pytest.raises(CheckpointMismatchError, match=r"Cascade R-CNN.*MViTFPN"):
+        convert_detectron2_detector(cascade, detector)
+    with pytest.raises(CheckpointMismatchError, match=r"cls_score.*\(81, 1024\) vs model \(91, 1024\)"):
+        convert_detectron2_detector(d2_checkpoint(), MaskRCNN(MViTFPN(MViTBackbone("mvit_tiny", norm=True)),
+                                                              num_classes=91))
+
+
+# --------------------------------------------------------------------------------------------------
+# detectron2 .pkl files: numpy arrays only
+# --------------------------------------------------------------------------------------------------
+
+def _write_pkl(path: Path, obj: Any, protocol: int = 2) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_pkl_reads_numpy_weights(tmp_path: Path, protocol: int) -> None:
+    ckpt = d2_checkpoint(heads=False)
+    arrays = {k: v.numpy() for k, v in ckpt["model"].items()}
+    read = read_detectron2_pkl(_write_pkl(tmp_path / "model_final.pkl", {"model": arrays, "__author__": "FAIR"},
+                                          protocol))
+    assert read["__author__"] == "FAIR" and set(read["model"]) == set(arrays)
+    assert all(torch.equal(read["model"][k], ckpt["model"][k]) for k in arrays)
+    model = mvit_zoo.create_model("mvit_tiny", num_classes=0)
+    model.load_state_dict(convert_state_dict(read, model), strict=True)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.system, (f"touch {self.marker}",)
+
+
+class _Custom:
+    pass
+
+
+def test_pkl_refuses_code_and_classes(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    evil = _write_pkl(tmp_path / "evil.pkl", {"model": {"w": np.zeros(2, np.float32), "x": _RunsCode(marker)},
+                                              "__author__": "x"})
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|nt)\.system"):
+        read_detectron2_pkl(evil)
+    assert not marker.exists()
+    custom = _write_pkl(tmp_path / "custom.pkl", {"model": {"w": _Custom()}, "__author__": "x"})
+    with pytest.raises(UnsafeCheckpointError, match=r"test_convert_upstream\._Custom"):
+        read_detectron2_pkl(custom)
+    objects = _write_pkl(tmp_path / "objects.pkl", {"model": {"w": np.array([1, "a"], dtype=object)}, "__author__": ""})
+    with pytest.raises(UnsafeCheckpointError, match=r"Python objects"):
+        read_detectron2_pkl(objects)
