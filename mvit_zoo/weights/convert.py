@@ -113,6 +113,9 @@ def _names(keys: list[str], limit: int = 12) -> str:
 _WRAPPERS = ("model_state", "state_dict", "model", "module", "model_ema")
 # The prefix of the MViT's own tensors in a layout whose checkpoints hold a whole detector / recogniser
 _PREFIXES = {"mmaction2": "backbone.", "detectron2": "backbone.bottom_up."}
+# PySlowFast's MaskFeat pre-training model (`MaskMViT`, slowfast/models/masked.py): the mask token, the HOG
+# prediction head and the MAE decoder are the pretext task's, not the backbone's (it also has no final norm)
+_PRETEXT = re.compile(r"^(mask_token$|pred_head\.|hogs\.|decoder_|dec_pos_embed)")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -310,10 +313,13 @@ def _strip_prefix(sd: Mapping[str, Tensor], layout: str, cfg: Any = None) -> dic
 
 def left_out_keys(checkpoint: Mapping[str, Any], target: Any) -> list[str]:
     """Keys of a checkpoint that `to_native` does not carry into `target` (a model or MViTCfg): detectron2's
-    FPN, RPN and RoI heads, and its stage 0-2 norms unless the target has `stage_norms` (empty for the other
-    layouts, whose every key is placed)."""
+    FPN, RPN and RoI heads, and its stage 0-2 norms unless the target has `stage_norms`; a MaskFeat
+    pre-training checkpoint's pretext-task tensors (empty for the other layouts, whose every key is placed)."""
     sd = unwrap_checkpoint(checkpoint)
-    if detect_layout(sd) != "detectron2":
+    layout = detect_layout(sd)
+    if layout == "slowfast" and "mask_token" in sd:
+        return sorted(k for k in sd if _PRETEXT.match(k))
+    if layout != "detectron2":
         return []
     prefix = _PREFIXES["detectron2"]
     stage_norms = getattr(_target_cfg(target), "stage_norms", False)
@@ -332,6 +338,8 @@ def to_native(checkpoint: Mapping[str, Any], target: Any) -> tuple[dict[str, Ten
     layout = detect_layout(sd)
     if layout in _PREFIXES:
         sd = _strip_prefix(sd, layout, cfg)
+    if layout == "slowfast" and "mask_token" in sd:
+        sd = {k: v for k, v in sd.items() if not _PRETEXT.match(k)}
     if layout not in ("mvit-zoo", "timm"):
         sd = _rename_flat(sd, layout, cfg)
     return _native_shapes(dict(sd), cfg), layout
@@ -568,10 +576,15 @@ def fit_state_dict(
 
     # NOTE: a classifier is loaded whole or not at all: half of one (a weight without its bias) is missing
     head_loaded = any(k.startswith("head.fc.") for k in out)
+    # a backbone-only checkpoint (no classifier, no final norm: MaskFeat's pre-training) leaves both fresh
+    backbone_only = not any(k.startswith(("head.fc.", "norm.")) for k in sd) and head != "strict"
     for key in target:
         if key in out or any(m.startswith(key + ":") for m in mismatched):
             continue
         if key.startswith("head.fc.") and not head_loaded and (report.dropped or head != "strict"):
+            report.fresh.append(key)
+            continue
+        if backbone_only and key.startswith("norm."):
             report.fresh.append(key)
             continue
         if image_to_video and (key.endswith("rel_pos_t") or key == "pos_embed_temporal"):

@@ -115,6 +115,41 @@ def test_mmaction2_mismatches_are_named() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# SlowFast MaskFeat pre-training (configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml, slowfast/models/masked.py)
+# --------------------------------------------------------------------------------------------------
+
+def maskfeat_s_checkpoint() -> dict[str, Any]:
+    """MaskMViT-S: MViTv2-S blocks (DIM_MUL_IN_ATT False, PySlowFast names = mmaction2's without `backbone.`),
+    but stage 4 stays at 14x14 (POOL_Q_STRIDE (1, 1, 1) at block 14), so block 15's rel-pos tables span 2 * 14 - 1;
+    no final norm, no head; `mask_token`, the HOG head `pred_head.transforms.0.0` (LayerNorm) /
+    `pred_head.projections.0` (9 bins x 2 x 2 cells x 3 colours = 108) and HOGLayerC's buffers `hogs.0.*`."""
+    shapes = {k[len("backbone."):]: v for k, v in mmaction2_shapes(dim_mul_in_attention=False).items()
+              if k.startswith("backbone.") and not k.startswith("backbone.norm3.")}
+    shapes.update({"blocks.15.attn.rel_pos_h": (27, 96), "blocks.15.attn.rel_pos_w": (27, 96),
+                   "patch_embed.proj.weight": shapes.pop("patch_embed.projection.weight"),
+                   "patch_embed.proj.bias": shapes.pop("patch_embed.projection.bias"),
+                   "mask_token": (1, 1, 96), "pred_head.transforms.0.0.weight": (768,),
+                   "pred_head.transforms.0.0.bias": (768,), "pred_head.projections.0.weight": (108, 768),
+                   "pred_head.projections.0.bias": (108,), "hogs.0.weight_x": (1, 1, 3, 3),
+                   "hogs.0.weight_y": (1, 1, 3, 3), "hogs.0.gkern": (16, 16)})
+    return {"model_state": _random(shapes), "cfg": "MVIT: ...", "epoch": 300}
+
+
+def test_maskfeat_pretraining_loads_as_a_backbone() -> None:
+    ckpt = maskfeat_s_checkpoint()
+    assert detect_layout(unwrap_checkpoint(ckpt)) == "slowfast"
+    model = mvit_zoo.create_model("mvit_v2_s_16x4", expand_attn=False, global_pool="avg")
+    sd = convert_state_dict(ckpt, model)
+    assert sorted(sd.report.fresh) == ["head.fc.bias", "head.fc.weight", "norm.bias", "norm.weight"]
+    assert sd.report.resized == ["stages.3.blocks.1.attn.rel_pos_h", "stages.3.blocks.1.attn.rel_pos_w"]
+    assert sd.report.dropped == left_out_keys(ckpt, model) and "mask_token" in sd.report.dropped
+    assert not sd.report.missing and not sd.report.unexpected
+    result = model.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == sorted(sd.report.fresh) and not result.unexpected_keys
+    assert torch.equal(sd["stages.3.blocks.0.attn.qkv.weight"], ckpt["model_state"]["blocks.14.attn.qkv.weight"])
+
+
+# --------------------------------------------------------------------------------------------------
 # detectron2: detectron2/modeling/backbone/mvit.py (MViT, MultiScaleBlock, MultiScaleAttention),
 # modeling/backbone/fpn.py, configs/common/models/mask_rcnn_fpn.py (StandardRPNHead, 2fc box head,
 # FastRCNNOutputLayers, MaskRCNNConvUpsampleHead)
