@@ -755,7 +755,7 @@ class MViT(nn.Module):
             self.feature_info.append(info)
         self.num_features = self.head_hidden_size = specs[-1][-1].dim_out
         # NOTE with stage norms (detectron2's backbones) there is no final norm: the last stage's own norm
-        # (`stages.3.norm`, detectron2's scale5_norm) normalises its pyramid map only
+        # (`stages.3.norm`, detectron2's scale5_norm) takes its place; the others normalise pyramid maps only
         self.norm = nn.Identity() if cfg.stage_norms else norm_layer(self.num_features)
         self.head = self._make_head(num_classes)
         self._init_weights()
@@ -892,8 +892,11 @@ class MViT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Input -> normalised tokens (B, P + N, C) of the last stage."""
         x, grid = self.embed(x)
-        for stage in self.stages:
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
             x, grid = stage(x, grid)
+            if i == last:
+                x = stage.norm(x)  # the last stage's own norm (stage norms), else an identity
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -933,8 +936,10 @@ class MViT(nn.Module):
         feat_idx = -1
         for feat_idx, stage in enumerate(stages):
             x, grid = stage(x, grid)
+            if feat_idx == last:
+                x = stage.norm(x)  # the last stage's own norm (stage norms), else an identity
             if feat_idx in take_indices:
-                x_inter = stage.norm(x)
+                x_inter = x if feat_idx == last else stage.norm(x)
                 if norm and feat_idx == last:
                     x_inter = self.norm(x_inter)
                 x_out = x_inter if output_fmt == "NLC" else tokens_to_map(x_inter, grid, self.num_prefix_tokens)

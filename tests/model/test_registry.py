@@ -25,6 +25,13 @@ PUBLISHED = {
     "mvit_base_cls": (65_444_032, 10.18),
     "mvit_large_cls": (234_583_216, 42.02),
     "mvit_huge_cls": (694_804_128, 120.33),
+    # detectron2's COCO backbones (no head): the plain models' blocks plus a norm per stage, no final norm
+    # (test_window.py checks each against its plain model); their FLOPs are not published
+    "mvit_tiny_det": (23_405_664, None),
+    "mvit_small_det": (34_102_560, None),
+    "mvit_base_det": (50_705_088, None),
+    "mvit_large_det": (212_484_384, None),
+    "mvit_huge_det": (665_345_408, None),
     "mvit_v1_b_16": (36_982_600, 7.8),
     "mvit_b_16x4": (36_610_672, 70.6),
     "mvit_b_32x3": (36_611_440, 170.37),
