@@ -101,6 +101,13 @@ _L_K400_CROP_PCT = 312 / 356
 # SlowFast's code ran the Q/K/V pooling norms with eps 1e-5 until mid-2022, when the MViT v1 files were trained.
 _SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
+_MMACTION2 = "https://download.openmmlab.com/mmaction/v1.0/recognition/mvit/"
+_MM = dict(license="apache-2.0")
+PAPER_MASKFEAT = "Masked Feature Prediction for Self-Supervised Visual Pre-Training (Wei et al., CVPR 2022)"
+_MASKFEAT = "https://dl.fbaipublicfiles.com/pyslowfast/masked_models/"
+_MASKFEAT_PT = dict(num_classes=0, label_set=None, arch={"expand_attn": False}, paper_name=PAPER_MASKFEAT,
+                    paper_ids="arXiv:2112.09133")
+
 default_cfgs = generate_default_cfgs({
     # 2D MViTv2: timm's Hub files load as they are; the mvit repo's .pyth files are the fallback
     "mvit_tiny.fb_in1k": _image_cfg(hf_hub_id="timm/mvitv2_tiny.fb_in1k", url=_MVIT_REPO + "MViTv2_T_in1k.pyth",
@@ -167,6 +174,31 @@ default_cfgs = generate_default_cfgs({
     "mvit_v2_l_40x3.fb_ssv2": _video_cfg(40, 3, 312, hf_hub_id=_ours("mvit_v2_l_40x3.fb_ssv2"),
                                          url=_SLOWFAST_V2 + "MViTv2_L_40x3_ssv2_f309603968.pyth", top1=73.3,
                                          top5=94.1, **_SSV2, **_BGR_IMAGENET),
+    # mmaction2's own MViTv2-S (configs/recognition/mvit): 0-255 mean/std 114.75/57.375 = 0.45/0.225; the test
+    # resizes the short side to the crop (crop_pct 1.0); file names end in their SHA-256's first 8 hex digits
+    "mvit_v2_s_16x4.mm_k400": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.mm_k400"),
+                                         url=_MMACTION2 + "mvit-small-p244_32xb16-16x4x1-200e_kinetics400-rgb/"
+                                         "mvit-small-p244_32xb16-16x4x1-200e_kinetics400-rgb_20230201-23284ff3.pth",
+                                         file_sha256="23284ff3", top1=80.6, top5=94.7, crop_pct=1.0, **_MM),
+    "mvit_v2_s_16x4.mm_maskfeat_k400": _video_cfg(
+        16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.mm_maskfeat_k400"),
+        url=_MMACTION2 + "mvit-small-p244_k400-maskfeat-pre_8xb32-16x4x1-100e_kinetics400-rgb/"
+        "mvit-small-p244_k400-maskfeat-pre_8xb32-16x4x1-100e_kinetics400-rgb_20230201-5bced1d0.pth",
+        file_sha256="5bced1d0", top1=81.8, top5=95.2, crop_pct=1.0, test_views=(10, 1), arch={"expand_attn": False},
+        paper_name=PAPER_MASKFEAT, paper_ids="arXiv:2112.09133", **_MM),
+    "mvit_v2_s_16x4.mm_ssv2": _video_cfg(16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.mm_ssv2"),
+                                         url=_MMACTION2 + "mvit-small-p244_k400-pre_16xb16-u16-100e_sthv2-rgb/"
+                                         "mvit-small-p244_k400-pre_16xb16-u16-100e_sthv2-rgb_20230201-4065c1b9.pth",
+                                         file_sha256="4065c1b9", top1=68.2, top5=91.3, **_SSV2, **_MM),
+    # MaskFeat K400 pre-training (SlowFast projects/maskfeat), no classifier: backbones to fine-tune, as its FT
+    # configs do, with a mean-pooled head (global_pool='avg') and DIM_MUL_IN_ATT False
+    "mvit_v2_s_16x4.fb_maskfeat_pt_k400": _video_cfg(
+        16, 4, hf_hub_id=_ours("mvit_v2_s_16x4.fb_maskfeat_pt_k400"),
+        url=_MASKFEAT + "k400_MVIT_S_MaskFeat_PT_epoch_00300.pyth", **_MASKFEAT_PT),
+    "mvit_v2_l_40x3.fb_maskfeat_pt_k400": _video_cfg(
+        16, 4, hf_hub_id=_ours("mvit_v2_l_40x3.fb_maskfeat_pt_k400"),
+        url=_MASKFEAT + "k400_MVIT_L_MaskFeat_PT_epoch_00800.pyth",
+        **{**_MASKFEAT_PT, "arch": {"expand_attn": False, "num_frames": 16, "img_size": 224}}),
 })
 
 

@@ -105,6 +105,27 @@ def test_mmaction2_loads_strictly(dim_mul_in_attention: bool) -> None:
     assert len(sd) == len(src)  # every tensor placed, none invented
 
 
+@pytest.mark.parametrize("tag, kw", [("mm_k400", {}), ("mm_maskfeat_k400", {"dim_mul_in_attention": False}),
+                                     ("mm_ssv2", {"num_classes": 174})])
+def test_mmaction2_tags_load_their_files(tmp_path: Path, tag: str, kw: dict[str, Any]) -> None:
+    """Each tag's architecture fits its upstream file as mmaction2 saves it (a local file: no network)."""
+    ckpt = mmaction2_checkpoint(**kw)
+    torch.save(ckpt, tmp_path / "mmaction2.pth")
+    model = timm.create_model(f"mvit_v2_s_16x4.{tag}", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "mmaction2.pth")))
+    assert torch.equal(model.head.fc.weight, ckpt["state_dict"]["cls_head.fc_cls.weight"])
+    assert model.pretrained_cfg["file_sha256"] and model.pretrained_cfg["license"] == "apache-2.0"
+
+
+def test_maskfeat_tag_loads_its_file(tmp_path: Path) -> None:
+    ckpt = maskfeat_s_checkpoint()
+    torch.save(ckpt, tmp_path / "maskfeat.pyth")
+    model = timm.create_model("mvit_v2_s_16x4.fb_maskfeat_pt_k400", pretrained=True, num_classes=400,
+                              global_pool="avg", pretrained_cfg_overlay=dict(file=str(tmp_path / "maskfeat.pyth")))
+    assert model.global_pool == "avg" and not model.cfg.expand_attn
+    assert torch.equal(model.stages[0].blocks[0].attn.qkv.weight, ckpt["model_state"]["blocks.0.attn.qkv.weight"])
+
+
 def test_mmaction2_mismatches_are_named() -> None:
     model = mvit_zoo.create_model("mvit_v2_s_16x4")
     with pytest.raises(CheckpointMismatchError, match=r"174 classes, the model's 400.*num_classes=174"):
