@@ -18,8 +18,8 @@ from torchvision.models.detection import MaskRCNN
 
 import mvit_zoo
 from mvit_zoo.detection import MViTBackbone, MViTFPN
-from mvit_zoo.weights.convert import (CheckpointMismatchError, convert_state_dict, detect_layout, left_out_keys,
-                                      matching_architectures, unwrap_checkpoint)
+from mvit_zoo.weights.convert import (CheckpointMismatchError, convert_state_dict, describe_checkpoint, detect_layout,
+                                      left_out_keys, matching_architectures, unwrap_checkpoint)
 from mvit_zoo.weights.detectron2 import convert_detectron2_detector, read_detectron2_pkl
 from mvit_zoo.weights.hub import UnsafeCheckpointError
 
@@ -315,6 +315,47 @@ def test_detectron2_ln_fpn_onto_mvit_fpn() -> None:
     assert "roi_heads.box_head.fc1.weight" in sd.report.dropped
 
 
+def d2_vitdet_head_shapes(num_classes: int = 80) -> Shapes:
+    """ViTDet's heads with LN, one box head (a non-cascade variant): StandardRPNHead(conv_dims=[-1, -1]) ->
+    `conv.conv{k}`; FastRCNNConvFCHead(conv_dims=[256] * 4, fc_dims=[1024], conv_norm='LN') -> `conv{k}` (no
+    bias) + `.norm`, `fc1`; MaskRCNNConvUpsampleHead(conv_norm='LN') -> `mask_fcn{k}` + `.norm`."""
+    ln = {".norm.weight": (256,), ".norm.bias": (256,)}
+    parts = {
+        **{f"proposal_generator.rpn_head.conv.conv{k}": {".weight": (256, 256, 3, 3), ".bias": (256,)} for k in (0, 1)},
+        "proposal_generator.rpn_head.objectness_logits": {".weight": (3, 256, 1, 1), ".bias": (3,)},
+        "proposal_generator.rpn_head.anchor_deltas": {".weight": (12, 256, 1, 1), ".bias": (12,)},
+        **{f"roi_heads.box_head.conv{k}": {".weight": (256, 256, 3, 3), **ln} for k in range(1, 5)},
+        "roi_heads.box_head.fc1": {".weight": (1024, 256 * 7 * 7), ".bias": (1024,)},
+        "roi_heads.box_predictor.cls_score": {".weight": (num_classes + 1, 1024), ".bias": (num_classes + 1,)},
+        "roi_heads.box_predictor.bbox_pred": {".weight": (4 * num_classes, 1024), ".bias": (4 * num_classes,)},
+        **{f"roi_heads.mask_head.mask_fcn{k}": {".weight": (256, 256, 3, 3), **ln} for k in range(1, 5)},
+        "roi_heads.mask_head.deconv": {".weight": (256, 256, 2, 2), ".bias": (256,)},
+        "roi_heads.mask_head.predictor": {".weight": (num_classes, 256, 1, 1), ".bias": (num_classes,)},
+    }
+    return {name + suffix: shape for name, d in parts.items() for suffix, shape in d.items()}
+
+
+def test_detectron2_ln_heads_map_onto_torchvision() -> None:
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+    from torchvision.models.detection.rpn import RPNHead
+
+    ln = lambda c: LayerNorm2d(c, eps=1e-6)  # noqa: E731 - detectron2's channel-first "LN"
+    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=True), **d2_vitdet_head_shapes()}
+    src = _random(shapes)
+    detector = MaskRCNN(
+        MViTFPN(MViTBackbone("mvit_tiny_det"), norm_layer=ln), num_classes=81,
+        rpn_head=RPNHead(256, 3, conv_depth=2),
+        box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=ln),
+        mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=ln))
+    sd = convert_detectron2_detector({"model": src}, detector)
+    detector.load_state_dict(sd, strict=True)
+    assert torch.equal(sd["rpn.head.conv.1.0.weight"], src["proposal_generator.rpn_head.conv.conv1.weight"])
+    assert torch.equal(sd["roi_heads.box_head.3.1.weight"], src["roi_heads.box_head.conv4.norm.weight"])
+    assert torch.equal(sd["roi_heads.box_head.5.weight"], src["roi_heads.box_head.fc1.weight"])
+    assert torch.equal(sd["roi_heads.mask_head.0.1.bias"], src["roi_heads.mask_head.mask_fcn1.norm.bias"])
+
+
 def test_detectron2_mismatches_are_named() -> None:
     with pytest.raises(CheckpointMismatchError, match=r"norm=True"):
         convert_detectron2_detector(d2_checkpoint(heads=False), MViTFPN(MViTBackbone("mvit_tiny")))
@@ -375,3 +416,10 @@ def test_pkl_refuses_code_and_classes(tmp_path: Path) -> None:
     objects = _write_pkl(tmp_path / "objects.pkl", {"model": {"w": np.array([1, "a"], dtype=object)}, "__author__": ""})
     with pytest.raises(UnsafeCheckpointError, match=r"Python objects"):
         read_detectron2_pkl(objects)
+
+
+def test_describe_names_layout_and_architecture() -> None:
+    assert describe_checkpoint(mmaction2_checkpoint(num_classes=174)) == (
+        "mmaction2 layout; video, depths (1, 2, 11, 2), width 96; 174 classes; fits mvit_v2_s_16x4")
+    assert describe_checkpoint(d2_checkpoint()) == "detectron2 layout; image, depths (1, 2, 5, 2), width 96; fits " \
+                                                   "mvit_tiny_det"
