@@ -82,6 +82,8 @@ def test_backward(name: str) -> None:
     out = model(sample(name))
     assert out.shape == (BATCH, NUM_CLASSES)
     out.mean().backward()
+    if model.cfg.stage_norms:  # the norms of stages 0-2 feed only the pyramid maps (detection backbones)
+        sum(m.mean() for m in model.forward_intermediates(sample(name), intermediates_only=True)).backward()
     assert_all_grads(model)
 
 
@@ -207,4 +209,5 @@ def test_full_size_on_meta_device(name: str) -> None:
     assert [i["num_chs"] for i in model.feature_info] == chs
     assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
     assert model.num_features == cfg.embed_dim[-1]
-    assert model.get_classifier().weight.shape == (model.num_classes, model.num_features)
+    if model.num_classes:  # detection backbones have no head
+        assert model.get_classifier().weight.shape == (model.num_classes, model.num_features)
