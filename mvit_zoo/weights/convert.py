@@ -10,7 +10,8 @@ Layouts recognised by `detect_layout`:
     'pytorchvideo' `patch_embed.patch_model`, `cls_positional_encoding.*`, separate `attn.{q,k,v}`,
                    `norm_embed`, `head.proj`, wrapped in `{'model_state': ...}`
     'slowfast'     PySlowFast video and image models: `patch_embed.proj`, flat `blocks.N`, fused `attn.qkv`
-                   (or separate `attn.{q,k,v}`), block-level `proj`, `head.projection`, `{'model_state': ...}`
+                   (or separate `attn.{q,k,v}`), block-level `proj`, `head.projection`, `{'model_state': ...}`;
+                   MaskFeat pre-training files (`MaskMViT`) leave out their pretext tensors and have no final norm
     'mvit'         facebookresearch/mvit (ImageNet MViTv2): as 'slowfast', 2-D, with relative positions
     'mmaction2'    open-mmlab/mmaction2 `MViT` + `MViTHead`: `backbone.patch_embed.projection`, flat
                    `backbone.blocks.N` (fused `attn.qkv`), last-stage `backbone.norm3`, `cls_head.fc_cls`,
@@ -635,7 +636,8 @@ def convert_state_dict(
     tables and absolute position embeddings are interpolated to the model's build size; a 2-D
     (ImageNet) checkpoint initialises a 3-D model by inflating its kernels over time (`inflate`: 'mean'
     as PySlowFast/I3D, or 'center') and starting the temporal position tables at zero. See
-    `fit_state_dict` for `head` and `strict`.
+    `fit_state_dict` for `head` and `strict`. `.report.dropped` also names what the target has no place
+    for by design (`left_out_keys`: detectron2's FPN and heads, MaskFeat's pretext tensors).
     """
     sd, layout = to_native(state_dict, model)
     image_to_video = getattr(sd.get("patch_embed.proj.weight"), "ndim", 0) == 4 and _target_cfg(model).ndim == 3

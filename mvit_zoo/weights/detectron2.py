@@ -9,7 +9,8 @@ and plain containers only, and refuses every other global with an `UnsafeCheckpo
 `MaskRCNN` / `FasterRCNN` built on one. Names (detectron2 -> torchvision):
 
     backbone.bottom_up.*              body.model.* (the MViT, as `convert_state_dict`'s 'detectron2' layout)
-    backbone.bottom_up.scale{k}_norm  body.norms.{k-2}            (build MViTBackbone(norm=True))
+    backbone.bottom_up.scale{k}_norm  body.model.stages.{k-2}.norm on mvit_*_det; else body.norms.{k-2}
+                                      (then build MViTBackbone(norm=True))
     backbone.fpn_lateral{k}[.norm]    fpn.inner_blocks.{k-2}.0 [.1]
     backbone.fpn_output{k}[.norm]     fpn.layer_blocks.{k-2}.0 [.1] (ViTDet's LN-in-FPN: norm_layer=LayerNorm2d)
     proposal_generator.rpn_head.conv[.conv{i}]  rpn.head.conv.{i}.0
@@ -31,7 +32,8 @@ Not mapped (a `CheckpointMismatchError` says so): Cascade R-CNN heads (`roi_head
 heads out) and class-agnostic box regression. Mapped but computed differently by torchvision: RoIAlign
 (detectron2's ROIAlignV2 samples with `aligned=True`, torchvision's MultiScaleRoIAlign with `aligned=False`, a
 half-pixel shift) and the proposal counts (set `rpn_pre_nms_top_n_test` / `rpn_post_nms_top_n_test` to
-detectron2's 1000 / 1000). The backbone computes detectron2's function only with its hybrid window attention.
+detectron2's 1000 / 1000). The backbone computes detectron2's function on `mvit_*_det` (hybrid window
+attention, detectron2's window sizes and K/V strides); a plain MViT takes the same tensors but attends globally.
 """
 from __future__ import annotations
 
