@@ -27,7 +27,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 Shapes = dict[str, tuple[int, ...]]
 
 
-def _random(shapes: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
+def _random(shapes: Shapes, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random values; on the meta device, shapes only (full-size L models without their memory)."""
+    if device == "meta":
+        return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
@@ -36,21 +39,28 @@ def _random(shapes: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
 # mmaction2: mmaction/models/backbones/mvit.py (MViT, MultiScaleBlock, MultiScaleAttention), heads/mvit_head.py
 # --------------------------------------------------------------------------------------------------
 
+# MViT.arch_zoo: embed_dims, num_layers, num_heads, downscale_indices
+MM_ARCHS = {"small": (96, 16, 1, (1, 3, 14)), "large": (144, 48, 2, (2, 8, 44))}
+
+
 def mmaction2_shapes(num_classes: int = 400, dim_mul_in_attention: bool = True, temporal_size: int = 16,
-                     spatial_size: int = 224) -> Shapes:
-    """The state dict of mmaction2's `Recognizer3D(MViT(arch='small'), MViTHead)`, transcribed from MViT.__init__:
-    blocks 1, 3, 14 downscale (stride_q (1, 2, 2), kv stride halved, heads x2); channels double in those blocks'
-    attention (`dim_mul_in_attention`) or in the MLP of the block before; rel_dim = 2 * max(size // stride_q,
-    size // stride_kv) - 1 on the block's input size; out_scales=-1 keeps `norm3` only."""
-    embed, layers, downscale = 96, 16, (1, 3, 14)
+                     spatial_size: int = 224, arch: str = "small", last_stage_pools: bool = True) -> Shapes:
+    """The state dict of mmaction2's `Recognizer3D(MViT(arch), MViTHead)`, transcribed from MViT.__init__: at the
+    downscale blocks (small: 1, 3, 14) stride_q is (1, 2, 2), the kv stride is halved and heads double; channels
+    double in those blocks' attention (`dim_mul_in_attention`) or in the MLP of the block before; rel_dim =
+    2 * max(size // stride_q, size // stride_kv) - 1 on the block's input size; out_scales=-1 keeps `norm3` only.
+    `last_stage_pools=False`: MaskFeat pre-training's POOL_Q_STRIDE (1, 1, 1) at the last downscale block (PySlowFast
+    divides the kv stride by the q stride, so it stays), the last stage keeping stage 3's grid."""
+    embed, layers, heads, downscale = MM_ARCHS[arch]
     s: Shapes = {"backbone.patch_embed.projection.weight": (embed, 3, 3, 7, 7),
                  "backbone.patch_embed.projection.bias": (embed,), "backbone.cls_token": (1, 1, embed)}
-    dims, heads, kv, size, t = [embed], 1, 8, spatial_size // 4, temporal_size // 2
+    dims, kv, size, t = [embed], 8, spatial_size // 4, temporal_size // 2
     for i in range(layers):
+        pools = i in downscale and (last_stage_pools or i != downscale[-1])
         if i in downscale:
             heads *= 2
-            kv = max(kv // 2, 1)
-        stride_q = 2 if i in downscale else 1
+            kv = max(kv // 2, 1) if pools else kv
+        stride_q = 2 if pools else 1
         if dim_mul_in_attention and i in downscale or not dim_mul_in_attention and i + 1 in downscale:
             out = dims[-1] * 2
         else:
@@ -118,12 +128,26 @@ def test_mmaction2_tags_load_their_files(tmp_path: Path, tag: str, kw: dict[str,
 
 
 def test_maskfeat_tag_loads_its_file(tmp_path: Path) -> None:
-    ckpt = maskfeat_s_checkpoint()
+    ckpt = maskfeat_checkpoint()
     torch.save(ckpt, tmp_path / "maskfeat.pyth")
     model = timm.create_model("mvit_v2_s_16x4.fb_maskfeat_pt_k400", pretrained=True, num_classes=400,
                               global_pool="avg", pretrained_cfg_overlay=dict(file=str(tmp_path / "maskfeat.pyth")))
     assert model.global_pool == "avg" and not model.cfg.expand_attn
     assert torch.equal(model.stages[0].blocks[0].attn.qkv.weight, ckpt["model_state"]["blocks.0.attn.qkv.weight"])
+
+
+def test_maskfeat_l_tag_fits_its_file() -> None:
+    """Full-size MaskMViT-L on the meta device: the tag's architecture (16 x 224, expand_attn=False) takes every
+    backbone tensor; the last stage's 14x14 tables are resized to the fine-tuning grid."""
+    ckpt = maskfeat_checkpoint("large", device="meta")
+    with torch.device("meta"):
+        model = timm.create_model("mvit_v2_l_40x3.fb_maskfeat_pt_k400", num_classes=400, global_pool="avg")
+    sd = convert_state_dict(ckpt, model)
+    assert not sd.report.missing and not sd.report.unexpected
+    assert sorted(sd.report.fresh) == ["head.fc.bias", "head.fc.weight", "norm.bias", "norm.weight"]
+    assert sd.report.resized == [f"stages.3.blocks.{j}.attn.rel_pos_{a}" for j in (1, 2, 3) for a in "hw"]
+    target = model.state_dict()
+    assert all(v.shape == target[k].shape for k, v in sd.items())
 
 
 def test_mmaction2_mismatches_are_named() -> None:
@@ -139,25 +163,27 @@ def test_mmaction2_mismatches_are_named() -> None:
 # SlowFast MaskFeat pre-training (configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml, slowfast/models/masked.py)
 # --------------------------------------------------------------------------------------------------
 
-def maskfeat_s_checkpoint() -> dict[str, Any]:
-    """MaskMViT-S: MViTv2-S blocks (DIM_MUL_IN_ATT False, PySlowFast names = mmaction2's without `backbone.`),
-    but stage 4 stays at 14x14 (POOL_Q_STRIDE (1, 1, 1) at block 14), so block 15's rel-pos tables span 2 * 14 - 1;
-    no final norm, no head; `mask_token`, the HOG head `pred_head.transforms.0.0` (LayerNorm) /
+def maskfeat_checkpoint(arch: str = "small", device: str = "cpu") -> dict[str, Any]:
+    """MaskMViT (k400_MVITv2_{S,L}_16x4_MaskFeat_PT.yaml): MViTv2 blocks with DIM_MUL_IN_ATT False (PySlowFast
+    names = mmaction2's without `backbone.`), the last stage kept at 14x14 (POOL_Q_STRIDE (1, 1, 1) at its first
+    block); no final norm, no head; `mask_token`, the HOG head `pred_head.transforms.0.0` (LayerNorm) /
     `pred_head.projections.0` (9 bins x 2 x 2 cells x 3 colours = 108) and HOGLayerC's buffers `hogs.0.*`."""
-    shapes = {k[len("backbone."):]: v for k, v in mmaction2_shapes(dim_mul_in_attention=False).items()
-              if k.startswith("backbone.") and not k.startswith("backbone.norm3.")}
-    shapes.update({"blocks.15.attn.rel_pos_h": (27, 96), "blocks.15.attn.rel_pos_w": (27, 96),
-                   "patch_embed.proj.weight": shapes.pop("patch_embed.projection.weight"),
+    shapes = {k[len("backbone."):]: v for k, v in mmaction2_shapes(
+        dim_mul_in_attention=False, arch=arch, last_stage_pools=False).items()
+        if k.startswith("backbone.") and not k.startswith("backbone.norm3.")}
+    embed = MM_ARCHS[arch][0]
+    dim = embed * 8  # the last stage's width
+    shapes.update({"patch_embed.proj.weight": shapes.pop("patch_embed.projection.weight"),
                    "patch_embed.proj.bias": shapes.pop("patch_embed.projection.bias"),
-                   "mask_token": (1, 1, 96), "pred_head.transforms.0.0.weight": (768,),
-                   "pred_head.transforms.0.0.bias": (768,), "pred_head.projections.0.weight": (108, 768),
+                   "mask_token": (1, 1, embed), "pred_head.transforms.0.0.weight": (dim,),
+                   "pred_head.transforms.0.0.bias": (dim,), "pred_head.projections.0.weight": (108, dim),
                    "pred_head.projections.0.bias": (108,), "hogs.0.weight_x": (1, 1, 3, 3),
                    "hogs.0.weight_y": (1, 1, 3, 3), "hogs.0.gkern": (16, 16)})
-    return {"model_state": _random(shapes), "cfg": "MVIT: ...", "epoch": 300}
+    return {"model_state": _random(shapes, device=device), "cfg": "MVIT: ...", "epoch": 300}
 
 
 def test_maskfeat_pretraining_loads_as_a_backbone() -> None:
-    ckpt = maskfeat_s_checkpoint()
+    ckpt = maskfeat_checkpoint()
     assert detect_layout(unwrap_checkpoint(ckpt)) == "slowfast"
     model = mvit_zoo.create_model("mvit_v2_s_16x4", expand_attn=False, global_pool="avg")
     sd = convert_state_dict(ckpt, model)
