@@ -9,6 +9,8 @@ import tomllib
 from email.parser import Parser
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".ci", "__pycache__", "*.egg-info", ".pytest_cache",
                                      ".ruff_cache", ".hypothesis", "build", "dist")
@@ -143,3 +145,20 @@ def test_models_are_registered_whatever_the_import_order() -> None:
         assert "'mvit_tiny'" in out, (code, out)
         assert "MViT" in out if "create_model" in code else True
         assert "[]" in out.splitlines()[-1] if "meta_path" in code else True
+
+
+def _modules() -> list[str]:
+    import pkgutil
+
+    import mvit_zoo
+
+    return sorted(m.name for m in pkgutil.walk_packages(mvit_zoo.__path__, "mvit_zoo.") if ".__main__" not in m.name)
+
+
+@pytest.mark.parametrize("module", ["mvit_zoo.model.mvit", pytest.param("all", marks=pytest.mark.slow)])
+def test_each_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """Whichever module a program imports first (the model file, say, whose `import timm` sets off the
+    registration, which imports the model file), it imports, and the models are registered."""
+    for name in _modules() if module == "all" else [module]:
+        out = _run(f"import {name}, timm; print(timm.list_models('mvit_tiny'))")
+        assert "'mvit_tiny'" in out, name

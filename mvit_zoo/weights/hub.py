@@ -371,8 +371,9 @@ def _looks_safetensors(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None = None) -> dict[str, Any]:
-    """Read a checkpoint without running code from it: safetensors, or a pickle via
-    `torch.load(weights_only=True)` (which refuses anything but tensors and plain containers).
+    """Read a checkpoint without running code from it: safetensors, a pickle via
+    `torch.load(weights_only=True)` (which refuses anything but tensors and plain containers), or a
+    detectron2 `.pkl` (numpy arrays only: :func:`mvit_zoo.weights.detectron2.read_detectron2_pkl`).
 
     Every refusal of torch's weights-only unpickler on a well-formed pickle is an `UnsafeCheckpointError`;
     bytes that are no pickle at all are a `CorruptCheckpointError`; a pickled tensor that is a view
@@ -383,6 +384,10 @@ def read_checkpoint(path: str | os.PathLike, *, forget_if_corrupt: bool | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".pkl":  # detectron2's model zoo: a pickle of numpy arrays, which torch's unpickler refuses
+        from .detectron2 import read_detectron2_pkl
+
+        return read_detectron2_pkl(path)
     is_safetensors = path.suffix == ".safetensors" or _looks_safetensors(path)
     try:
         if is_safetensors:

@@ -89,7 +89,9 @@ def test_publish_list_and_push_without_token(tmp_path: Path, hub_cache: Path, ca
     monkeypatch.setenv("MVIT_ZOO_HUB_ORG", "my-org")
     assert cli.main(["publish", "--list", "--only", "mvit_v2_s_16x4.*"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and all(line.split("\t")[1] == f"my-org/{line.split(chr(9))[0]}" for line in lines)
+    from mvit_zoo.weights import publish
+    assert [line.split("\t")[0] for line in lines] == publish.official_tags("mvit_v2_s_16x4.*")
+    assert all(line.split("\t")[1] == f"my-org/{line.split(chr(9))[0]}" for line in lines)
     assert any(line.endswith("mvit_v2_s-ae3be167.pth") for line in lines)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert cli.main(["publish", "--push", "--only", "mvit_v2_s_16x4.tv_k400", "--out", str(tmp_path / "o")]) == 2

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import timm  # noqa: F401 - registers the models before mvit_zoo.detection imports the model module
+import timm
 import torch
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import MaskRCNN
@@ -21,7 +21,7 @@ from mvit_zoo.detection import MViTBackbone, MViTFPN
 from mvit_zoo.weights.convert import (CheckpointMismatchError, convert_state_dict, describe_checkpoint, detect_layout,
                                       left_out_keys, matching_architectures, unwrap_checkpoint)
 from mvit_zoo.weights.detectron2 import convert_detectron2_detector, read_detectron2_pkl
-from mvit_zoo.weights.hub import UnsafeCheckpointError
+from mvit_zoo.weights.hub import UnsafeCheckpointError, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 Shapes = dict[str, tuple[int, ...]]
@@ -442,6 +442,29 @@ def test_pkl_refuses_code_and_classes(tmp_path: Path) -> None:
     objects = _write_pkl(tmp_path / "objects.pkl", {"model": {"w": np.array([1, "a"], dtype=object)}, "__author__": ""})
     with pytest.raises(UnsafeCheckpointError, match=r"Python objects"):
         read_detectron2_pkl(objects)
+
+
+def test_pkl_through_read_checkpoint_and_convert(tmp_path: Path) -> None:
+    """The package's one checkpoint reader (hub, convert, --checkpoint) takes detectron2's .pkl files, through the
+    numpy-only unpickler: `mvit-zoo convert` writes the backbone; a pickle that would run code is refused."""
+    from mvit_zoo.apps import cli
+
+    ckpt = d2_checkpoint(heads=False)
+    pkl = _write_pkl(tmp_path / "model_final_1234ab.pkl",
+                     {"model": {k: v.numpy() for k, v in ckpt["model"].items()}, "__author__": "FAIR"})
+    assert set(read_checkpoint(pkl)["model"]) == set(ckpt["model"])
+    out = tmp_path / "converted"
+    assert cli.main(["convert", str(pkl), "--model", "mvit_tiny", "--model-arg", "num_classes=0",
+                     "--output", str(out)]) == 0
+    model = mvit_zoo.create_model("mvit_tiny", num_classes=0)
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    marker = tmp_path / "ran"
+    evil = _write_pkl(tmp_path / "evil.pkl", {"model": {"x": _RunsCode(marker)}, "__author__": "x"})
+    with pytest.raises(UnsafeCheckpointError):
+        read_checkpoint(evil)
+    assert cli.main(["convert", str(evil), "--model", "mvit_tiny", "--output", str(tmp_path / "evil_out")]) == 2
+    assert not marker.exists() and not (tmp_path / "evil_out").exists()
 
 
 def test_describe_names_layout_and_architecture() -> None:

@@ -53,8 +53,9 @@ def test_official_tags_are_ours_with_urls() -> None:
     assert set(tags) == expected
     assert {"mvit_v2_s_16x4.fb_k400", "mvit_v2_l_40x3.fb_ssv2", "mvit_b_16x4.tv_k400", TAG} <= set(tags)
     assert not any(t.startswith(("mvit_tiny.", "mvit_base_cls.")) for t in tags)  # timm's repos serve those
-    assert sorted(publish.official_tags("mvit_v2_s_*")) == ["mvit_v2_s_16x4.fb_k400", "mvit_v2_s_16x4.fb_ssv2",
-                                                            "mvit_v2_s_16x4.tv_k400"]
+    assert sorted(publish.official_tags("mvit_v2_s_*")) == [
+        "mvit_v2_s_16x4.fb_k400", "mvit_v2_s_16x4.fb_maskfeat_pt_k400", "mvit_v2_s_16x4.fb_ssv2",
+        "mvit_v2_s_16x4.mm_k400", "mvit_v2_s_16x4.mm_maskfeat_k400", "mvit_v2_s_16x4.mm_ssv2", "mvit_v2_s_16x4.tv_k400"]
 
 
 def test_convert_checkpoint_folder(pv: tuple[torch.nn.Module, bytes], tmp_path: Path, hub_cache: Path) -> None:
