@@ -20,7 +20,8 @@ from ..data.config import CONFIG_FILE, find_config
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.transforms import DataConfig, build_transform, resolve_data_config
 from ..data.reader import probe, read_frames, resolve_backend
-from ..data.video import VIDEO_EXTENSIONS, is_video_file, load_clip
+from ..data.video import VIDEO_EXTENSIONS, is_video_file
+from ..data.views import ViewSampling, decode_views
 from ..weights.hub import CorruptCheckpointError, check_build_size, read_weights
 from .cli import CliError
 from .models import check_model_name, parse_model_kwargs
@@ -210,22 +211,34 @@ def resolve_decoder(name: str) -> Optional[str]:
         raise CliError(f"--decoder {name}: {e}; or pass --decoder auto") from e
 
 
-def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None) -> torch.Tensor:
-    """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects. Of a video only the
-    frames used are decoded, with the backend `decoder` ('pyav', 'torchcodec'; None: the first available)."""
+def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None,
+               sampling: Optional[ViewSampling] = None) -> torch.Tensor:
+    """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects.
+
+    A video model sees its one test view, `sampling` (the model's `view_sampling(model, '1x1')`: the frames,
+    resize and crop that `validate --views 1x1` scores; default: stride sampling from `data_cfg`), and an
+    image given to it held for the whole clip. An image model sees a video's middle frame. Of a video only
+    the frames used are decoded, with the backend `decoder` ('pyav', 'torchcodec'; None: the first available).
+    """
     from PIL import Image, UnidentifiedImageError
 
-    transform = build_transform(data_cfg, is_training=False)
+    if data_cfg.is_video and sampling is None:
+        sampling = ViewSampling(num_frames=data_cfg.num_frames, crop_size=tuple(data_cfg.input_size[-2:]),
+                                sampling_rate=data_cfg.sampling_rate, crop_pct=data_cfg.crop_pct,
+                                mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+                                channel_order=data_cfg.channel_order, interpolation=data_cfg.interpolation)
+    if sampling is not None and len(sampling.views) != 1:
+        raise ValueError(f"load_input makes one view; got sampling with views {sampling.views}")
     if is_video_file(path):
         try:
-            if data_cfg.is_video:
-                return load_clip(path, data_cfg.num_frames, data_cfg.sampling_rate, transform=transform,
-                                 backend=decoder)
+            if sampling is not None:
+                frames, clips, _ = decode_views(path, sampling, backend=decoder)
+                return next(sampling.iter_views(frames, clips))
             info = probe(path, decoder)
             frames, _ = read_frames(path, [info.num_frames // 2], backend=decoder, info=info)
         except ValueError as e:  # the reader's VideoError: not a video, no frames, refused by its limits
             raise CliError(_video_error(path, e)) from e
-        return transform(Image.fromarray(frames[0]))
+        return build_transform(data_cfg, is_training=False)(Image.fromarray(frames[0]))
     try:
         with open(path, "rb") as f:
             img = Image.open(f).convert("RGB")
@@ -236,11 +249,10 @@ def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None) 
         raise CliError(f"{path} is refused as a possible decompression bomb ({e}); pass a smaller image") from e
     except OSError as e:  # a truncated or damaged image file
         raise CliError(f"cannot read the image {path} ({e}); pass an intact image file") from e
-    if data_cfg.is_video:
+    if sampling is not None:
         import numpy as np
-        frame = np.asarray(img)
-        return transform(np.repeat(frame[None], data_cfg.num_frames, axis=0))
-    return transform(img)
+        return next(sampling.iter_views(np.array(img)[None], [[0] * sampling.num_frames]))  # (a writable copy)
+    return build_transform(data_cfg, is_training=False)(img)
 
 
 def _video_error(path: Path, e: ValueError) -> str:

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.pretrained and not args.checkpoint:
         print(f"note: --no-pretrained: {name} has random weights, so its classes below mean nothing", file=sys.stderr)
     sampling = view_sampling(model, args.views or "1x1", data_cfg) if data_cfg.is_video else None
+    one_view = view_sampling(model, "1x1", data_cfg) if data_cfg.is_video else None
     skipped: List[Tuple[Path, str]] = []
     for path in inputs:
         try:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                     raise CliError(_video_error(path, e)) from e
                 top = ranked(scores, args.top_k)
             else:
-                top = predict(model, load_input(path, data_cfg, decoder), args.top_k)
+                top = predict(model, load_input(path, data_cfg, decoder, one_view), args.top_k)
         except NonFiniteOutputError as e:  # the model's fault: every input would give the same
             raise CliError(f"{printable(path)}: {e}") from e
         except (CliError, ValueError, OSError) as e:  # this input cannot be read

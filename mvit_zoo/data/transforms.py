@@ -1,7 +1,8 @@
 """Preprocessing a model expects (`DataConfig`), read from the model, and the transforms built from it.
 
-Images use timm's transforms; video models (`input_size` `(C, T, H, W)`) use
-:class:`~mvit_zoo.data.video.ClipTransform`, the same spatial transform on every frame.
+Images use timm's transforms; a video model's clips (`input_size` `(C, T, H, W)`) are made by
+:class:`~mvit_zoo.data.augment.TrainClipTransform` in training and :class:`~mvit_zoo.data.views.ViewSampling`
+for its test views.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import AugmentOp
 
-from .video import ClipTransform
 
 __all__ = ["DataConfig", "is_video_model", "resolve_data_config", "build_transform"]
 
@@ -89,12 +89,12 @@ def build_transform(
         auto_augment: Optional[str] = None,
         re_prob: float = 0.0,
 ) -> Callable:
-    """timm's image transforms, or :class:`~mvit_zoo.data.video.ClipTransform` for video models."""
+    """timm's image transforms. A video model's clips are made by :class:`~mvit_zoo.data.augment.TrainClipTransform`
+    (training) and :class:`~mvit_zoo.data.views.ViewSampling` (test views)."""
     if data_cfg.is_video:
-        return ClipTransform(
-            data_cfg.input_size, is_training, data_cfg.mean, data_cfg.std, crop_pct=data_cfg.crop_pct,
-            interpolation=data_cfg.interpolation, scale=scale, hflip=hflip, channel_order=data_cfg.channel_order,
-        )
+        raise ValueError(f"build_transform makes image transforms; a video input {data_cfg.input_size} is made by "
+                         "mvit_zoo.data.augment.TrainClipTransform (training) or mvit_zoo.data.views.ViewSampling "
+                         "(test views)")
     if is_training:
         transform = create_transform(
             data_cfg.input_size, is_training=True, scale=scale, hflip=hflip, color_jitter=color_jitter,

@@ -5,7 +5,7 @@ A video model takes clips of `T` frames taken every `tau` frames at 30 fps (the 
 Every clip is read through :mod:`mvit_zoo.data.reader`, which decodes only the frames a clip needs:
 :class:`VideoClips` (finetune's training clips, SlowFast's sampling, several augmented clips per
 decode), :class:`ViewClips` (finetune's validation: the view `validate --views 1x1` scores),
-:func:`load_clip` (the centre clip) and :class:`ClipTransform` (resize + centre crop of a clip).
+:func:`load_clip` (the centre clip).
 :func:`write_video` encodes frames, for tests and examples.
 
 Decoding needs the optional `av` package (`pip install mvit-zoo[video]`).
@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
 
 from .reader import _import_av, probe, read_frames
 from .sampling import train_clip_indices, train_segment_indices
@@ -31,7 +29,6 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "is_video_file",
     "write_video",
-    "ClipTransform",
     "load_clip",
     "shrink_frames",
     "VideoClips",
@@ -77,68 +74,6 @@ def write_video(
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-
-
-_INTERPOLATION = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
-
-
-class ClipTransform:
-    """Spatial transform applied identically to every frame of a clip.
-
-    `size` is the output (H, W), or a model input size ending in them (`(C, T, H, W)`).
-    Input: `uint8` frames `(T, H, W, C)` (numpy or tensor). Output: normalised float
-    `(C, T, H, W)`. Training uses a random resized crop (one crop for the whole clip) and
-    an optional horizontal flip; evaluation resizes the short side to `size / crop_pct`
-    and takes the centre crop. `channel_order='BGR'` reverses the channels for
-    checkpoints trained on BGR frames (the mean/std are taken in the model's order).
-    """
-
-    def __init__(
-            self,
-            size: Sequence[int],
-            is_training: bool,
-            mean: Sequence[float],
-            std: Sequence[float],
-            crop_pct: float = 1.0,
-            interpolation: str = "bilinear",
-            scale: Tuple[float, float] = (0.08, 1.0),
-            ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-            hflip: float = 0.5,
-            channel_order: str = "RGB",
-    ) -> None:
-        self.size = tuple(size[-2:])  # (H, W), also from a model input size (C, T, H, W)
-        self.is_training = is_training
-        self.channel_order = channel_order.upper()
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be RGB or BGR, got {channel_order}")
-        interp = _INTERPOLATION[interpolation] if isinstance(interpolation, str) else interpolation
-        if is_training:
-            spatial = [v2.RandomResizedCrop(self.size, scale=scale, ratio=ratio, interpolation=interp, antialias=True)]
-            if hflip > 0:
-                spatial.append(v2.RandomHorizontalFlip(hflip))
-        else:
-            if self.size[0] == self.size[1]:
-                resize: Union[int, Tuple[int, int]] = int(self.size[0] / crop_pct)
-            else:
-                resize = tuple(int(s / crop_pct) for s in self.size)
-            spatial = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(self.size)]
-        self.spatial = v2.Compose(spatial)
-        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
-
-    def __call__(self, frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-        clip = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2)  # T, C, H, W
-        if self.channel_order == "BGR":
-            clip = clip.flip(1)
-        clip = self.spatial(clip)  # one set of random parameters for all frames
-        clip = self.normalize(clip.float().div_(255))
-        return clip.permute(1, 0, 2, 3).contiguous()  # C, T, H, W
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, training={self.is_training}, {self.spatial}, {self.normalize})"
 
 
 def load_clip(

@@ -169,7 +169,7 @@ class ViewSampling:
 
     `crop_size` is the model's `(H, W)`; `crop_pct` sets the short side of the one-crop test
     (`crop / crop_pct`). `channel_order='BGR'` reverses the channels before normalising (the
-    `mean`/`std` are in the model's order), as :class:`~mvit_zoo.data.video.ClipTransform`.
+    `mean`/`std` are in the model's order), as the training transform.
     """
 
     num_frames: int

@@ -78,6 +78,24 @@ def test_load_input_shapes(tmp_path: Path) -> None:
     assert classify.load_input(video, image_cfg).shape == (3, 32, 32)  # middle frame
 
 
+@pytest.mark.parametrize("sampling", ["stride", "segment"])
+def test_video_input_is_the_view_validate_scores(tmp_path: Path, sampling: str) -> None:
+    """A video model's input in predict is the one view `validate --views 1x1` (and finetune's validation)
+    scores: the same frames (the model's frame sampling, at 30 fps), resize and crop."""
+    from mvit_zoo.data.video import ViewClips
+    from mvit_zoo.evaluation import view_sampling
+    import timm
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.random.default_rng(0).integers(0, 256, (50, 40, 56, 3), dtype=np.uint8), fps=25)
+    model = timm.create_model("mvit_v2_s_16x4", **json.loads(SMALL_3D),
+                              pretrained_cfg_overlay={"frame_sampling": sampling, "crop_pct": 0.8})
+    data_cfg = classify.resolve_data_config(model)
+    one_view = view_sampling(model, "1x1", data_cfg)
+    expected, _ = ViewClips([(str(video), 0)], one_view)[0]
+    assert torch.equal(classify.load_input(video, data_cfg, sampling=one_view), expected)
+
+
 def test_predict_with_finetuned_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     for name, colour in (("cats", (200, 120, 40)), ("dogs", (40, 80, 200))):

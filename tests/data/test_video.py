@@ -14,7 +14,7 @@ from mvit_zoo.data import video as video_module
 from mvit_zoo.data.augment import TrainClipTransform
 from mvit_zoo.data.folders import EpochSeeded
 from mvit_zoo.data.sampling import train_clip_indices, train_segment_indices
-from mvit_zoo.data.video import ClipTransform, VideoClips, ViewClips, is_video_file, load_clip, shrink_frames
+from mvit_zoo.data.video import VideoClips, ViewClips, is_video_file, load_clip, shrink_frames
 from mvit_zoo.data.views import ViewSampling, stride_clip_indices
 from video_factory import frame_index, make_video
 
@@ -126,23 +126,6 @@ def test_video_clips_reject_bad_arguments() -> None:
         VideoClips([], 4, 4, raw, frame_sampling="random")
     with pytest.raises(ValueError, match="clips_per_video"):
         VideoClips([], 4, 4, raw, clips_per_video=0)
-
-
-def test_clip_transform_eval_shape_and_normalisation() -> None:
-    frames = np.full((4, 40, 60, 3), 255, np.uint8)
-    tf = ClipTransform((3, 4, 32, 32), False, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8)
-    clip = tf(frames)
-    assert clip.shape == (3, 4, 32, 32) and clip.dtype == torch.float32
-    torch.testing.assert_close(clip, torch.full_like(clip, 2.0))  # (1 - 0.5) / 0.25
-
-
-def test_clip_transform_bgr_reverses_channels() -> None:
-    frames = np.zeros((2, 8, 8, 3), np.uint8)
-    frames[..., 0] = 255  # red
-    rgb = ClipTransform((8, 8), False, (0.0,) * 3, (1.0,) * 3)(frames)
-    bgr = ClipTransform((8, 8), False, (0.0,) * 3, (1.0,) * 3, channel_order="BGR")(frames)
-    assert rgb[0].min() == 1 and rgb[2].max() == 0
-    torch.testing.assert_close(bgr, rgb.flip(0))
 
 
 def test_is_video_file() -> None:
