@@ -58,12 +58,12 @@ def test_readme_chooses_the_torch_build_before_installing() -> None:
     setup = readme[readme.index("## Set up and test"):readme.index("\n## ", readme.index("## Set up and test") + 1)]
     blocks = [block.split("\n", 1)[1] for block in setup.split("```")[1::2]]
     cpu = 'pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[test]"\n'
-    assert blocks[:3] == [cpu, 'pip install -e ".[test]"\n', "pytest\n"]
+    assert blocks[:3] == [cpu, 'pip install -e ".[test]"\n', "pytest -n auto\n"]
     pypi = setup.index('```bash\npip install -e ".[test]"')
     assert setup.index("CPU-only machine") < setup.index(cpu) < setup.index("machine with an NVIDIA GPU") < pypi
     assert "`operator torchvision::nms does\nnot exist`" in setup and "--force-reinstall" in setup
     ci = (REPO / ".ci" / "run").read_text()
-    assert '\npip install -e ".[test]"\n' in ci and "\npython -m pytest" in ci
+    assert '\npip install -e ".[test]"\n' in ci and "\npython -m pytest -ra -n auto\n" in ci  # the README's test
     assert "index-url" not in ci and "download.pytorch.org" not in ci  # CI needs no index but PyPI
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
