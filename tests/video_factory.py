@@ -138,3 +138,20 @@ def make_huge_gif(path: str | Path, width: int = 65535, height: int = 65535) -> 
     Path(path).write_bytes(b"GIF89a" + screen + palette + loop + (b"\x21\xf9\x04\x00\x0a\x00\x00\x00" + image) * 2
                            + b"\x3b")
     return Path(path)
+
+
+def count_decoded(monkeypatch) -> list[int]:
+    """The pts of every frame the package's PyAV reader decodes from now on (through its one decoding place,
+    `mvit_zoo.data.reader._decode`), for tests that check a read decodes only what it needs."""
+    from mvit_zoo.data import reader
+
+    decoded: list[int] = []
+    decode = reader._decode
+
+    def counting_decode(container, stream):
+        for frame in decode(container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(reader, "_decode", counting_decode)
+    return decoded

@@ -17,6 +17,7 @@ from PIL import Image
 from mvit_zoo.apps import classify, finetune, predict
 from mvit_zoo.data.transforms import DataConfig
 from mvit_zoo.data.video import write_video
+from video_factory import count_decoded
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_2D = json.dumps({"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": 1, "img_size": 32})
@@ -375,22 +376,6 @@ def test_model_kwargs_sizes_out_of_range(capsys: pytest.CaptureFixture[str]) -> 
     for kwargs, key in (({"embed_dim": 0}, "embed_dim"), ({"depths": [1, -1, 1, 1]}, "depths")):
         assert predict.main(tiny()[:-2] + ["--model-kwargs", json.dumps({**json.loads(SMALL_2D), **kwargs})]) == 2
         assert error_line(capsys).startswith(f"--model-kwargs: {key} must be a number or list of numbers >= 1")
-
-
-def count_decoded(monkeypatch: pytest.MonkeyPatch) -> List[int]:
-    """The pts of every frame the PyAV reader decodes from now on (as tests/data/test_reader.py counts them)."""
-    from mvit_zoo.data import reader
-
-    decoded: List[int] = []
-    decode = reader._decode
-
-    def counting_decode(container, stream):
-        for frame in decode(container, stream):
-            decoded.append(frame.pts)
-            yield frame
-
-    monkeypatch.setattr(reader, "_decode", counting_decode)
-    return decoded
 
 
 def check_predict_decodes_few_frames(path: Path, num_frames: int, gop: int, monkeypatch: pytest.MonkeyPatch,

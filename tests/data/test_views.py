@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from video_factory import frame_index, make_video
+from video_factory import count_decoded, frame_index, make_video
 
 from mvit_zoo.data import reader
 from mvit_zoo.data.views import (
@@ -168,20 +168,6 @@ def test_mean_std_applied_in_model_order() -> None:
 
 
 # -- decoding only the frames the views need ------------------------------------------------------------
-
-def count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The pts of every frame the reader decodes from now on (as tests/data/test_reader.py counts them)."""
-    decoded: list[int] = []
-    decode = reader._decode
-
-    def counting_decode(container, stream):
-        for frame in decode(container, stream):
-            decoded.append(frame.pts)
-            yield frame
-
-    monkeypatch.setattr(reader, "_decode", counting_decode)
-    return decoded
-
 
 def test_views_of_a_long_video_decode_only_their_clips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """5x1 views of a 900-frame file (30 s at 30 fps, a keyframe every 15 frames) decode five clips' GOPs."""
