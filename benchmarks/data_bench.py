@@ -234,15 +234,24 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _augmentation() -> Callable[[Any, random.Random], Any]:
-    """The working tree's Kinetics MViTv2 training augmentation, loaded from its file (no package import), so a
-    worker importing the reference commit's `mvit_zoo` applies the same one."""
+# --augment: the training augmentation every loader applies. recipe: `finetune --recipe k400`'s (RandAugment,
+# random resized crop, flip, random erasing); default: finetune's without a recipe (random resized crop, flip)
+AUGMENTATIONS = {
+    "recipe": ("rand-m7-n4-mstd0.5-inc1, random resized crop, flip, random erasing 0.25 (finetune --recipe k400)",
+               {}),
+    "default": ("random resized crop, flip (finetune's default, no --recipe)", {"auto_augment": None, "re_prob": 0.0}),
+}
+
+
+def _augmentation(name: str = "recipe") -> Callable[[Any, random.Random], Any]:
+    """The working tree's training augmentation `name` (AUGMENTATIONS), loaded from its file (no package import),
+    so a worker importing the reference commit's `mvit_zoo` applies the same one."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("data_bench_augment", ROOT / "mvit_zoo" / "data" / "augment.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.TrainClipTransform(CROP, MEAN, STD)
+    return module.TrainClipTransform(CROP, MEAN, STD, **AUGMENTATIONS[name][1])
 
 
 def ours_train_clip(path: str, rng: random.Random, backend: Optional[str] = None,
@@ -332,7 +341,7 @@ def make_loader(spec: Dict[str, Any], stages: Dict[str, float]) -> Callable[[str
             return views
 
         return val_video
-    transform = _augmentation()
+    transform = _augmentation(spec.get("augment", "recipe"))
     if loader.startswith("ours-"):
         backend = loader.split("-", 1)[1]
         if spec.get("profile") and backend == "pyav":
@@ -520,7 +529,7 @@ def loader_specs(args: argparse.Namespace, ref_tree: str) -> List[Dict[str, Any]
         if loader.startswith("ours-") and loader.split("-", 1)[1] not in args.decoders:
             continue
         tree = ref_tree if loader == "today" else str(ROOT)
-        specs.append(dict(task="train", loader=loader, tree=tree, profile=args.profile))
+        specs.append(dict(task="train", loader=loader, tree=tree, profile=args.profile, augment=args.augment))
     for loader in VAL_LOADERS:
         specs.append(dict(task="val", loader=loader, tree=ref_tree if loader == "today" else str(ROOT)))
     return specs
@@ -647,8 +656,8 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def section_key(result: Dict[str, Any]) -> str:
-    host = result["host"]
-    return f"data cpu: {host['cpu']}, {host['usable_cores']} cores"
+    host, augment = result["host"], result.get("augment", "recipe")
+    return f"data cpu: {host['cpu']}, {host['usable_cores']} cores" + ("" if augment == "recipe" else f", {augment}")
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -718,7 +727,10 @@ def format_tables(result: Dict[str, Any]) -> List[str]:
 
 def render_section(result: Dict[str, Any]) -> str:
     key, host, ver = section_key(result), result["host"], result["versions"]
-    lines = [f"<!-- bench:begin {key} -->", f"## Video data loading (CPU): {host['cpu']}, {host['usable_cores']} cores",
+    augment = result.get("augment", "recipe")
+    title = f"## Video data loading (CPU): {host['cpu']}, {host['usable_cores']} cores" + (
+        "" if augment == "recipe" else f", {augment} augmentation")
+    lines = [f"<!-- bench:begin {key} -->", title,
              "", f"- date: {result['date']}", f"- command: `{result['command']}`",
              f"- CPU: {host['cpu']} ({host['logical_cores']} logical cores, {host['usable_cores']} usable), "
              f"RAM {host['memory_gb']} GiB; {host['platform']}",
@@ -736,7 +748,7 @@ def render_section(result: Dict[str, Any]) -> str:
         f"{min(base):.0f}-{max(base):.0f} MB after importing torch, torchvision and the decoder" if base else
         "- MB = peak RSS growth of the worker",
         "- all training loaders apply the same augmentation (the working tree's TrainClipTransform: "
-        "rand-m7-n4-mstd0.5-inc1, random resized crop, flip, random erasing 0.25); ratios divide clips (videos) "
+        f"{AUGMENTATIONS[augment][0]}); ratios divide clips (videos) "
         "per second of the same run; (1 clip): one clip of the file in the first round only (today's loader "
         "decodes the whole file)",
         "", *format_tables(result)]
@@ -778,6 +790,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--kinds", nargs="+", choices=("kinetics", "ssv2", "long"), default=["kinetics", "ssv2", "long"])
     p.add_argument("--decoders", nargs="+", choices=("pyav", "torchcodec"), default=["pyav", "torchcodec"],
                    help="backends of ours' training loader (a backend that does not work here gets an error row)")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="recipe",
+                   help="the training augmentation all loaders apply: recipe (finetune --recipe k400's, default) or "
+                        "default (finetune's without a recipe: random resized crop and flip); each writes its own "
+                        "RESULTS section")
     p.add_argument("--profile", action="store_true",
                    help="split ours-pyav's read into decoding, RGB conversion and the rest (seeking, opening)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -803,7 +819,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python benchmarks/data_bench.py " + " ".join(map(shlex.quote, argv if argv is not None
                                                                   else sys.argv[1:])),
-        host=host_info(), versions=versions(), quick=args.quick, rounds=args.rounds,
+        host=host_info(), versions=versions(), quick=args.quick, rounds=args.rounds, augment=args.augment,
         files={name: dict(asdict(kind), files=[str(p) for p in files[name]],
                           mb=sum(p.stat().st_size for p in files[name]) / 1e6) for name, kind in kinds.items()},
         settings=dict(num_frames=NUM_FRAMES, sampling_rate=SAMPLING_RATE, target_fps=TARGET_FPS, crop=CROP,
