@@ -101,6 +101,11 @@ _L_K400_CROP_PCT = 312 / 356
 # SlowFast's code ran the Q/K/V pooling norms with eps 1e-5 until mid-2022, when the MViT v1 files were trained.
 _SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
+_D2 = "https://dl.fbaipublicfiles.com/detectron2/MViTv2/"
+# detectron2's MODEL_ZOO.md puts its model zoo files under CC BY-SA 3.0; no file hash is published (the hub
+# records the first download's SHA-256 beside the converted copy); box / mask AP are in README.md's model table.
+_D2_COCO = dict(license="cc-by-sa-3.0", paper_name=PAPER_V2, paper_ids="arXiv:2112.01526")
+
 _MMACTION2 = "https://download.openmmlab.com/mmaction/v1.0/recognition/mvit/"
 _MM = dict(license="apache-2.0")
 PAPER_MASKFEAT = "Masked Feature Prediction for Self-Supervised Visual Pre-Training (Wei et al., CVPR 2022)"
@@ -128,12 +133,24 @@ default_cfgs = generate_default_cfgs({
     "mvit_huge_cls.fb_inw21k": _image_cfg(hf_hub_id="timm/mvitv2_huge_cls.fb_inw21k",
                                           url=_MVIT_REPO + "MViTv2_H_in21k.pyth", num_classes=19168,
                                           label_set="imagenet-21k-winter"),
-    # 2D MViTv2 detection backbones (hybrid window attention)
-    "mvit_tiny_det": _det_cfg(),
-    "mvit_small_det": _det_cfg(),
-    "mvit_base_det": _det_cfg(),
-    "mvit_large_det": _det_cfg(),
-    "mvit_huge_det": _det_cfg(),
+    # 2D MViTv2 detection backbones (hybrid window attention, a norm per stage) of detectron2's COCO detectors
+    # (projects/MViTv2); weights.detectron2.convert_detectron2_detector maps FPN and Mask R-CNN heads of the same
+    # files. The first tag of an architecture is its default (timm's rule): mvit_tiny_det's is the Mask R-CNN
+    # file, the one whose whole detector torchvision can run.
+    "mvit_tiny_det.d2_coco_mask_rcnn": _det_cfg(url=_D2 + "mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl",
+                                                **_D2_COCO),
+    "mvit_tiny_det.d2_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_t_3x/f308344828/model_final_c6967a.pkl", **_D2_COCO),
+    "mvit_small_det.d2_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_s_3x/f308344647/model_final_279baf.pkl", **_D2_COCO),
+    "mvit_base_det.d2_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_b_3x/f308109448/model_final_421a91.pkl", **_D2_COCO),
+    "mvit_base_det.d2_in21k_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_b_in12k_3x/f309003202/model_final_be5168.pkl", **_D2_COCO),
+    "mvit_large_det.d2_in21k_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl", **_D2_COCO),
+    "mvit_huge_det.d2_in21k_coco_cascade": _det_cfg(
+        url=_D2 + "cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl", **_D2_COCO),
     # 2D MViT v1
     "mvit_v1_b_16.pv_in1k": _image_cfg(hf_hub_id=_ours("mvit_v1_b_16.pv_in1k"),
                                        url=_PYTORCHVIDEO + "imagenet/MVIT_B_16_f292487636.pyth", top1=82.9, **_PV),

@@ -472,3 +472,29 @@ def test_describe_names_layout_and_architecture() -> None:
         "mmaction2 layout; video, depths (1, 2, 11, 2), width 96; 174 classes; fits mvit_v2_s_16x4")
     assert describe_checkpoint(d2_checkpoint()) == "detectron2 layout; image, depths (1, 2, 5, 2), width 96; fits " \
                                                    "mvit_tiny_det"
+
+
+def test_det_tags_load_their_official_pkl(hub: Any, hub_cache: Path) -> None:
+    """`mvit_tiny_det` with pretrained=True is its first tag, detectron2's COCO Mask R-CNN file: downloaded from
+    its official URL (served here by the local fake Hub), read as a numpy-only pickle, converted with the
+    detectron2 layout (FPN and heads left out) and cached as safetensors; the next load reads that copy."""
+    import safetensors
+
+    ckpt = d2_checkpoint()
+    name = "model_final_1a1c30.pkl"
+    data = pickle.dumps({"model": {k: v.numpy() for k, v in ckpt["model"].items()}, "__author__": "FAIR"}, protocol=2)
+    url = hub.add_static(name, data)
+    model = timm.create_model("mvit_tiny_det", pretrained=True, pretrained_cfg_overlay=dict(url=url))
+    cfg = model.pretrained_cfg
+    assert cfg["tag"] == "d2_coco_mask_rcnn" and cfg["license"] == "cc-by-sa-3.0" and not cfg.get("file_sha256")
+    assert cfg["input_size"] == (3, 1024, 1024) and model.num_classes == 0
+    expected = convert_state_dict(ckpt, model)
+    state = model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    assert hub.count("GET", f"/files/{name}") == 1 and hub.count(contains="/resolve/") == 0  # no Hub copy to try
+    converted = sorted((hub_cache / "mvit-zoo").rglob("*.safetensors"))
+    assert len(converted) == 1 and not list((hub_cache / "mvit-zoo").rglob("*.pkl"))
+    assert safetensors.safe_open(str(converted[0]), "pt").metadata()["source_layout"] == "detectron2"
+    hub.reset_requests()
+    again = timm.create_model("mvit_tiny_det.d2_coco_mask_rcnn", pretrained=True, pretrained_cfg_overlay=dict(url=url))
+    assert hub.requests == [] and torch.equal(again.stages[3].norm.weight, model.stages[3].norm.weight)
