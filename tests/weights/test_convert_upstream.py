@@ -498,3 +498,41 @@ def test_det_tags_load_their_official_pkl(hub: Any, hub_cache: Path) -> None:
     hub.reset_requests()
     again = timm.create_model("mvit_tiny_det.d2_coco_mask_rcnn", pretrained=True, pretrained_cfg_overlay=dict(url=url))
     assert hub.requests == [] and torch.equal(again.stages[3].norm.weight, model.stages[3].norm.weight)
+
+
+def test_converted_detectron2_mask_rcnn_trains_and_detects_on_cpu() -> None:
+    """torchvision's MaskRCNN on a converted detectron2 Mask R-CNN file (MViTv2-T window backbone, FPN, heads):
+    one SGD step gives finite losses and moves backbone and head weights; eval gives boxes, labels, scores, masks."""
+    torch.manual_seed(0)
+    detector = MaskRCNN(MViTFPN(MViTBackbone("mvit_tiny_det")), num_classes=81, min_size=128, max_size=128,
+                        rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                        rpn_post_nms_top_n_test=50, box_batch_size_per_image=32, box_score_thresh=0.0,
+                        box_detections_per_img=10)
+    # NOTE: unit-variance random weights blow the features up to ~1e4 and every box degenerates; 0.02 is the
+    # scale of a trained model's (and timm's init)
+    ckpt = d2_checkpoint()
+    ckpt["model"] = {k: 0.02 * v for k, v in ckpt["model"].items()}
+    detector.load_state_dict(convert_detectron2_detector(ckpt, detector), strict=True)
+    image = 0.1 * torch.rand(3, 128, 128)
+    image[:, 20:90, 30:100] += 0.8
+    mask = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    mask[:, 20:90, 30:100] = 1
+    target = dict(boxes=torch.tensor([[30.0, 20.0, 100.0, 90.0]]), labels=torch.tensor([1]), masks=mask)
+    watched = {n: p.detach().clone() for n, p in detector.named_parameters()
+               if n in ("backbone.body.model.patch_embed.proj.weight", "backbone.fpn.layer_blocks.0.0.weight",
+                        "roi_heads.box_head.fc6.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight")}
+    optimizer = torch.optim.SGD(detector.parameters(), lr=1e-3)
+    detector.train()
+    losses = detector([image], [target])
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    optimizer.step()
+    params = dict(detector.named_parameters())
+    assert len(watched) == 4 and all(not torch.equal(params[n], before) for n, before in watched.items())
+    detector.eval()
+    with torch.no_grad():
+        det = detector([image])[0]
+    assert set(det) == {"boxes", "labels", "scores", "masks"}
+    assert det["boxes"].shape == (10, 4) and det["masks"].shape == (10, 1, 128, 128)
+    assert det["labels"].shape == det["scores"].shape == det["boxes"].shape[:1]
