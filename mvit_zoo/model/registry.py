@@ -77,7 +77,11 @@ def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretra
 
 def _det_cfg(**kw: Any) -> MViTPretrainedCfg:
     """A detection backbone (no head) for detectron2's 1024-pixel COCO inputs, pixels normalised as its
-    MViTv2 configs do (ImageNet mean and std, RGB)."""
+    MViTv2 configs do (ImageNet mean and std, RGB).
+
+    NOTE: `input_size` is the LSJ training crop; detectron2 tests these files at short side 800, long side at
+    most 1333 (its coco_loader), not at a 1024 crop: evaluate through a detector's own resize
+    """
     return _image_cfg(**{"input_size": (3, 1024, 1024), "crop_pct": 1.0, "interpolation": "bilinear",
                          "num_classes": 0, "label_set": None, **kw})
 
