@@ -145,6 +145,11 @@ def load_model(
                            f"of its config, with values it accepts") from e
     if state_dict is not None:
         check_build_size(name, model_kwargs, state_dict, source=f"--model-kwargs / {CONFIG_FILE}'s model_args")
+    tag_cfg = timm.models.get_pretrained_cfg(name) if state_dict is None and "num_classes" not in model_kwargs else None
+    if tag_cfg is not None and not tag_cfg.num_classes:  # refused before its weights are downloaded
+        raise CliError(f"{name} holds backbone weights only (no classifier), so there is nothing to predict: "
+                       f"fine-tune it first (mvit-zoo finetune --model {name} ...), or take its features "
+                       f"(mvit-zoo extract, features_only=True)")
     model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     if not getattr(model, "num_classes", 0):
         raise CliError(f"{name} has no classifier (num_classes=0), so there is nothing to predict; drop num_classes "

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mvit_zoo.apps import classify, finetune, predict
+from mvit_zoo.apps import classify, cli, finetune, predict
 from mvit_zoo.data.transforms import DataConfig
 from mvit_zoo.data.video import write_video
 from video_factory import count_decoded
@@ -300,6 +300,17 @@ def test_model_kwargs_the_model_does_not_take(capsys: pytest.CaptureFixture[str]
     headless = json.dumps({**json.loads(SMALL_2D), "num_classes": 0})
     assert predict.main(["--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", headless]) == 2
     assert error_line(capsys).startswith("mvit_tiny has no classifier (num_classes=0)")
+
+
+@pytest.mark.parametrize("tag", ["mvit_v2_s_16x4.fb_maskfeat_pt_k400", "mvit_tiny_det.d2_coco_mask_rcnn"])
+def test_backbone_only_tags_are_refused_before_downloading(tag: str, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvit_zoo.weights import hub
+
+    monkeypatch.setattr(hub, "load_pretrained", lambda *a, **k: pytest.fail("downloaded the weights"))
+    for args in (["predict", "--model", tag], ["validate", "--model", tag, "--data", "."]):
+        assert cli.main(args) == 2
+        assert f"error: {tag} holds backbone weights only (no classifier)" in capsys.readouterr().err, args
 
 
 def _folder_with_labels(folder: Path, labels: List[str]) -> Path:
