@@ -704,7 +704,7 @@ def format_tables(result: Dict[str, Any]) -> List[str]:
                  if task == "train" else
                  f"Validation, {VIEWS[0]}x{VIEWS[1]} views per video (decode_views + iter_views), per worker process")
         out += [f"{title}:", ""] + _table(head, lines) + [""]
-    stage_head = ["files", "loader", "ms/clip", "probe", "sample", "read", "augment"]
+    stage_head = ["files", "loader", "ms/clip", "read", "augment"]
     if any("decode" in r.get("stages_ms", {}) for r in result["rows"]):
         stage_head += ["read: decode", "read: rgb", "read: seek + rest", "frames decoded"]
     lines = []
@@ -714,8 +714,8 @@ def format_tables(result: Dict[str, Any]) -> List[str]:
             if r is None or "stages_ms" not in r:
                 continue
             s = r["stages_ms"]
-            line = [kind, loader, _fmt(r["ms_per_item"], ".0f")] + [_fmt(s.get(n), ".1f") for n in stage_head[3:7]]
-            if len(stage_head) > 7:
+            line = [kind, loader, _fmt(r["ms_per_item"], ".0f")] + [_fmt(s.get(n), ".1f") for n in stage_head[3:5]]
+            if len(stage_head) > 5:
                 rest = s["read"] - s.get("decode", 0.0) - s.get("rgb", 0.0) if "decode" in s else None
                 line += [_fmt(s.get("decode"), ".1f"), _fmt(s.get("rgb"), ".1f"), _fmt(rest, ".1f"),
                          _fmt(s.get("frames_decoded"), ".0f")]
