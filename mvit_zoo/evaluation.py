@@ -324,13 +324,14 @@ def view_sampling(model: nn.Module, views: str | Sequence[int] | Views | None = 
 @torch.no_grad()
 def video_scores(model: nn.Module, path: str | os.PathLike, views: str | Sequence[int] | Views | None = None, *,
                  data_cfg: Any = None, batch_size: int = 8, amp: bool = False,
-                 decoder: str | None = None) -> torch.Tensor:
+                 decoder: str | None = None, info: Any = None) -> torch.Tensor:
     """Softmax scores of one video file averaged over its `views`: `(num_classes,)`. `decoder`: the video
-    backend, 'pyav' or 'torchcodec' (None: the first that works here)."""
+    backend, 'pyav' or 'torchcodec' (None: the first that works here); `info`: the file's
+    :func:`~mvit_zoo.data.reader.probe`, where the caller has it."""
     _check_batch_size(batch_size)
     device = next(model.parameters()).device
     sampling = view_sampling(model, views, data_cfg)
-    frames, clips, _ = decode_views(path, sampling, decoder)
+    frames, clips, _ = decode_views(path, sampling, decoder, info)
     all_views = sampling.iter_views(frames, clips)
     total = None
     model.eval()

@@ -19,7 +19,7 @@ import timm
 from ..data.config import CONFIG_FILE, find_config
 from ..data.folders import IMAGE_EXTENSIONS
 from ..data.transforms import DataConfig, build_transform, resolve_data_config
-from ..data.reader import probe, read_frames, resolve_backend
+from ..data.reader import VideoInfo, probe, read_frames, resolve_backend
 from ..data.video import VIDEO_EXTENSIONS, is_video_file
 from ..data.views import ViewSampling, decode_views
 from ..weights.hub import CorruptCheckpointError, check_build_size, read_weights
@@ -217,13 +217,14 @@ def resolve_decoder(name: str) -> Optional[str]:
 
 
 def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None,
-               sampling: Optional[ViewSampling] = None) -> torch.Tensor:
+               sampling: Optional[ViewSampling] = None, info: Optional[VideoInfo] = None) -> torch.Tensor:
     """One preprocessed input, `(C, H, W)` or `(C, T, H, W)` as the model expects.
 
     A video model sees its one test view, `sampling` (the model's `view_sampling(model, '1x1')`: the frames,
     resize and crop that `validate --views 1x1` scores; default: stride sampling from `data_cfg`), and an
     image given to it held for the whole clip. An image model sees a video's middle frame. Of a video only
-    the frames used are decoded, with the backend `decoder` ('pyav', 'torchcodec'; None: the first available).
+    the frames used are decoded, with the backend `decoder` ('pyav', 'torchcodec'; None: the first available);
+    `info` is a video's :func:`~mvit_zoo.data.reader.probe`, where the caller has it.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -237,9 +238,9 @@ def load_input(path: Path, data_cfg: DataConfig, decoder: Optional[str] = None,
     if is_video_file(path):
         try:
             if sampling is not None:
-                frames, clips, _ = decode_views(path, sampling, backend=decoder)
+                frames, clips, _ = decode_views(path, sampling, backend=decoder, info=info)
                 return next(sampling.iter_views(frames, clips))
-            info = probe(path, decoder)
+            info = info or probe(path, decoder)
             frames, _ = read_frames(path, [info.num_frames // 2], backend=decoder, info=info)
         except ValueError as e:  # the reader's VideoError: not a video, no frames, refused by its limits
             raise CliError(_video_error(path, e)) from e
@@ -302,11 +303,10 @@ def _device(spec: str) -> torch.device:
     return device
 
 
-def short_video_note(path: Path, sampling: Any, decoder: Optional[str] = None) -> Optional[str]:
+def short_video_note(path: Path, sampling: Any, info: VideoInfo) -> Optional[str]:
     """A note for a video with fewer frames than one clip spans (the clip repeats its last frame), as
     `validate` counts them; None for a long enough one. `sampling` is the model's
-    :class:`~mvit_zoo.data.views.ViewSampling`."""
-    info = probe(path, decoder)
+    :class:`~mvit_zoo.data.views.ViewSampling`, `info` the video's :func:`~mvit_zoo.data.reader.probe`."""
     count = info.num_frames
     if not sampling.is_short(count, info.fps):
         return None

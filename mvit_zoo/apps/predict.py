@@ -63,6 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the top-k classes of each input; returns the exit status."""
     from ..evaluation import video_scores, view_sampling
+    from ..data.reader import probe
     from ..data.video import is_video_file
     from .classify import (
         NonFiniteOutputError, _device, _video_error, find_inputs, load_input, load_model, predict, printable, ranked,
@@ -83,15 +84,21 @@ def run(args: argparse.Namespace) -> int:
     one_view = view_sampling(model, "1x1", data_cfg) if data_cfg.is_video else None
     skipped: List[Tuple[Path, str]] = []
     for path in inputs:
+        info = None  # a video's probe, read once for its input and its short-video note
         try:
-            if args.views and data_cfg.is_video and is_video_file(path):
+            if is_video_file(path):
                 try:
-                    scores = video_scores(model, path, args.views, data_cfg=data_cfg, decoder=decoder)
+                    info = probe(path, decoder)
+                except ValueError as e:  # the reader's VideoError: not a video, no frames, refused by its limits
+                    raise CliError(_video_error(path, e)) from e
+            if args.views and data_cfg.is_video and info is not None:
+                try:
+                    scores = video_scores(model, path, args.views, data_cfg=data_cfg, decoder=decoder, info=info)
                 except ValueError as e:
                     raise CliError(_video_error(path, e)) from e
                 top = ranked(scores, args.top_k)
             else:
-                top = predict(model, load_input(path, data_cfg, decoder, one_view), args.top_k)
+                top = predict(model, load_input(path, data_cfg, decoder, one_view, info), args.top_k)
         except NonFiniteOutputError as e:  # the model's fault: every input would give the same
             raise CliError(f"{printable(path)}: {e}") from e
         except (CliError, ValueError, OSError) as e:  # this input cannot be read
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             skipped.append((path, reason))
             print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
             continue
-        note = short_video_note(path, sampling, decoder) if sampling is not None and is_video_file(path) else None
+        note = short_video_note(path, sampling, info) if sampling is not None and info is not None else None
         if note:
             print(f"note: {note}", file=sys.stderr)
         if args.json:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .reader import PathLike, probe, read_frames
+from .reader import PathLike, VideoInfo, probe, read_frames
 
 __all__ = [
     "MAX_TEMPORAL_VIEWS",
@@ -250,17 +250,18 @@ class ViewSampling:
         }
 
 
-def decode_views(path: PathLike, sampling: ViewSampling,
-                 backend: str | None = None) -> tuple[np.ndarray, list[list[int]], bool]:
+def decode_views(path: PathLike, sampling: ViewSampling, backend: str | None = None,
+                 info: VideoInfo | None = None) -> tuple[np.ndarray, list[list[int]], bool]:
     """The frames a video's views need, the rows of each temporal clip, and whether the video is shorter than
     a clip: `((K, H, W, 3) uint8 unique frames, views.temporal lists of num_frames rows, bool)`, the input of
     :meth:`ViewSampling.iter_views`.
 
     Only the clips' frames are decoded (:func:`mvit_zoo.data.reader.read_frames` seeks to the keyframe before
     each run of them), so `5x1` views of a long video cost five short decodes, not the file. `backend`:
-    'pyav', 'torchcodec' or None (the first that works here).
+    'pyav', 'torchcodec' or None (the first that works here); `info`: the file's :func:`~mvit_zoo.data.reader.probe`,
+    where the caller has it.
     """
-    info = probe(path, backend)
+    info = info or probe(path, backend)
     clips = sampling.clip_indices(info.num_frames, info.fps)
     frames, rows = read_frames(path, [i for clip in clips for i in clip], backend=backend, info=info)
     n = sampling.num_frames

@@ -141,6 +141,28 @@ def tiny(*argv: str, video: bool = False) -> List[str]:
     return [*argv, "--model", "mvit_tiny", "--no-pretrained", "--model-kwargs", SMALL_2D]
 
 
+@pytest.mark.parametrize("views", [None, "2x1"])
+def test_each_video_is_probed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, views: str | None) -> None:
+    """A video's probe (PyAV demuxes every packet of the file) serves its input and its short-video note."""
+    from mvit_zoo.data import reader, views as views_module
+
+    probed: List[str] = []
+    real = reader.probe
+
+    def counting(path, *args, **kwargs):
+        probed.append(str(path))
+        return real(path, *args, **kwargs)
+
+    for module in (reader, views_module, classify):
+        monkeypatch.setattr(module, "probe", counting)
+    clips = [tmp_path / f"{i}.mp4" for i in range(2)]
+    for clip in clips:
+        write_video(clip, np.zeros((6, 32, 32, 3), np.uint8))  # shorter than a clip: it gets the note
+    extra = ["--views", views] if views else []
+    assert predict.main(tiny(*map(str, clips), *extra, video=True)) == 0
+    assert sorted(probed) == sorted(map(str, clips))
+
+
 def test_default_model_is_the_readme_one() -> None:
     readme = (REPO / "README.md").read_text()
     shown = re.findall(r"^mvit-zoo predict --model (\S+)$", readme, re.M)
