@@ -21,8 +21,8 @@ training path:
    frame anew.
 
 Input: `(T, H, W, 3)` uint8 frames (numpy or tensor). Output: float `(C, T, h, w)` with `(h, w) = size`.
-Every draw comes from one `random.Random` per clip (:func:`mvit_zoo.data.sampling.clip_rng`), so a
-clip is reproduced from its seed.
+Every draw comes from one `random.Random` per clip (:class:`~mvit_zoo.data.video.VideoClips` makes
+one for each augmented clip), so a clip is reproduced from its seed.
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Training-time frame sampling as SlowFast trains MViTv2: a random clip (Kinetics) or a random frame
 per segment (Something-Something v2).
 
-Randomness comes from a `random.Random` per clip, the generator type SlowFast draws from
+Randomness comes from a `random.Random` the caller passes, the generator type SlowFast draws from
 (`random.uniform` in `decoder.get_start_end_idx`, `random.randint` in `ssv2.get_seq_frames`): the
-same seed gives the same draws, whatever the data-loader workers or processes. :func:`clip_rng`
-makes that generator from (seed, epoch, sample, clip).
+same seed gives the same draws, whatever the data-loader workers or processes
+(:class:`~mvit_zoo.data.video.VideoClips` seeds one per sample from the generator
+:class:`~mvit_zoo.data.folders.EpochSeeded` seeds per (seed, epoch, sample)).
 
 Test-time sampling (uniform views) is in :mod:`mvit_zoo.data.views`.
 """
@@ -16,17 +17,9 @@ from typing import List
 
 import torch
 
-from .folders import derive_seed
 from .views import SLOWFAST_TARGET_FPS
 
-__all__ = ["clip_rng", "train_clip_indices", "train_segment_indices"]
-
-_CLIP_STREAM = 3  # derive_seed stream of per-clip generators (1: EpochSeeded, 2: ShardSampler)
-
-
-def clip_rng(seed: int, epoch: int, index: int, clip: int = 0) -> random.Random:
-    """The generator of clip `clip` of sample `index` in `epoch`: independent of workers and processes."""
-    return random.Random(derive_seed(seed, _CLIP_STREAM, epoch, index, clip))
+__all__ = ["train_clip_indices", "train_segment_indices"]
 
 
 def train_clip_indices(
