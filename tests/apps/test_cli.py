@@ -265,7 +265,8 @@ def test_python_m_help_does_not_import_torch() -> None:
 
 
 def test_option_vocabularies_match_their_owners() -> None:
-    """`apps.options` copies a few names of torch-importing modules so that parsers need no torch; they agree."""
+    """`apps.options` and `apps.extract` copy a few names of torch-importing modules so that parsers need no torch;
+    they agree."""
     from mvit_zoo.apps import options
     from mvit_zoo.data.reader import BACKENDS
     from mvit_zoo.data.recipes import RECIPES
@@ -276,6 +277,11 @@ def test_option_vocabularies_match_their_owners() -> None:
     assert options.DATA_FORMATS == FORMATS and options.VIDEO_BACKENDS == BACKENDS
     assert options.RECIPE_NAMES == tuple(sorted(RECIPES)) and options.SLOWFAST_TARGET_FPS == SLOWFAST_TARGET_FPS
     assert (options.HUB_ORG_ENV, options.DEFAULT_HUB_ORG) == (hub.HUB_ORG_ENV, hub.DEFAULT_HUB_ORG)
+    from mvit_zoo import extraction
+    from mvit_zoo.apps import extract
+    assert (extract._FORMATS, extract._SPATIAL_POOLS) == (extraction.FORMATS, extraction.SPATIAL_POOLS)
+    assert extract._OWN_FILES == (extraction.INDEX_FILE,)
+    assert extraction._RANK_INDEX == extract._RANK_PREFIX + "{rank}" + extract._RANK_SUFFIX
 
 
 def test_finetune_recipe_through_the_command_line(monkeypatch: pytest.MonkeyPatch,
