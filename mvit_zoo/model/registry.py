@@ -76,14 +76,16 @@ def _video_cfg(frames: int, rate: int, size: int = 224, **kw: Any) -> MViTPretra
 
 
 def _det_cfg(**kw: Any) -> MViTPretrainedCfg:
-    """A detection backbone (no head) for detectron2's 1024-pixel COCO inputs, pixels normalised as its
-    MViTv2 configs do (ImageNet mean and std, RGB).
+    """A detection backbone (no head) of detectron2's COCO detectors, for its 1024-pixel inputs, pixels
+    normalised as its MViTv2 configs do (ImageNet mean and std, RGB). detectron2's MODEL_ZOO.md puts its model
+    zoo files under CC BY-SA 3.0; no file hash is published (the hub records the first download's SHA-256 beside
+    the converted copy); box / mask AP are in README.md's model table.
 
     NOTE: `input_size` is the LSJ training crop; detectron2 tests these files at short side 800, long side at
     most 1333 (its coco_loader), not at a 1024 crop: evaluate through a detector's own resize
     """
     return _image_cfg(**{"input_size": (3, 1024, 1024), "crop_pct": 1.0, "interpolation": "bilinear",
-                         "num_classes": 0, "label_set": None, **kw})
+                         "num_classes": 0, "label_set": None, "license": "cc-by-sa-3.0", **kw})
 
 
 def _ours(name: str) -> str:
@@ -106,9 +108,6 @@ _L_K400_CROP_PCT = 312 / 356
 _SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/MViTv2/"
-# detectron2's MODEL_ZOO.md puts its model zoo files under CC BY-SA 3.0; no file hash is published (the hub
-# records the first download's SHA-256 beside the converted copy); box / mask AP are in README.md's model table.
-_D2_COCO = dict(license="cc-by-sa-3.0", paper_name=PAPER_V2, paper_ids="arXiv:2112.01526")
 
 _MMACTION2 = "https://download.openmmlab.com/mmaction/v1.0/recognition/mvit/"
 _MM = dict(license="apache-2.0")
@@ -141,20 +140,19 @@ default_cfgs = generate_default_cfgs({
     # (projects/MViTv2); weights.detectron2.convert_detectron2_detector maps FPN and Mask R-CNN heads of the same
     # files. The first tag of an architecture is its default (timm's rule): mvit_tiny_det's is the Mask R-CNN
     # file, the one whose whole detector torchvision can run.
-    "mvit_tiny_det.d2_coco_mask_rcnn": _det_cfg(url=_D2 + "mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl",
-                                                **_D2_COCO),
+    "mvit_tiny_det.d2_coco_mask_rcnn": _det_cfg(url=_D2 + "mask_rcnn_mvitv2_t_3x/f307611773/model_final_1a1c30.pkl"),
     "mvit_tiny_det.d2_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_t_3x/f308344828/model_final_c6967a.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_t_3x/f308344828/model_final_c6967a.pkl"),
     "mvit_small_det.d2_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_s_3x/f308344647/model_final_279baf.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_s_3x/f308344647/model_final_279baf.pkl"),
     "mvit_base_det.d2_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_b_3x/f308109448/model_final_421a91.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_b_3x/f308109448/model_final_421a91.pkl"),
     "mvit_base_det.d2_in21k_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_b_in12k_3x/f309003202/model_final_be5168.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_b_in12k_3x/f309003202/model_final_be5168.pkl"),
     "mvit_large_det.d2_in21k_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl"),
     "mvit_huge_det.d2_in21k_coco_cascade": _det_cfg(
-        url=_D2 + "cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl", **_D2_COCO),
+        url=_D2 + "cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl"),
     # 2D MViT v1
     "mvit_v1_b_16.pv_in1k": _image_cfg(hf_hub_id=_ours("mvit_v1_b_16.pv_in1k"),
                                        url=_PYTORCHVIDEO + "imagenet/MVIT_B_16_f292487636.pyth", top1=82.9, **_PV),
