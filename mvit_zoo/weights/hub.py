@@ -453,8 +453,10 @@ def _check_views(obj: Any, path: Path) -> None:
                 f"A weight file stores each tensor's own values; re-save it with each tensor .clone()d")
 
 
-def _numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
-    """Values held by a state dict, or declared by a weight file: for safetensors only its header is read."""
+def weights_numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
+    """How many values a weight file (or folder with model.safetensors, or state dict) holds, without
+    reading a safetensors file's data: its header declares every shape (and its length is checked
+    against the file's)."""
     if isinstance(weights, Mapping):
         return sum(t.numel() for _, t in _tensors(weights))
     path = Path(weights)
@@ -471,14 +473,7 @@ def _numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
                                          f"({_first_line(e)})") from None
     from .convert import unwrap_checkpoint
 
-    return _numel(unwrap_checkpoint(read_checkpoint(path)))
-
-
-def weights_numel(weights: str | os.PathLike | Mapping[str, Any]) -> int:
-    """How many values a weight file (or folder with model.safetensors, or state dict) holds, without
-    reading a safetensors file's data: its header declares every shape (and its length is checked
-    against the file's)."""
-    return _numel(weights)
+    return weights_numel(unwrap_checkpoint(read_checkpoint(path)))
 
 
 SIZE_RATIO, SIZE_MARGIN = 2, 1 << 24  # a model may hold 2x the file's values + 16 M (new head, inflated kernels)
@@ -495,7 +490,7 @@ def check_build_size(name: str, model_kwargs: Mapping[str, Any], weights: str | 
 
     from .convert import CheckpointMismatchError
 
-    have = _numel(weights)
+    have = weights_numel(weights)
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, **dict(model_kwargs))
     size = sum(t.numel() for t in model.state_dict().values())
