@@ -31,7 +31,6 @@ __all__ = [
     "VideoInfo",
     "available_backends",
     "probe",
-    "read_clips",
     "read_frames",
     "resolve_backend",
 ]
@@ -337,23 +336,6 @@ def read_frames(
     row = {index: r for r, index in enumerate(unique)}
     rows = [row[min(int(i), info.num_frames - 1)] for i in indices]
     return np.stack(frames), rows
-
-
-def read_clips(
-        path: PathLike,
-        clips: Sequence[Sequence[int]],
-        *,
-        backend: Optional[str] = None,
-        info: Optional[VideoInfo] = None,
-) -> List[np.ndarray]:
-    """Each clip's frames, `(T_c, H, W, 3)` uint8 RGB per clip, decoding the union of all clips' indices once."""
-    flat = [int(i) for clip in clips for i in clip]
-    frames, rows = read_frames(path, flat, backend=backend, info=info)
-    out, start = [], 0
-    for clip in clips:
-        out.append(frames[rows[start:start + len(clip)]])
-        start += len(clip)
-    return out
 
 
 def _read_torchcodec(path: PathLike, unique: List[int]) -> Dict[int, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from video_factory import code_frame, frame_index, make_huge_gif, make_video, truncate_packets
 
 from mvit_zoo.data import reader
-from mvit_zoo.data.reader import VideoError, available_backends, probe, read_clips, read_frames, resolve_backend
+from mvit_zoo.data.reader import VideoError, available_backends, probe, read_frames, resolve_backend
 
 
 def decode_all(path: Path) -> np.ndarray:
@@ -139,11 +139,6 @@ def test_sparse_read_decodes_one_gop(tmp_path: Path, monkeypatch: pytest.MonkeyP
     decoded.clear()
     read_frames(path, [5, 295], backend="pyav", info=info)  # frames 0-5, then a seek to keyframe 270
     assert len(decoded) <= 6 + (296 - 270) + 4
-
-
-def test_read_clips(videos: dict[str, Path]) -> None:
-    clips = read_clips(videos["h264_bframes"], [[0, 2, 4], [30, 39, 45]], backend="pyav")
-    assert [[frame_index(f) for f in clip] for clip in clips] == [[0, 2, 4], [30, 39, 39]]
 
 
 def test_empty_and_not_video_files(tmp_path: Path) -> None:
