@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .data.folders import IMAGE_EXTENSIONS
 from .data.video import VIDEO_EXTENSIONS
 from .data.reader import resolve_backend
 from .data.sources import DatasetSplit, find_eval_split
@@ -43,7 +44,6 @@ from .data.views import Views, ViewSampling, decode_views
 __all__ = ["IMAGE_EXTENSIONS", "ClassMatchError", "Evaluation", "decode_views", "evaluate", "label_set_names",
            "match_classes", "video_scores", "view_sampling"]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 _LABEL_SET_BY_CLASSES = {1000: "imagenet-1k", 400: "kinetics-400"}
 TOP_K = 5
