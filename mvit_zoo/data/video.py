@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .reader import _import_av, probe, read_frames
 from .sampling import train_clip_indices, train_segment_indices
-from .views import SLOWFAST_TARGET_FPS, ViewSampling, stride_clip_indices
+from .views import SLOWFAST_TARGET_FPS, ViewSampling, decode_views, stride_clip_indices
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -193,8 +193,6 @@ class ViewClips(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         path, target = self.samples[index]
-        info = probe(path, self.backend)
-        (indices,) = self.sampling.clip_indices(info.num_frames, info.fps)
-        frames, rows = read_frames(path, indices, backend=self.backend, info=info)
-        (view,) = self.sampling.iter_views(frames, [rows])
+        frames, clips, _ = decode_views(path, self.sampling, self.backend)
+        (view,) = self.sampling.iter_views(frames, clips)
         return view, target
