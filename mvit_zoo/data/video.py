@@ -1,12 +1,11 @@
-"""Video clips for MViT models: training clips, the one validation view, the centre clip of `predict`.
+"""Video clips for MViT models: finetune's training clips and its validation view.
 
 A video model takes clips of `T` frames taken every `tau` frames at 30 fps (the model's
 `pretrained_cfg['num_frames']` and `['sampling_rate']`), laid out as float tensors `(C, T, H, W)`.
 Every clip is read through :mod:`mvit_zoo.data.reader`, which decodes only the frames a clip needs:
-:class:`VideoClips` (finetune's training clips, SlowFast's sampling, several augmented clips per
-decode), :class:`ViewClips` (finetune's validation: the view `validate --views 1x1` scores),
-:func:`load_clip` (the centre clip).
-:func:`write_video` encodes frames, for tests and examples.
+:class:`VideoClips` (training clips, SlowFast's sampling, several augmented clips per decode) and
+:class:`ViewClips` (validation: the view `validate --views 1x1` and `predict` score). :func:`write_video`
+encodes frames, for tests and examples.
 
 Decoding needs the optional `av` package (`pip install mvit-zoo[video]`).
 """
@@ -23,13 +22,12 @@ from torch.utils.data import Dataset
 
 from .reader import _import_av, probe, read_frames
 from .sampling import train_clip_indices, train_segment_indices
-from .views import SLOWFAST_TARGET_FPS, ViewSampling, decode_views, stride_clip_indices
+from .views import SLOWFAST_TARGET_FPS, ViewSampling, decode_views
 
 __all__ = [
     "VIDEO_EXTENSIONS",
     "is_video_file",
     "write_video",
-    "load_clip",
     "shrink_frames",
     "VideoClips",
     "ViewClips",
@@ -74,25 +72,6 @@ def write_video(
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-
-
-def load_clip(
-        path: PathLike,
-        num_frames: int,
-        sampling_rate: int,
-        transform: Optional[Callable[[np.ndarray], torch.Tensor]] = None,
-        backend: Optional[str] = None,
-        target_fps: Optional[float] = SLOWFAST_TARGET_FPS,
-) -> Union[np.ndarray, torch.Tensor]:
-    """The centre clip of a video, decoding only its frames: `(T, H, W, 3)` uint8, or `transform` of it.
-
-    The clip spans `num_frames * sampling_rate` frames at `target_fps` (SlowFast's one-view test clip).
-    """
-    info = probe(path, backend)
-    indices = stride_clip_indices(info.num_frames, num_frames, sampling_rate, fps=info.fps, target_fps=target_fps)
-    frames, rows = read_frames(path, indices, backend=backend, info=info)
-    clip = frames[rows]
-    return transform(clip) if transform is not None else clip
 
 
 def shrink_frames(frames: np.ndarray, short_side: Optional[int]) -> np.ndarray:
