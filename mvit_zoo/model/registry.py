@@ -81,8 +81,9 @@ def _det_cfg(**kw: Any) -> MViTPretrainedCfg:
     zoo files under CC BY-SA 3.0; no file hash is published (the hub records the first download's SHA-256 beside
     the converted copy); box / mask AP are in README.md's model table.
 
-    NOTE: `input_size` is the LSJ training crop; detectron2 tests these files at short side 800, long side at
-    most 1333 (its coco_loader), not at a 1024 crop: evaluate through a detector's own resize
+    NOTE: `input_size` is the LSJ training crop. projects/MViTv2 tests its files at short side 800, long side at
+    most 1333 (its coco_loader), not at a 1024 crop: evaluate through a detector's own resize. projects/ViTDet
+    tests at long side 1024, padded to 1024 x 1024
     """
     return _image_cfg(**{"input_size": (3, 1024, 1024), "crop_pct": 1.0, "interpolation": "bilinear",
                          "num_classes": 0, "label_set": None, "license": "cc-by-sa-3.0", **kw})
@@ -108,6 +109,12 @@ _L_K400_CROP_PCT = 312 / 356
 _SF_2021 = dict(arch={"pool_norm_eps": 1e-5}, paper_name=PAPER_V1, paper_ids="arXiv:2104.11227")
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/MViTv2/"
+
+# ViTDet's MViTv2 detectors (projects/ViTDet): the same backbones as projects/MViTv2's B / L / H (its configs set
+# the same embed_dim, depth, num_heads and last_block_indexes), in Cascade Mask R-CNNs with LayerNorm in FPN and
+# heads, trained and tested with large-scale jitter at 1024: the test resizes the long side to 1024 and pads the
+# image to 1024 x 1024 (`square_pad`), which `input_size` is here
+_VITDET = "https://dl.fbaipublicfiles.com/detectron2/ViTDet/"
 
 _MMACTION2 = "https://download.openmmlab.com/mmaction/v1.0/recognition/mvit/"
 _MM = dict(license="apache-2.0")
@@ -153,6 +160,19 @@ default_cfgs = generate_default_cfgs({
         url=_D2 + "cascade_mask_rcnn_mvitv2_l_in12k_lsj_50ep/f308099658/model_final_c41c5a.pkl"),
     "mvit_huge_det.d2_in21k_coco_cascade": _det_cfg(
         url=_D2 + "cascade_mask_rcnn_mvitv2_h_in12k_lsj_3x/f309013744/model_final_30d36b.pkl"),
+    "mvit_base_det.d2_vitdet_in21k_coco_cascade": _det_cfg(
+        url=_VITDET + "COCO/cascade_mask_rcnn_mvitv2_b_in21k/f325820315/model_final_8c3da3.pkl"),
+    "mvit_large_det.d2_vitdet_in21k_coco_cascade": _det_cfg(
+        url=_VITDET + "COCO/cascade_mask_rcnn_mvitv2_l_in21k/f325607715/model_final_2141b0.pkl"),
+    "mvit_huge_det.d2_vitdet_in21k_coco_cascade": _det_cfg(
+        url=_VITDET + "COCO/cascade_mask_rcnn_mvitv2_h_in21k/f326187358/model_final_2234d7.pkl"),
+    # NOTE: upstream's LVIS paths have no 'f' before the model id, unlike its COCO ones
+    "mvit_base_det.d2_vitdet_in21k_lvis_cascade": _det_cfg(
+        url=_VITDET + "LVIS/cascade_mask_rcnn_mvitv2_b_in21k/329477206/model_final_a00567.pkl"),
+    "mvit_large_det.d2_vitdet_in21k_lvis_cascade": _det_cfg(
+        url=_VITDET + "LVIS/cascade_mask_rcnn_mvitv2_l_in21k/329661552/model_final_7838a5.pkl"),
+    "mvit_huge_det.d2_vitdet_in21k_lvis_cascade": _det_cfg(
+        url=_VITDET + "LVIS/cascade_mask_rcnn_mvitv2_h_in21k/330445165/model_final_ad4220.pkl"),
     # 2D MViT v1
     "mvit_v1_b_16.pv_in1k": _image_cfg(hf_hub_id=_ours("mvit_v1_b_16.pv_in1k"),
                                        url=_PYTORCHVIDEO + "imagenet/MVIT_B_16_f292487636.pyth", top1=82.9, **_PV),
