@@ -13,6 +13,8 @@ Sources for a pretrained tag, tried in order:
    where the hash is known (given as `file_sha256`, or torchvision's `-<sha256 prefix>.pth` names),
    read with `torch.load(weights_only=True)` (arbitrary pickled objects are refused), renamed to
    mvit-zoo's layout and stored as safetensors, so that the next load is a plain safetensors read.
+   Another conversion of the same file (a whole detector: `mvit_zoo.detection.detectron2_detector`) is
+   stored apart, under its `variant` name (`resolve_weights(..., convert=, variant=)`).
 
 Environment: `HF_ENDPOINT`, `HF_HUB_OFFLINE`, `HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_DOWNLOAD_TIMEOUT` (read
 timeout of the Hub's file transfers), `HF_HUB_DISABLE_PROGRESS_BARS` as for huggingface_hub;
@@ -48,7 +50,7 @@ import pickle
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ from ..files import atomic_write, part_file
 
 __all__ = [
     "CacheError",
+    "Converter",
     "CorruptCheckpointError",
     "DownloadError",
     "HashMismatchError",
@@ -100,6 +103,8 @@ WEIGHTS_NAME = "model.safetensors"
 STALE_PART_SECONDS = 3600.0  # an interrupted download's .part file untouched this long (and unlocked) is removed
 OFFLINE_HINT = "cannot reach the Hub; set HF_ENDPOINT / HF_HUB_OFFLINE or pass a file"
 _FILE_HINT = "pretrained_cfg_overlay=dict(file='path/to/weights')"
+# checkpoint (a read_weights state dict), model -> (state dict in the model's names, source layout)
+Converter = Callable[[Mapping[str, Tensor], nn.Module], tuple[Mapping[str, Tensor], str]]
 
 
 class WeightsError(RuntimeError):
@@ -849,10 +854,11 @@ def _tag_name(pcfg: Any) -> str:
     return f"{arch}.{tag}" if tag else arch
 
 
-def _converted_path(pcfg: Any, url: str) -> Path:
-    """Cache file of the converted official checkpoint: named by tag, keyed by the URL."""
+def _converted_path(pcfg: Any, url: str, variant: str = "") -> Path:
+    """Cache file of the converted official checkpoint: named by tag, keyed by the URL; a `variant` (another
+    conversion of the same file, e.g. a whole detector) ends the name, apart from the default conversion."""
     key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return cache_dir() / f"{_tag_name(pcfg)}-{key}.safetensors"
+    return cache_dir() / f"{_tag_name(pcfg)}-{key}{'-' + variant if variant else ''}.safetensors"
 
 
 def _hub_cached(repo: str, filename: str, revision: str | None) -> Path | None:
@@ -945,12 +951,13 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> Path:
         f"for it, twice. The cache entry was removed; try again later, or pass a verified file with {_FILE_HINT}")
 
 
-def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
+def _from_url(pcfg: Any, url: str, model: nn.Module, convert: Converter | None = None, variant: str = "") -> Path:
     """Official checkpoint -> converted safetensors in mvit-zoo's cache (downloaded and converted once,
-    by one process at a time)."""
+    by one process at a time), with `convert` (default `to_native`) into `variant`'s cache file."""
     from .convert import to_native
 
-    converted = _converted_path(pcfg, url)
+    convert = convert or to_native
+    converted = _converted_path(pcfg, url, variant)
     name = url.rstrip("/").rsplit("/", 1)[-1]
     raw = cache_dir() / "downloads" / name
     expected = _expected_hash(url, _cfg_get(pcfg, "file_sha256"))
@@ -975,10 +982,10 @@ def _from_url(pcfg: Any, url: str, model: nn.Module) -> Path:
                     "readability (its SHA-256 is %s; MODEL_CARD.md lists the files not verified yet). Set "
                     "file_sha256 in the pretrained cfg to check it", _tag_name(pcfg), url, digest)
         checkpoint = read_weights(raw, forget_if_corrupt=True)
-        sd, layout = to_native(checkpoint, model)  # on a mismatch the download stays for the right model
+        sd, layout = convert(checkpoint, model)  # on a mismatch the download stays for the right model
         save_safetensors(sd, converted, metadata={
-            "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg)},
-            record_sha256=True)
+            "source_url": url, "source_sha256": digest, "source_layout": layout, "architecture": _tag_name(pcfg),
+            **({"variant": variant} if variant else {})}, record_sha256=True)
         _intact_blobs.add(_blob_key(converted))
         _remove(raw)
     return converted
@@ -1016,8 +1023,16 @@ def _unavailable(tag: str, reason: str, summary: str, details: str, fix: str) ->
                                    tag=tag, summary=summary, details=details, reason=reason)
 
 
-def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
-    """The local file that holds the weights of pretrained cfg `pcfg` (see the module docstring)."""
+def resolve_weights(pcfg: Any, model: nn.Module, *, convert: Converter | None = None,
+                    variant: str = "") -> WeightSource:
+    """The local file that holds the weights of pretrained cfg `pcfg` (see the module docstring).
+
+    `convert` and `variant` go together: another conversion of the tag's official checkpoint than the default
+    (`to_native`, the MViT alone), e.g. a whole detector, cached apart as `<tag>-<url key>-<variant>.safetensors`.
+    The Hub is not asked for a variant (its repositories hold the default conversion); a `file` is returned
+    as it is, for the caller to convert."""
+    if (convert is None) != (variant == ""):
+        raise ValueError("resolve_weights: pass convert and variant together (a conversion and its cache name)")
     file = _cfg_get(pcfg, "file")
     if file:
         path = Path(file).expanduser()
@@ -1028,12 +1043,13 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
         return WeightSource(path, "file", str(file))
     tag = _tag_name(pcfg)
     hf_hub_id, url = _cfg_get(pcfg, "hf_hub_id"), _cfg_get(pcfg, "url")
-    if not hf_hub_id and not url:
-        raise _unavailable(tag, "none", "has no published weights", "",
+    if not url and (variant or not hf_hub_id):
+        what = f"has no official checkpoint to convert into a {variant}" if variant else "has no published weights"
+        raise _unavailable(tag, "none", what, "",
                            f"use pretrained=False, pick a tag with weights (mvit_zoo.list_pretrained()), or pass a "
                            f"file with {_FILE_HINT}")
     filename = _cfg_get(pcfg, "hf_hub_filename") or WEIGHTS_NAME
-    repo, revision = hub_repo_id(hf_hub_id) if hf_hub_id else (None, None)
+    repo, revision = hub_repo_id(hf_hub_id) if hf_hub_id and not variant else (None, None)
 
     # 1. caches, no request
     check_updates = os.environ.get(CHECK_UPDATES_ENV, "").lower() in ("1", "true", "yes") and not _offline()
@@ -1042,9 +1058,10 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
         if cached is not None:
             _check_cached_blob(cached, repo)
             return WeightSource(cached, "hub-cache", repo)
-    if url and _converted_path(pcfg, url).is_file():
-        _check_converted(_converted_path(pcfg, url), url)
-        return WeightSource(_converted_path(pcfg, url), "url-cache", url)
+    converted = _converted_path(pcfg, url, variant) if url else None
+    if converted is not None and converted.is_file():
+        _check_converted(converted, url)
+        return WeightSource(converted, "url-cache", url)
     if _offline():
         raise _unavailable(
             tag, "offline", "HF_HUB_OFFLINE is set and the weights are not cached",
@@ -1066,7 +1083,7 @@ def resolve_weights(pcfg: Any, model: nn.Module) -> WeightSource:
     # 3. the official checkpoint
     if url:
         try:
-            return WeightSource(_from_url(pcfg, url, model), "url", url)
+            return WeightSource(_from_url(pcfg, url, model, convert, variant), "url", url)
         except DownloadError as e:
             if e.reason == "missing" and not hub_unreachable:
                 raise _unavailable(tag, "missing", "no weights found", f"{'; '.join(problems + [str(e)])}",
