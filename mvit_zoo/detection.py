@@ -25,23 +25,26 @@ Adapters (no detection library is needed to import this module):
     MViTD2Backbone  detectron2 style: `output_shape()`, `size_divisibility`, features scale2..scale5.
                     A detectron2 `Backbone` (and registered in BACKBONE_REGISTRY as
                     `build_mvit_zoo_backbone` / `build_mvit_zoo_fpn_backbone`) when detectron2 is installed.
+    detectron2_detector  a `mvit_*_det.<tag>` detector of detectron2's model zoo rebuilt on torchvision, with
+                    its weights: a MaskRCNN (Mask R-CNN tags) or an MViTFPN (Cascade tags).
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .model.mvit import MViT
 
 __all__ = [
-    "PyramidLevel", "MViTBackbone", "MViTFPN", "mvit_fpn_backbone", "MViTD2Backbone", "ShapeSpec",
-    "HAS_DETECTRON2", "add_mvit_zoo_config", "build_mvit_zoo_backbone", "build_mvit_zoo_fpn_backbone",
+    "PyramidLevel", "MViTBackbone", "MViTFPN", "mvit_fpn_backbone", "detectron2_detector", "MViTD2Backbone",
+    "ShapeSpec", "HAS_DETECTRON2", "add_mvit_zoo_config", "build_mvit_zoo_backbone", "build_mvit_zoo_fpn_backbone",
 ]
 
 try:  # detectron2 is optional: with it, MViTD2Backbone is a real detectron2 Backbone
@@ -249,6 +252,149 @@ def mvit_fpn_backbone(
     """
     body = MViTBackbone(model, out_indices=out_indices, pretrained=pretrained, **model_kwargs)
     return MViTFPN(body, out_channels=out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
+
+
+# --------------------------------------------------------------------------------------------------
+# detectron2's model zoo detectors on torchvision
+# --------------------------------------------------------------------------------------------------
+
+# detectron2's configs/common/models/mask_rcnn_fpn.py (with projects/MViTv2's RGB ImageNet pixel statistics and
+# its coco_loader's resize) in torchvision's terms. NOTE: torchvision picks a training short side from a
+# `min_size` tuple and tests at its last entry: detectron2's ResizeShortestEdge(480..800, max 1333) and (800, 1333)
+_D2_MASK_RCNN: dict[str, Any] = dict(
+    min_size=tuple(range(480, 801, 32)), max_size=1333,
+    image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+    rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000, rpn_nms_thresh=0.7,
+    rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3, rpn_batch_size_per_image=256, rpn_positive_fraction=0.5,
+    box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
+    box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=512, box_positive_fraction=0.25,
+    bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+)
+_D2_CASCADE = "torchvision has no Cascade R-CNN: the heads are not mapped"
+
+
+def _detectron2_tag(name: str) -> tuple[str, str]:
+    """(architecture, tag) of `mvit_*_det.<tag>` or of a bare `mvit_*_det` (its first tag, timm's default)."""
+    from .model.registry import default_cfgs
+
+    arch, _, tag = name.partition(".")
+    valid = {a: list(d.tags) for a, d in default_cfgs.items() if a.endswith("_det")}
+    every = ", ".join(f"{a}.{t}" for a, tags in valid.items() for t in tags)
+    if arch not in valid:
+        raise ValueError(f"{name!r} is not one of detectron2's detectors; pass one of: {every} (a bare "
+                         f"architecture name means its first tag)")
+    if tag and tag not in valid[arch]:
+        raise ValueError(f"{arch} has no tag {tag!r}; its tags: {', '.join(valid[arch])} (all detectors: {every})")
+    return arch, tag or valid[arch][0]
+
+
+def _coco_categories() -> list[str]:
+    """'__background__' and the 80 COCO names in detectron2's contiguous order (COCO category ids ascending), so
+    that `categories[label]` names a torchvision label. torchvision lists the 91 id slots with 'N/A' for unused."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    return [c for c in MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"] if c != "N/A"]
+
+
+def _convert_detectron2(checkpoint: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], str]:
+    from .weights.detectron2 import convert_detectron2_detector
+
+    return convert_detectron2_detector(checkpoint, model), "detectron2"
+
+
+def _load_detectron2(model: nn.Module, pcfg: Mapping[str, Any]) -> None:
+    """Load a detector tag's weights into `model`: a `file` (the official .pkl) is converted here; the official URL
+    is downloaded and converted once, then read from its `-detector` copy in mvit-zoo's cache."""
+    from .weights import hub
+    from .weights.convert import CheckpointMismatchError
+
+    tag = f"{pcfg['architecture']}.{pcfg['tag']}"
+    origin = pcfg.get("file") or pcfg.get("url")
+    try:
+        source = hub.resolve_weights(pcfg, model, convert=_convert_detectron2, variant="detector")
+        sd = hub.read_weights(source.path)
+        if source.kind == "file":
+            sd, _ = _convert_detectron2(sd, model)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{tag} weights from {origin}: {e}") from None
+    target = model.state_dict()
+    wrong = sorted(set(target) ^ set(sd)) + [k for k in sd if k in target and sd[k].shape != target[k].shape]
+    if wrong:  # a cached copy converted for other backbone_kwargs
+        raise CheckpointMismatchError(
+            f"{tag}: {source.path} does not fit this model ({len(wrong)} keys differ: {', '.join(wrong[:6])}); "
+            f"build it without backbone_kwargs, or delete that file to convert the official checkpoint again")
+    model.load_state_dict(sd)
+
+
+def detectron2_detector(
+        name: str,
+        pretrained: bool = False,
+        *,
+        pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+        backbone_kwargs: Optional[Mapping[str, Any]] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """The detector of a detectron2 model zoo tag, `mvit_*_det.<tag>` (a bare `mvit_*_det`: its first tag), rebuilt
+    on torchvision, with the whole file's weights when `pretrained`.
+
+    `*_mask_rcnn` tags -> torchvision `MaskRCNN(MViTFPN(MViTBackbone(arch)), num_classes=81)` set up as
+    detectron2's configs/common/models/mask_rcnn_fpn.py and projects/MViTv2's config: RGB input in [0, 1]
+    normalised with ImageNet mean / std; test resize short side 800, long side at most 1333 (training: a short
+    side of 480..800 in steps of 32); RPN pre / post-NMS top-k 2000 / 1000 in training and 1000 / 1000 at test,
+    NMS 0.7; box score threshold 0.05, NMS 0.5, 100 detections; box coder weights (10, 10, 5, 5); RoIAlign with
+    adaptive sampling (`sampling_ratio=0`, as ROIAlignV2). `categories` names its labels (when it has 81 classes):
+    '__background__' and COCO's 80, `categories[label]`. `**kwargs` go to `MaskRCNN` and override these (e.g.
+    `min_size`).
+
+    Still computed differently from detectron2 (the weights are the same):
+      - RoIAlign: torchvision's MultiScaleRoIAlign samples with `aligned=False`, detectron2's ROIAlignV2 with
+        `aligned=True` (a half-pixel shift of every RoI);
+      - anchors: torchvision rounds its cell anchors to whole pixels (e.g. 45 x 23 for size 32, ratio 0.5;
+        detectron2 45.25 x 22.63);
+      - resize: torchvision interpolates the float tensor (bilinear, no antialiasing, size rounded down), detectron2
+        resizes the uint8 image with PIL (antialiased, size rounded to nearest);
+      - masks: torchvision returns probabilities pasted into the image (threshold at 0.5 for detectron2's binary
+        masks), with its own paste interpolation;
+      - training: torchvision's smooth-L1 box losses (beta 1/9) where detectron2 uses L1; no random crop or flip
+        in torchvision's transform; detectron2 trained with drop path (`backbone_kwargs=dict(drop_path_rate=0.2)`).
+
+    `*_cascade` tags -> an `MViTFPN` (backbone + FPN; the `*_vitdet_*` tags with projects/ViTDet's LayerNorm over
+    channels, eps 1e-6, in the FPN): torchvision has no Cascade R-CNN: the heads are not mapped. Pass it as the
+    `backbone` of a torchvision detector. It takes no `**kwargs`.
+
+    `pretrained_cfg_overlay` changes the tag's pretrained cfg (`file=` a local copy of the official .pkl, or
+    `url=`); `backbone_kwargs` go to the MViT (`drop_path_rate`, or architecture fields, which the official file
+    does not fit). The official .pkl is downloaded once, converted (`convert_detectron2_detector`) and cached as
+    safetensors apart from the backbone-only copy that `timm.create_model(arch, pretrained=True)` keeps; see
+    `mvit_zoo.weights.hub` for the cache, hashes and HF_HUB_OFFLINE. `pretrained_cfg` (a dict) is set on the result.
+    """
+    from torchvision.models.detection import MaskRCNN
+
+    from .model.registry import create_model
+
+    arch, tag = _detectron2_tag(name)
+    mask_rcnn = tag.endswith("_mask_rcnn")
+    if not mask_rcnn and kwargs:
+        raise TypeError(f"{arch}.{tag} builds an MViTFPN ({_D2_CASCADE}), which takes no detector arguments "
+                        f"({', '.join(kwargs)}); pass them to the torchvision detector you build on it")
+    mvit = create_model(f"{arch}.{tag}", pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {}),
+                        **dict(backbone_kwargs or {}))
+    pcfg = dict(mvit.pretrained_cfg)
+    # NOTE: projects/ViTDet's FPN convolutions have no bias and a channel LayerNorm (detectron2's "LN", eps 1e-6)
+    norm_layer = partial(_ChannelNorm, eps=1e-6) if "_vitdet_" in tag else None
+    model: nn.Module = MViTFPN(MViTBackbone(mvit), norm_layer=norm_layer)
+    if mask_rcnn:
+        levels = ["0", "1", "2", "3"]
+        settings = dict(_D2_MASK_RCNN, box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio=0),
+                        mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0))
+        model = MaskRCNN(model, **{"num_classes": 81, **settings, **kwargs})
+        if model.roi_heads.box_predictor.cls_score.out_features == 81:
+            model.categories = _coco_categories()
+    if pretrained:
+        _load_detectron2(model, pcfg)
+    model.pretrained_cfg = pcfg
+    return model
 
 
 class MViTD2Backbone(_D2Base):
