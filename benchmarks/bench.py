@@ -60,15 +60,15 @@ from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/profile.py shares its name with the stdlib module that cProfile (imported by torch._dynamo)
-# needs: keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, HERE):  # mvit_zoo from this checkout; host beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+import host  # noqa: E402
 
 # our name -> (reference library, reference constructor name)
 REFERENCES: dict[str, tuple[str, str]] = {
@@ -484,32 +484,9 @@ def matmul_peak(device: torch.device, dtype: str, quick: bool) -> dict[str, Any]
 # Peak memory (child processes)
 # --------------------------------------------------------------------------------------------------
 
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0: '5' to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _measure_one(model: nn.Module, spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
                  compiled: dict[bool, nn.Module]) -> dict[str, Any]:
     """Peak memory of one configuration's step, above the memory in use just before it."""
-    import resource
-
     if spec["compiled"] and True not in compiled:
         compiled[True] = torch.compile(model)
     m = compiled[True] if spec["compiled"] else model
@@ -531,17 +508,13 @@ def _measure_one(model: nn.Module, spec: dict[str, Any], args: argparse.Namespac
         peak = torch.cuda.max_memory_allocated(device)
         return dict(method="torch.cuda.max_memory_allocated - memory_allocated before the step",
                     baseline_mb=base / 2**20, peak_mb=peak / 2**20, growth_mb=(peak - base) / 2**20)
-    reset = _reset_hwm()
-    base_kb = _proc_status_kb("VmRSS") or 0
+    reset = host.reset_peak() and host.status_mb("VmHWM") is not None
+    base = host.status_mb("VmRSS") or 0.0
     for _ in range(spec["iters"]):
         step()
-    hwm_kb = _proc_status_kb("VmHWM")
-    if hwm_kb is None:  # no /proc: ru_maxrss (KiB on Linux), not resettable
-        hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        reset = False
+    peak = host.peak_mb()
     return dict(method="peak RSS (VmHWM" + (", reset after the warm-up" if reset else ", NOT reset") +
-                ") - RSS before the step", baseline_mb=base_kb / 1024, peak_mb=hwm_kb / 1024,
-                growth_mb=(hwm_kb - base_kb) / 1024)
+                ") - RSS before the step", baseline_mb=base, peak_mb=peak, growth_mb=peak - base)
 
 
 def run_child(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -734,17 +707,6 @@ def pays(row: dict[str, Any], threshold: float) -> Optional[bool]:
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
     flags = ""
     with contextlib.suppress(OSError):
         text = open("/proc/cpuinfo").read()
@@ -752,9 +714,9 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         if m:
             have = set(m.group(1).split())
             flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
-    info = dict(platform=platform.platform(), cpu=cpu, cpu_flags=flags, logical_cores=os.cpu_count(),
-                affinity_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                torch_threads=threads, memory_gb=mem_gb, device=str(device))
+    info = dict(platform=platform.platform(), cpu=host.cpu_name(), cpu_flags=flags, logical_cores=os.cpu_count(),
+                affinity_cores=host.usable_cores(), torch_threads=threads, memory_gb=host.memory_gb(),
+                device=str(device))
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,

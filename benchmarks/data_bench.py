@@ -51,8 +51,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/profile.py shares its name with the stdlib module that cProfile needs: keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+if str(HERE) not in sys.path:  # host beside this file
+    sys.path.insert(0, str(HERE))
+
+import host  # noqa: E402
 
 NUM_FRAMES = 16
 SAMPLING_RATE = 4
@@ -387,33 +389,6 @@ def make_loader(spec: Dict[str, Any], stages: Dict[str, float]) -> Callable[[str
 # Worker process
 # --------------------------------------------------------------------------------------------------
 
-def _status_mb(field: str) -> Optional[float]:
-    """A /proc/self/status memory field (VmRSS, VmHWM) in MB, None where there is no /proc."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS, VmHWM (Linux >= 4.0: '5' to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    import resource
-
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _emit(**message: Any) -> None:
     sys.stdout.write(MARK + json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -437,15 +412,15 @@ def worker_main(spec: Dict[str, Any]) -> int:
     if not module.startswith(str(Path(spec["tree"]).resolve()) + os.sep):
         _emit(ready=False, error=f"imported mvit_zoo from {module}, not from {spec['tree']}")
         return 1
-    _emit(ready=True, import_s=_now() - t0, rss_mb=_status_mb("VmRSS"), mvit_zoo=module)
-    reset, base = _reset_peak(), _status_mb("VmRSS")
+    _emit(ready=True, import_s=_now() - t0, rss_mb=host.status_mb("VmRSS"), mvit_zoo=module)
+    reset, base = host.reset_peak(), host.status_mb("VmRSS")
     shape = None
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "exit":
             break
         if command["op"] == "reset":  # a new file kind in a process that serves several (--quick)
-            reset, base = _reset_peak(), _status_mb("VmRSS")
+            reset, base = host.reset_peak(), host.status_mb("VmRSS")
             _emit(ok=True)
             continue
         stages.clear()
@@ -461,7 +436,8 @@ def worker_main(spec: Dict[str, Any]) -> int:
         except Exception as e:  # noqa: BLE001
             _emit(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
             continue
-        _emit(times=times, stages=dict(stages), shape=shape, peak_mb=_peak_mb(), base_mb=base, peak_reset=reset)
+        _emit(times=times, stages=dict(stages), shape=shape, peak_mb=host.peak_mb(), base_mb=base,
+              peak_reset=reset)
     return 0
 
 
@@ -623,20 +599,8 @@ def ratios(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Optional
 # --------------------------------------------------------------------------------------------------
 
 def host_info() -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return dict(cpu=cpu, logical_cores=os.cpu_count(), usable_cores=usable, memory_gb=mem_gb,
-                platform=platform.platform())
+    return dict(cpu=host.cpu_name(), logical_cores=os.cpu_count(), usable_cores=host.usable_cores(),
+                memory_gb=host.memory_gb(), platform=platform.platform())
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -656,8 +620,9 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def section_key(result: Dict[str, Any]) -> str:
-    host, augment = result["host"], result.get("augment", "recipe")
-    return f"data cpu: {host['cpu']}, {host['usable_cores']} cores" + ("" if augment == "recipe" else f", {augment}")
+    machine, augment = result["host"], result.get("augment", "recipe")
+    cores = f"data cpu: {machine['cpu']}, {machine['usable_cores']} cores"
+    return cores + ("" if augment == "recipe" else f", {augment}")
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -726,14 +691,14 @@ def format_tables(result: Dict[str, Any]) -> List[str]:
 
 
 def render_section(result: Dict[str, Any]) -> str:
-    key, host, ver = section_key(result), result["host"], result["versions"]
+    key, machine, ver = section_key(result), result["host"], result["versions"]
     augment = result.get("augment", "recipe")
-    title = f"## Video data loading (CPU): {host['cpu']}, {host['usable_cores']} cores" + (
+    title = f"## Video data loading (CPU): {machine['cpu']}, {machine['usable_cores']} cores" + (
         "" if augment == "recipe" else f", {augment} augmentation")
     lines = [f"<!-- bench:begin {key} -->", title,
              "", f"- date: {result['date']}", f"- command: `{result['command']}`",
-             f"- CPU: {host['cpu']} ({host['logical_cores']} logical cores, {host['usable_cores']} usable), "
-             f"RAM {host['memory_gb']} GiB; {host['platform']}",
+             f"- CPU: {machine['cpu']} ({machine['logical_cores']} logical cores, {machine['usable_cores']} usable), "
+             f"RAM {machine['memory_gb']} GiB; {machine['platform']}",
              "- " + ", ".join(f"{k} {v}" for k, v in ver.items() if k != "mvit_zoo_commit")
              + f"; mvit-zoo {ver['mvit_zoo_commit']}; today = mvit-zoo at {result['ref_commit'][:12]}"]
     for name, f in result["files"].items():

@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import data_bench  # noqa: E402  (the generated files and the RSS readers)
+import data_bench  # noqa: E402  (the generated files)
+import host  # noqa: E402
 
 MARK_END = "<!-- bench:end extract -->"
 TITLE = "## Feature extraction (mvit-zoo extract)"
@@ -52,15 +53,15 @@ def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     model = timm.create_model("mvit_v2_s_16x4", pretrained=False, **(TINY if args.quick else {})).eval()
     data_cfg = resolve_data_config(model)
-    base = data_bench._status_mb("VmRSS") or 0.0
-    data_bench._reset_peak()
+    base = host.status_mb("VmRSS") or 0.0
+    host.reset_peak()
     sources, _ = find_sources(folder, videos=True, images=False)
     sources = [s for s in sources if Path(s.path).name.startswith(tuple(f"{i}-" for i in range(args.videos)))]
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as out:
         start = time.perf_counter()
         summary = extract_files(model, sources, out, {"model": "mvit_v2_s_16x4"}, batch_size=args.batch_size)
         seconds = time.perf_counter() - start
-    peak = data_bench._peak_mb()
+    peak = host.peak_mb()
     share = summary.data_s + summary.model_s
     versions = data_bench.versions()
     lines = [

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Where the time goes: torch.profiler on mvit-zoo and on the reference, same model, same weights.
 
-    python benchmarks/profile.py --model mvit_tiny --batch 8 --iters 3
-    python benchmarks/profile.py --model mvit_v2_s_16x4 --batch 1 --mode train --dtype bf16 --by-shape
-    python benchmarks/profile.py --model mvit_tiny --ref-commit 85be2bd  # against mvit-zoo at that commit
+    python benchmarks/op_profile.py --model mvit_tiny --batch 8 --iters 3
+    python benchmarks/op_profile.py --model mvit_v2_s_16x4 --batch 1 --mode train --dtype bf16 --by-shape
+    python benchmarks/op_profile.py --model mvit_tiny --ref-commit 85be2bd  # against mvit-zoo at that commit
 
 Builds the pair as benchmarks/bench.py does (the same weights in both), warms each up, profiles
 `--iters` calls (inference) or training steps, and prints for each implementation the top operators by
@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# this file is named like the stdlib `profile` module (which cProfile imports): keep its folder off sys.path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
