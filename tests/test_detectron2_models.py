@@ -5,7 +5,6 @@ module trees), served by the local fake Hub as the tags' official URLs, for back
 (`depths=(1, 1, 1, 1)`). The reference for every tensor is `convert_detectron2_detector` on the same file."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ import timm
 import torch
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
-from weights.test_convert_upstream import _random, d2_backbone_shapes, d2_fpn_shapes, d2_mask_rcnn_head_shapes
+from weights.test_convert_upstream import (_random, d2_backbone_shapes, d2_conv_head_shapes, d2_fpn_shapes,
+                                          d2_mask_rcnn_head_shapes, d2_pkl)
 
 from hub_server import HubServer, hub_endpoint
 from mvit_zoo.detection import MViTFPN, detectron2_detector
@@ -30,11 +30,6 @@ TINY_FILE = "model_final_1a1c30.pkl"
 COCO_UNUSED_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 
 
-def _pkl(model: dict[str, torch.Tensor]) -> bytes:
-    """A detectron2 model zoo file: numpy arrays, pickle protocol 2."""
-    return pickle.dumps({"model": {k: v.numpy() for k, v in model.items()}, "__author__": "FAIR"}, protocol=2)
-
-
 def _mask_rcnn_file() -> dict[str, torch.Tensor]:
     """configs/common/models/mask_rcnn_fpn.py around a one-block-per-stage MViTv2-T (`TINY`). NOTE: unit-variance
     random weights blow the features up and every box degenerates; 0.02 is a trained model's scale."""
@@ -44,12 +39,11 @@ def _mask_rcnn_file() -> dict[str, torch.Tensor]:
 
 
 def _cascade_file(embed: int = 32, fpn_norm: bool = False) -> dict[str, torch.Tensor]:
-    """A Cascade Mask R-CNN: backbone, FPN, and (a part of) its three box heads and two-conv RPN."""
+    """A Cascade Mask R-CNN: backbone, FPN, two-conv RPN and the three box heads (LN with the LN FPN, as ViTDet's;
+    else BN, as projects/MViTv2's)."""
     shapes = {**d2_backbone_shapes(embed, 4, (0, 1, 2, 3)),
               **d2_fpn_shapes((embed, 2 * embed, 4 * embed, 8 * embed), norm=fpn_norm),
-              **{f"proposal_generator.rpn_head.conv.conv{k}.weight": (256, 256, 3, 3) for k in (0, 1)},
-              **{f"roi_heads.box_head.{s}.conv1.weight": (256, 256, 3, 3) for s in range(3)},
-              **{f"roi_heads.box_predictor.{s}.cls_score.weight": (81, 1024) for s in range(3)}}
+              **d2_conv_head_shapes(norm="LN" if fpn_norm else "BN", cascade=True)}
     return _random(shapes, seed=1)
 
 
@@ -63,7 +57,7 @@ def test_mask_rcnn_tag_loads_the_whole_file_once(hub: HubServer, hub_cache: Path
     torchvision MaskRCNN is the converter's (background score row moved first), the converted copy is cached apart
     from the backbone-only one, and the next call reads it without a request."""
     src = _mask_rcnn_file()
-    url = hub.add_static(TINY_FILE, _pkl(src))
+    url = hub.add_static(TINY_FILE, d2_pkl(src))
     small = dict(min_size=160, max_size=160, box_score_thresh=0.0, box_detections_per_img=10)
     detector = detectron2_detector("mvit_tiny_det", pretrained=True, pretrained_cfg_overlay=dict(url=url),
                                    backbone_kwargs=TINY, **small)
@@ -129,7 +123,7 @@ def test_vitdet_cascade_tag_is_an_ln_fpn(hub: HubServer, hub_cache: Path) -> Non
     """projects/ViTDet's tags: backbone + FPN with a channel LayerNorm (eps 1e-6) after bias-free convolutions,
     every tensor from the file; the cascade heads are not mapped."""
     src = _cascade_file(embed=96, fpn_norm=True)
-    url = hub.add_static("model_final_8c3da3.pkl", _pkl(src))
+    url = hub.add_static("model_final_8c3da3.pkl", d2_pkl(src))
     fpn = detectron2_detector("mvit_base_det.d2_vitdet_in21k_coco_cascade", pretrained=True,
                               pretrained_cfg_overlay=dict(url=url), backbone_kwargs=dict(depths=(1, 1, 1, 1)))
     assert isinstance(fpn, MViTFPN) and not hasattr(fpn, "categories")
@@ -150,7 +144,7 @@ def test_cascade_tag_without_ln_and_local_file(tmp_path: Path, hub: HubServer, h
     """projects/MViTv2's cascade FPN has no norm; `file=` a local copy of the .pkl is read without a request."""
     src = _cascade_file()
     path = tmp_path / "model_final_305c4e.pkl"
-    path.write_bytes(_pkl(src))
+    path.write_bytes(d2_pkl(src))
     fpn = detectron2_detector("mvit_tiny_det.d2_coco_cascade", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)), backbone_kwargs=TINY)
     assert fpn.fpn.inner_blocks[0][0].bias is not None and len(fpn.fpn.inner_blocks[0]) == 1
@@ -161,7 +155,7 @@ def test_cascade_tag_without_ln_and_local_file(tmp_path: Path, hub: HubServer, h
 
 
 def test_offline_without_cache(hub: HubServer, hub_cache: Path) -> None:
-    url = hub.add_static(TINY_FILE, _pkl(_mask_rcnn_file()))
+    url = hub.add_static(TINY_FILE, d2_pkl(_mask_rcnn_file()))
     with hub_endpoint(hub.url, offline=True), pytest.raises(WeightsUnavailableError) as info:
         detectron2_detector("mvit_tiny_det", pretrained=True, pretrained_cfg_overlay=dict(url=url),
                             backbone_kwargs=TINY)
@@ -172,7 +166,7 @@ def test_offline_without_cache(hub: HubServer, hub_cache: Path) -> None:
 
 def test_wrong_file_is_refused_and_not_cached(hub: HubServer, hub_cache: Path) -> None:
     """A Cascade file served as the Mask R-CNN tag's: the converter's error, with the tag; no converted copy."""
-    url = hub.add_static(TINY_FILE, _pkl(_cascade_file()))
+    url = hub.add_static(TINY_FILE, d2_pkl(_cascade_file()))
     with pytest.raises(CheckpointMismatchError, match=r"mvit_tiny_det\.d2_coco_mask_rcnn weights from .*Cascade R-CNN"):
         detectron2_detector("mvit_tiny_det", pretrained=True, pretrained_cfg_overlay=dict(url=url),
                             backbone_kwargs=TINY)

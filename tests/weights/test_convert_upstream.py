@@ -265,6 +265,11 @@ def d2_mask_rcnn_head_shapes(num_classes: int = 80) -> Shapes:
     return {name + suffix: shape for name, d in parts.items() for suffix, shape in d.items()}
 
 
+def d2_pkl(model: dict[str, torch.Tensor]) -> bytes:
+    """A detectron2 model zoo file: `{'model': {name: numpy array}, '__author__': ...}`, pickle protocol 2."""
+    return pickle.dumps({"model": {k: v.numpy() for k, v in model.items()}, "__author__": "FAIR"}, protocol=2)
+
+
 def d2_checkpoint(fpn_norm: bool = False, heads: bool = True) -> dict[str, Any]:
     shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=fpn_norm), **(d2_mask_rcnn_head_shapes() if heads else {})}
     return {"model": _random(shapes), "__author__": "Detectron2 Model Zoo"}
@@ -341,33 +346,13 @@ def test_detectron2_ln_fpn_onto_mvit_fpn() -> None:
     assert "roi_heads.box_head.fc1.weight" in sd.report.dropped
 
 
-def d2_vitdet_head_shapes(num_classes: int = 80) -> Shapes:
-    """ViTDet's heads with LN, one box head (a non-cascade variant): StandardRPNHead(conv_dims=[-1, -1]) ->
-    `conv.conv{k}`; FastRCNNConvFCHead(conv_dims=[256] * 4, fc_dims=[1024], conv_norm='LN') -> `conv{k}` (no
-    bias) + `.norm`, `fc1`; MaskRCNNConvUpsampleHead(conv_norm='LN') -> `mask_fcn{k}` + `.norm`."""
-    ln = {".norm.weight": (256,), ".norm.bias": (256,)}
-    parts = {
-        **{f"proposal_generator.rpn_head.conv.conv{k}": {".weight": (256, 256, 3, 3), ".bias": (256,)} for k in (0, 1)},
-        "proposal_generator.rpn_head.objectness_logits": {".weight": (3, 256, 1, 1), ".bias": (3,)},
-        "proposal_generator.rpn_head.anchor_deltas": {".weight": (12, 256, 1, 1), ".bias": (12,)},
-        **{f"roi_heads.box_head.conv{k}": {".weight": (256, 256, 3, 3), **ln} for k in range(1, 5)},
-        "roi_heads.box_head.fc1": {".weight": (1024, 256 * 7 * 7), ".bias": (1024,)},
-        "roi_heads.box_predictor.cls_score": {".weight": (num_classes + 1, 1024), ".bias": (num_classes + 1,)},
-        "roi_heads.box_predictor.bbox_pred": {".weight": (4 * num_classes, 1024), ".bias": (4 * num_classes,)},
-        **{f"roi_heads.mask_head.mask_fcn{k}": {".weight": (256, 256, 3, 3), **ln} for k in range(1, 5)},
-        "roi_heads.mask_head.deconv": {".weight": (256, 256, 2, 2), ".bias": (256,)},
-        "roi_heads.mask_head.predictor": {".weight": (num_classes, 256, 1, 1), ".bias": (num_classes,)},
-    }
-    return {name + suffix: shape for name, d in parts.items() for suffix, shape in d.items()}
-
-
 def test_detectron2_ln_heads_map_onto_torchvision() -> None:
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
     from torchvision.models.detection.rpn import RPNHead
 
     ln = lambda c: LayerNorm2d(c, eps=1e-6)  # noqa: E731 - detectron2's channel-first "LN"
-    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=True), **d2_vitdet_head_shapes()}
+    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=True), **d2_conv_head_shapes()}
     src = _random(shapes)
     detector = MaskRCNN(
         MViTFPN(MViTBackbone("mvit_tiny_det"), norm_layer=ln), num_classes=81,
@@ -395,12 +380,13 @@ def test_detectron2_mismatches_are_named() -> None:
                                                               num_classes=91))
 
 
-def d2_cascade_head_shapes(num_classes: int = 80, norm: str = "BN") -> Shapes:
-    """Cascade Mask R-CNN heads (projects/MViTv2/configs/cascade_mask_rcnn_mvitv2_t_3x.py, projects/ViTDet's
-    cascade configs): a 2-conv StandardRPNHead; three FastRCNNConvFCHead(conv_dims=[256] * 4, fc_dims=[1024],
-    conv_norm) `box_head.{s}` (convs without bias + `.norm`); three class-agnostic FastRCNNOutputLayers
-    `box_predictor.{s}` (bbox_pred: 4 rows); MaskRCNNConvUpsampleHead with the same norm. `norm` 'BN' is
-    NaiveSyncBatchNorm (its running statistics are in the file too), 'LN' detectron2's channel LayerNorm."""
+def d2_conv_head_shapes(num_classes: int = 80, norm: str = "LN", cascade: bool = False) -> Shapes:
+    """The heads of ViTDet's configs and of projects/MViTv2's cascade configs: a 2-conv StandardRPNHead ->
+    `conv.conv{k}`; FastRCNNConvFCHead(conv_dims=[256] * 4, fc_dims=[1024], conv_norm) -> `conv{k}` (no bias) +
+    `.norm`, `fc1`: one `box_head` with a class-specific `box_predictor`, or Cascade R-CNN's three `box_head.{s}`
+    with class-agnostic `box_predictor.{s}` (bbox_pred: 4 rows); MaskRCNNConvUpsampleHead(conv_norm) ->
+    `mask_fcn{k}` + `.norm`. `norm` 'LN' is detectron2's channel LayerNorm, 'BN' NaiveSyncBatchNorm (its running
+    statistics are in the file too)."""
     norm_keys = {".norm.weight": (256,), ".norm.bias": (256,)}
     if norm == "BN":
         norm_keys.update({".norm.running_mean": (256,), ".norm.running_var": (256,), ".norm.num_batches_tracked": ()})
@@ -412,13 +398,13 @@ def d2_cascade_head_shapes(num_classes: int = 80, norm: str = "BN") -> Shapes:
         "roi_heads.mask_head.deconv": {".weight": (256, 256, 2, 2), ".bias": (256,)},
         "roi_heads.mask_head.predictor": {".weight": (num_classes, 256, 1, 1), ".bias": (num_classes,)},
     }
-    for stage in range(3):
-        parts.update({f"roi_heads.box_head.{stage}.conv{k}": {".weight": (256, 256, 3, 3), **norm_keys}
-                      for k in range(1, 5)})
-        parts[f"roi_heads.box_head.{stage}.fc1"] = {".weight": (1024, 256 * 7 * 7), ".bias": (1024,)}
-        parts[f"roi_heads.box_predictor.{stage}.cls_score"] = {".weight": (num_classes + 1, 1024),
-                                                               ".bias": (num_classes + 1,)}
-        parts[f"roi_heads.box_predictor.{stage}.bbox_pred"] = {".weight": (4, 1024), ".bias": (4,)}
+    stages = [(f".{s}", 4) for s in range(3)] if cascade else [("", 4 * num_classes)]
+    for stage, box_rows in stages:
+        box, predictor = f"roi_heads.box_head{stage}", f"roi_heads.box_predictor{stage}"
+        parts.update({f"{box}.conv{k}": {".weight": (256, 256, 3, 3), **norm_keys} for k in range(1, 5)})
+        parts[f"{box}.fc1"] = {".weight": (1024, 256 * 7 * 7), ".bias": (1024,)}
+        parts[f"{predictor}.cls_score"] = {".weight": (num_classes + 1, 1024), ".bias": (num_classes + 1,)}
+        parts[f"{predictor}.bbox_pred"] = {".weight": (box_rows, 1024), ".bias": (box_rows,)}
     return {name + suffix: shape for name, d in parts.items() for suffix, shape in d.items()}
 
 
@@ -441,7 +427,7 @@ def test_every_det_tag_fits_its_files_layout(arch: str) -> None:
     channels = tuple(lvl.channels for lvl in fpn.body.levels)
     assert channels == tuple(embed * 2 ** i for i in range(4))
     shapes = {**d2_backbone_shapes(embed, depth, last, num_heads=heads), **d2_fpn_shapes(channels, norm=True),
-              **d2_cascade_head_shapes(norm="LN")}
+              **d2_conv_head_shapes(norm="LN", cascade=True)}
     sd = convert_detectron2_detector({"model": _random(shapes, device="meta")}, fpn)
     target = fpn.state_dict()
     assert sd.keys() == target.keys() and all(v.shape == target[k].shape for k, v in sd.items())
@@ -470,7 +456,7 @@ def test_detector_params_match_detectron2_published(tag: str) -> None:
     with torch.device("meta"):
         model = mvit_zoo.create_model(arch)
     channels = tuple(info["num_chs"] for info in model.feature_info)
-    heads = d2_mask_rcnn_head_shapes() if tag.endswith("mask_rcnn") else d2_cascade_head_shapes(norm="BN")
+    heads = d2_mask_rcnn_head_shapes() if tag.endswith("mask_rcnn") else d2_conv_head_shapes(norm="BN", cascade=True)
     file_params = {k: v for k, v in {**d2_fpn_shapes(channels), **heads}.items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     n = sum(p.numel() for p in model.parameters()) + sum(math.prod(v) for v in file_params.values())
@@ -482,7 +468,7 @@ def test_detector_params_match_detectron2_published(tag: str) -> None:
 def test_vitdet_cascade_loads_backbone_and_ln_fpn() -> None:
     """A ViTDet file (LN in FPN and heads, cascade heads): backbone and FPN onto an MViTFPN with detectron2's
     channel LayerNorm; refused on a MaskRCNN, naming the cascade."""
-    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=True), **d2_cascade_head_shapes(norm="LN")}
+    shapes = {**d2_backbone_shapes(), **d2_fpn_shapes(norm=True), **d2_conv_head_shapes(norm="LN", cascade=True)}
     src = _random(shapes)
     fpn = MViTFPN(MViTBackbone("mvit_tiny_det"), norm_layer=lambda c: LayerNorm2d(c, eps=1e-6))
     sd = convert_detectron2_detector({"model": src}, fpn)
@@ -565,8 +551,8 @@ def test_pkl_through_read_checkpoint_and_convert(tmp_path: Path) -> None:
     from mvit_zoo.apps import cli
 
     ckpt = d2_checkpoint(heads=False)
-    pkl = _write_pkl(tmp_path / "model_final_1234ab.pkl",
-                     {"model": {k: v.numpy() for k, v in ckpt["model"].items()}, "__author__": "FAIR"})
+    pkl = tmp_path / "model_final_1234ab.pkl"
+    pkl.write_bytes(d2_pkl(ckpt["model"]))
     assert set(read_checkpoint(pkl)["model"]) == set(ckpt["model"])
     out = tmp_path / "converted"
     assert cli.main(["convert", str(pkl), "--model", "mvit_tiny", "--model-arg", "num_classes=0",
@@ -597,8 +583,7 @@ def test_det_tags_load_their_official_pkl(hub: Any, hub_cache: Path) -> None:
 
     ckpt = d2_checkpoint()
     name = "model_final_1a1c30.pkl"
-    data = pickle.dumps({"model": {k: v.numpy() for k, v in ckpt["model"].items()}, "__author__": "FAIR"}, protocol=2)
-    url = hub.add_static(name, data)
+    url = hub.add_static(name, d2_pkl(ckpt["model"]))
     model = timm.create_model("mvit_tiny_det", pretrained=True, pretrained_cfg_overlay=dict(url=url))
     cfg = model.pretrained_cfg
     assert cfg["tag"] == "d2_coco_mask_rcnn" and cfg["license"] == "cc-by-sa-3.0" and not cfg.get("file_sha256")
