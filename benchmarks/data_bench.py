@@ -321,6 +321,18 @@ def _ptv_subsample() -> Callable[[Any], Any]:
     return UniformTemporalSubsample(NUM_FRAMES)
 
 
+def _read_then_augment(stages: Dict[str, float], read: Callable[[], Any],
+                       transform: Callable[[Any, random.Random], Any], rng: random.Random) -> Any:
+    """`transform(read(), rng)`, the seconds of each added to `stages['read']` and `stages['augment']`."""
+    t0 = _now()
+    frames = read()
+    t1 = _now()
+    out = transform(frames, rng)
+    stages["read"] = stages.get("read", 0.0) + t1 - t0
+    stages["augment"] = stages.get("augment", 0.0) + _now() - t1
+    return out
+
+
 def make_loader(spec: Dict[str, Any], stages: Dict[str, float]) -> Callable[[str, random.Random], Any]:
     """The loader a worker runs: `fn(path, rng) -> tensor` (a training clip, or a video's stacked views)."""
     import torch
@@ -352,36 +364,24 @@ def make_loader(spec: Dict[str, Any], stages: Dict[str, float]) -> Callable[[str
     if loader == "today":
         from mvit_zoo.data.video import load_clip
 
-        def today_train_clip(path: str, rng: random.Random) -> Any:
-            t0 = _now()
-            frames = load_clip(path, NUM_FRAMES, SAMPLING_RATE, random_start=True)  # its torch.randint start
-            t1 = _now()
-            clip = transform(frames, rng)
-            stages["read"] = stages.get("read", 0.0) + t1 - t0
-            stages["augment"] = stages.get("augment", 0.0) + _now() - t1
-            return clip
+        def today_frames(path: str) -> Any:
+            return load_clip(path, NUM_FRAMES, SAMPLING_RATE, random_start=True)  # its torch.randint start
 
-        return today_train_clip
+        return lambda path, rng: _read_then_augment(stages, lambda: today_frames(path), transform, rng)
     if loader == "pytorchvideo":
         from pytorchvideo.data.encoded_video import EncodedVideo
 
         subsample = _ptv_subsample()
 
-        def ptv_train_clip(path: str, rng: random.Random) -> Any:
-            t0 = _now()
+        def ptv_frames(path: str, rng: random.Random) -> Any:
             video = EncodedVideo.from_path(path, decode_audio=False, decoder="pyav")
             span = NUM_FRAMES * SAMPLING_RATE / TARGET_FPS
             start = rng.uniform(0, max(float(video.duration) - span, 0.0))
             clip = video.get_clip(start, start + span)["video"]  # (C, T, H, W) float in [0, 255]
             video.close()
-            frames = subsample(clip).permute(1, 2, 3, 0).to(torch.uint8)  # (16, H, W, C), the decoded values
-            t1 = _now()
-            out = transform(frames, rng)
-            stages["read"] = stages.get("read", 0.0) + t1 - t0
-            stages["augment"] = stages.get("augment", 0.0) + _now() - t1
-            return out
+            return subsample(clip).permute(1, 2, 3, 0).to(torch.uint8)  # (16, H, W, C), the decoded values
 
-        return ptv_train_clip
+        return lambda path, rng: _read_then_augment(stages, lambda: ptv_frames(path, rng), transform, rng)
     raise ValueError(f"unknown loader {loader!r}")
 
 
